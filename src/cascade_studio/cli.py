@@ -1,0 +1,249 @@
+"""`cascade-studio`: generate images, inspect and reproduce PNGs, download and list the official weights."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+# Set before diffusers/transformers are first imported: their import-time notices (e.g. "CLIPImageProcessor
+# requires torchvision") are not the user's concern. Errors still show.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from pydantic import ValidationError  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import Settings  # noqa: E402
+from .engine.request import ALLOWED, RequestError, make_request  # noqa: E402
+from .models.errors import ModelConfigError, ModelNotFoundError  # noqa: E402
+from .models.presets import PRESETS  # noqa: E402
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump, exit 2
+        raise UsageError(message)
+
+
+def _quiet_libraries() -> None:
+    """Their per-file loading bars would bury our own progress bar."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+
+def _load_engine(settings: Settings):
+    from .engine import CascadeEngine
+
+    _quiet_libraries()
+    t = time.perf_counter()
+    engine = CascadeEngine.from_settings(settings)
+    p = engine.pipelines
+    print(
+        f"model: {engine.identity.name} ({str(p.dtype).removeprefix('torch.')}, {p.device}) "
+        f"loaded in {time.perf_counter() - t:.1f}s",
+        file=sys.stderr,
+    )
+    return engine
+
+
+def _run(engine, request, out_dir: Path, index: int | None = None):
+    """Generate with a progress bar; save every image (or only `index`) with metadata; return the paths."""
+    from tqdm import tqdm
+
+    from .metadata import ImageMetadata, save_png
+
+    total = request.prior_steps + request.decoder_steps
+    # disable=None: a bar on a terminal, nothing in logs and pipes.
+    with tqdm(total=total, desc="prior", unit="step", file=sys.stderr, leave=False, disable=None) as bar:
+        def on_progress(event) -> None:
+            bar.set_description(event.stage)
+            bar.update(1)
+
+        result = engine(request, progress=on_progress)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    t = result.timings
+    prior = "cached" if result.prior_cached else f"{t['prior']:.2f}s"
+    print(f"done in {t['total']:.2f}s (text {t['text']:.2f}s, prior {prior}, decoder {t['decoder']:.2f}s)", file=sys.stderr)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = []
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        if index is not None and i != index:
+            continue
+        path = _free_path(out_dir / f"{stamp}-{seed}.png")
+        save_png(image, path, ImageMetadata(result.request, i, result.model))
+        print(f"{path}\tseed {seed}")
+        paths.append(path)
+    return result, paths
+
+
+def _free_path(path: Path) -> Path:
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    fields = {
+        "prompt": args.prompt, "negative_prompt": args.negative, "width": args.width, "height": args.height,
+        "prior_steps": args.prior_steps, "prior_guidance": args.prior_guidance, "decoder_steps": args.decoder_steps,
+        "decoder_guidance": args.decoder_guidance, "num_images": args.num_images, "seed": args.seed,
+    }
+    request = make_request(**{k: v for k, v in fields.items() if v is not None})  # validate before loading
+    settings = _settings(args)
+    _run(_load_engine(settings), request, settings.output_dir)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .metadata import text_chunks
+
+    chunks = text_chunks(_existing(args.image))
+    if not chunks:
+        raise UsageError(f"image: {args.image} carries no text chunks (not made by cascade-studio or A1111?)")
+    for key, value in chunks.items():
+        print(f"[{key}]\n{value}\n")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Run the image's whole batch again and keep its image: bit-identical on the same machine."""
+    import numpy as np
+    from PIL import Image
+
+    from .metadata import read_png
+
+    path = _existing(args.image)
+    meta = read_png(path)
+    if args.model is None:
+        if meta.model is None or not (meta.model.path or meta.model.preset):
+            raise UsageError("model: the image does not say which model made it; pass --model")
+        args.model = meta.model.path or meta.model.preset
+    settings = _settings(args)
+    request = meta.alone() if args.alone else meta.request
+    _, paths = _run(_load_engine(settings), request, settings.output_dir, index=None if args.alone else meta.index)
+    with Image.open(path) as a, Image.open(paths[0]) as b:
+        diff = int(np.abs(np.asarray(a.convert("RGB"), int) - np.asarray(b.convert("RGB"), int)).max())
+    print("identical pixels" if diff == 0 else f"max pixel difference {diff}/255", file=sys.stderr)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .models.hub import download
+
+    settings = _settings(args)
+    download(PRESETS[args.preset], revision=settings.revision, cache_dir=settings.cache_dir)
+    print(f"stable-cascade-{args.preset} is ready: cascade-studio generate \"...\" --model {args.preset}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.hub import cached_models
+
+    for line in cached_models(_settings(args).cache_dir):
+        print(line)
+    return 0
+
+
+def _existing(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"image: {path} is not a file")
+    return p
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="full, lite, or a folder in the official layout (default: $CASCADE_MODEL or full)")
+    p.add_argument("--revision", help="pinned Hub revision for the presets")
+    p.add_argument("--cache-dir", dest="cache_dir", help="Hugging Face cache folder")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--cpu-offload", dest="cpu_offload", action="store_true", default=None,
+                   help="keep models in RAM and move each to the GPU when used (small GPUs)")
+    p.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
+    p.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads for torch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cascade-studio", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cascade-studio {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt")
+    g.add_argument("--negative", help="negative prompt")
+    g.add_argument("--seed", type=int, help=ALLOWED["seed"])
+    g.add_argument("-n", "--num-images", dest="num_images", type=int, help=ALLOWED["num_images"])
+    g.add_argument("--width", type=int, help=ALLOWED["width"] + " (default 1024)")
+    g.add_argument("--height", type=int, help=ALLOWED["height"] + " (default 1024)")
+    g.add_argument("--prior-steps", type=int, help=ALLOWED["prior_steps"] + " (default 20)")
+    g.add_argument("--prior-guidance", type=float, help=ALLOWED["prior_guidance"] + " (default 4.0)")
+    g.add_argument("--decoder-steps", type=int, help=ALLOWED["decoder_steps"] + " (default 10)")
+    g.add_argument("--decoder-guidance", type=float, help=ALLOWED["decoder_guidance"] + " (default 0.0)")
+    _add_model_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    i.add_argument("image")
+    i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("reproduce", help="regenerate a PNG from its metadata and compare the pixels")
+    r.add_argument("image")
+    r.add_argument("--alone", action="store_true", help="generate only this image, not its whole batch")
+    _add_model_options(r)
+    r.set_defaults(func=cmd_reproduce)
+
+    d = sub.add_parser("download", help="fetch only the files a preset needs, with progress")
+    d.add_argument("preset", choices=list(PRESETS))
+    d.add_argument("--revision")
+    d.add_argument("--cache-dir", dest="cache_dir")
+    d.set_defaults(func=cmd_download)
+
+    m = sub.add_parser("models", help="list the Stable Cascade weights on this machine and their disk use")
+    m.add_argument("--cache-dir", dest="cache_dir")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except (UsageError, RequestError, ModelConfigError) as exc:
+        print(f"cascade-studio: error: {exc}", file=sys.stderr)
+        return 2
+    except ModelNotFoundError as exc:
+        print(f"cascade-studio: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cascade-studio: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Settings shared by every entry point (CLI, studio, API), read from `CASCADE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where models come from, where they run and where images go.
+
+    Every field can be set in the environment, e.g. `CASCADE_MODEL=lite` or `CASCADE_OUTPUT_DIR=~/pictures`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
+
+    model: str = Field("full", description="Preset name (full, lite) or a local folder in the official layout.")
+    revision: str | None = Field(None, description="Pinned Hub revision (commit hash or tag) for the presets.")
+    cache_dir: Path | None = Field(None, description="Hugging Face Hub cache; None uses the library default.")
+    device: str = Field("auto", description="auto (cuda > mps > cpu), or a torch device such as cuda:1.")
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    cpu_offload: bool = Field(False, description="Keep models on the CPU and move each to the GPU when used.")
+    output_dir: Path = Path("outputs")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; None keeps torch's choice.")

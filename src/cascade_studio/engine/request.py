@@ -1,0 +1,107 @@
+"""A generation request: every field validated, nothing silently changed.
+
+diffusers accepts values that give broken or surprising results (0 steps returns noise, NaN or negative guidance
+is ignored, a width of 1000 silently becomes 1024 and 720 crashes inside pixel_unshuffle). We refuse them with a
+message that names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+SIZE_STEP, MIN_SIZE, MAX_SIZE = 128, 256, 2048
+MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 100, 20.0, 8
+
+# The allowed values of each field, in words: used for error messages, CLI help and UI hints alike.
+ALLOWED = {
+    "prompt": f"text of at most {MAX_PROMPT_CHARS} characters",
+    "negative_prompt": f"text of at most {MAX_PROMPT_CHARS} characters",
+    "width": f"a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE}",
+    "height": f"a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE}",
+    "prior_steps": f"a whole number from 1 to {MAX_STEPS}",
+    "decoder_steps": f"a whole number from 1 to {MAX_STEPS}",
+    "prior_guidance": f"a finite number from 0 to {MAX_GUIDANCE:g}",
+    "decoder_guidance": f"a finite number from 0 to {MAX_GUIDANCE:g}",
+    "num_images": f"a whole number from 1 to {MAX_IMAGES}",
+    "seed": f"a whole number from 0 to {MAX_SEED}, or none for a random seed",
+}
+
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Size = Annotated[int, Field(ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_STEP)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+
+
+class GenerationRequest(BaseModel):
+    """What to generate. Defaults are Stability's recommendation for Stable Cascade."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    prompt: Text
+    negative_prompt: Text = ""
+    width: Size = 1024
+    height: Size = 1024
+    prior_steps: Steps = 20
+    prior_guidance: Guidance = 4.0
+    decoder_steps: Steps = 10
+    decoder_guidance: Guidance = 0.0
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+
+    @model_validator(mode="after")
+    def _last_seed_in_range(self) -> GenerationRequest:
+        # Image i uses seed + i and must be reproducible alone, so its seed must itself be valid.
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise ValueError(
+                f"seed: with num_images={self.num_images} the seed must be at most {MAX_SEED - self.num_images + 1}, "
+                f"since image i uses seed + i"
+            )
+        return self
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with its seed fixed: a random one if none was given."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED - self.num_images + 2)})
+
+    @property
+    def image_seeds(self) -> list[int]:
+        if self.seed is None:
+            raise ValueError("seed is not fixed yet; call with_seed() first")
+        return [self.seed + i for i in range(self.num_images)]
+
+
+class RequestError(ValueError):
+    """Invalid request fields; `messages` has one readable line per problem."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__("; ".join(messages))
+        self.messages = messages
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if not error["loc"]:  # a cross-field rule; its message names the field itself
+        return error["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{field}: unknown field (known fields: {', '.join(GenerationRequest.model_fields)})"
+    if error["type"] == "missing":
+        return f"{field}: required ({ALLOWED.get(field, 'a value')})"
+    if field in ALLOWED:
+        got = repr(error.get("input"))
+        got = got if len(got) <= 40 else got[:37] + "..."
+        return f"{field}: must be {ALLOWED[field]} (got {got})"
+    return f"{field}: {error['msg']}"
+
+
+def make_request(**fields: Any) -> GenerationRequest:
+    """Build a request or raise RequestError with one message per bad field."""
+    try:
+        return GenerationRequest(**fields)
+    except ValidationError as exc:
+        raise RequestError([_describe(e) for e in exc.errors()]) from None

@@ -1,0 +1,107 @@
+"""Build Stable Cascade models with random weights and save them in the official folder layout.
+
+The tests (and the benchmark's `--tiny` mode) use these instead of the official ~10 GB of weights, which no
+machine here can download. Every component is the real class the official weights load into, so the files go
+through exactly the loading and generation code the real model does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from .previewer import Previewer
+
+RES = ("SDCascadeResBlock", "SDCascadeTimestepBlock")
+RES_ATTN = ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")
+
+# A prior that maps 32-d text features to the official 16-channel Stage C latent.
+TINY_PRIOR = dict(
+    in_channels=16, out_channels=16, conditioning_dim=32, block_out_channels=[32, 32], num_attention_heads=[2, 2],
+    down_num_layers_per_block=[1, 1], up_num_layers_per_block=[1, 1], down_blocks_repeat_mappers=[1, 1],
+    up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES_ATTN, RES_ATTN], clip_text_in_channels=32,
+    clip_text_pooled_in_channels=32, clip_image_in_channels=32, clip_seq=4, dropout=[0.0, 0.0],
+    timestep_conditioning_type=["sca", "crp"], switch_level=[False],
+)
+# A decoder that really consumes the prior's 16-channel output (effnet_in_channels=16), patch_size 2.
+TINY_DECODER = dict(
+    in_channels=4, out_channels=4, patch_size=2, conditioning_dim=32, block_out_channels=[16, 32],
+    num_attention_heads=[0, 2], down_num_layers_per_block=[1, 1], up_num_layers_per_block=[1, 1],
+    down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES, RES_ATTN],
+    clip_text_pooled_in_channels=32, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
+    dropout=[0.0, 0.0], timestep_conditioning_type=["sca"], switch_level=None,
+)
+TINY_VQGAN = dict(
+    in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=1, embed_dim=16,
+    latent_channels=4, num_vq_embeddings=8, scale_factor=0.3764,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+
+BASE_WORDS = (
+    "a an the of on in at and with two three one small large big red green blue yellow orange purple white black "
+    "gray pink brown circle square triangle background left right top bottom center centre corner photo"
+).split()
+
+
+def write_word_tokenizer(folder: Path, words: list[str], model_max_length: int = 77) -> Path:
+    """Write a CLIPTokenizer (vocab.json + merges.txt) whose BPE merges spell each word as one token.
+
+    Letters and digits stay available as single characters, so any ASCII prompt tokenizes; other characters
+    become the unknown token, as they would with a small vocabulary.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    symbols = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+    for suffix in ("", "</w>"):
+        for ch in symbols:
+            vocab.setdefault(ch + suffix, len(vocab))
+    merges: list[str] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merge = f"{parts[0]} {parts[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length})
+    )
+    return folder
+
+
+def build_tiny_model(
+    folder: Path, *, seed: int = 0, variant: str | None = None, lite: bool = False, previewer: bool = True
+) -> Path:
+    """Random tiny components in the official layout: prior[_lite]/, decoder[_lite]/, vqgan/, text_encoder/, ...
+
+    `variant="bf16"` writes bf16 weights under the official `*.bf16.safetensors` names.
+    """
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tokenizer_dir = write_word_tokenizer(folder / "tokenizer", list(BASE_WORDS))
+    vocab_size = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **TINY_TEXT
+    )
+    suffix = "_lite" if lite else ""
+    models = {
+        f"prior{suffix}": StableCascadeUNet(**TINY_PRIOR),
+        f"decoder{suffix}": StableCascadeUNet(**TINY_DECODER),
+        "vqgan": PaellaVQModel(**TINY_VQGAN),
+        "text_encoder": CLIPTextModelWithProjection(text_config),
+    }
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    for name, model in models.items():
+        model.eval().to(dtype).save_pretrained(folder / name, variant=variant)
+    DDPMWuerstchenScheduler().save_pretrained(folder / "scheduler")
+    if previewer:
+        Previewer(in_channels=16, hidden_channels=16, upsamples=2).eval().save_pretrained(folder / "previewer")
+    return folder

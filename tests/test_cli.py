@@ -1,0 +1,103 @@
+"""The command line: generation, metadata, reproduction, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cascade_studio.cli import main
+
+CLI = str(Path(sys.executable).with_name("cascade-studio"))
+SMALL = ["--width", "256", "--height", "256", "--prior-steps", "4", "--decoder-steps", "3"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}))
+
+
+def test_same_command_in_two_processes_gives_identical_pngs(tiny_model_dir, tmp_path):
+    outputs = []
+    for run in ("a", "b"):
+        proc = run_cli("generate", "a red circle", "--model", str(tiny_model_dir), "-n", "2", "--seed", "9",
+                       *SMALL, "--out", str(tmp_path / run), "--threads", "2")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.strip().split("\n")
+        assert [line.split("\t")[1] for line in lines] == ["seed 9", "seed 10"]
+        assert "model: tiny (float32, cpu)" in proc.stderr and "done in" in proc.stderr
+        outputs.append([np.asarray(Image.open(line.split("\t")[0])) for line in lines])
+    for a, b in zip(*outputs):
+        assert np.array_equal(a, b)
+
+
+def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
+    proc = run_cli("generate", "x", "--model", str(tiny_model_dir), "--width", "720")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "cascade-studio: error: width: must be a multiple of 128 from 256 to 2048 (got 720)"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "x", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+        (["generate", "x", "--prior-steps", "0", "--decoder-guidance", "nan"],
+         "prior_steps: must be a whole number from 1 to 100 (got 0); decoder_guidance: must be a finite number"),
+        (["generate", "x", "-n", "9"], "num_images: must be a whole number from 1 to 8 (got 9)"),
+        (["generate", "x", "--dtype", "fp16", "--model", "MODEL"], "dtype: fp16 is not supported"),
+        (["generate", "x", "--threads", "0"], "torch_threads: Input should be greater than or equal to 1"),
+        (["generate"], "the following arguments are required: prompt"),
+        (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+        (["info", "/no/such.png"], "image: /no/such.png is not a file"),
+        (["download", "huge"], "argument preset: invalid choice: 'huge'"),
+    ],
+)
+def test_bad_arguments_table(args, message, tiny_model_dir, capsys):
+    args = [str(tiny_model_dir) if a == "MODEL" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cascade-studio: error: ") and message in err
+
+
+def test_missing_weights_offline_explain_the_download(tmp_path):
+    proc = run_cli("generate", "a cat", "--cache-dir", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "Stable Cascade 'full' weights are not on this machine" in proc.stderr
+    assert "about 11.7 GB in all. Get them with `cascade-studio download full`" in proc.stderr
+
+
+def test_download_offline_fails_cleanly(tmp_path):
+    proc = run_cli("download", "lite", "--cache-dir", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "download of stabilityai/stable-cascade-prior failed" in proc.stderr
+
+
+def test_models_lists_presets_and_disk_use(hub_cache, capsys):
+    assert main(["models", "--cache-dir", str(hub_cache)]) == 0
+    out = capsys.readouterr().out
+    assert "full: ready (stabilityai/stable-cascade-prior@aaaaaaaaaa" in out and "lite: ready" in out
+    assert "stabilityai/stable-cascade: " in out and " GB on disk" in out
+
+
+def test_info_and_reproduce(tiny_model_dir, tmp_path, capsys):
+    assert main(["generate", "a blue square", "--negative", "red, green", "--model", str(tiny_model_dir), "-n", "2",
+                 "--seed", "40", *SMALL, "--out", str(tmp_path / "gen")]) == 0
+    second = Path(capsys.readouterr().out.strip().split("\n")[1].split("\t")[0])
+
+    assert main(["info", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "a blue square\nNegative prompt: red, green\nSteps: 4, Sampler: DDPMWuerstchen, CFG scale: 4.0, Seed: 41" in out
+    assert '"index": 1' in out
+
+    # The model is found from the PNG's metadata; the whole batch reruns, so the pixels are identical.
+    assert main(["reproduce", str(second), "--out", str(tmp_path / "again")]) == 0
+    captured = capsys.readouterr()
+    assert "identical pixels" in captured.err and "seed 41" in captured.out
+    assert main(["reproduce", str(second), "--alone", "--out", str(tmp_path / "alone")]) == 0
+    err = capsys.readouterr().err
+    assert "identical pixels" in err or "max pixel difference 1/255" in err

@@ -25,10 +25,14 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelConfigError
 from .previewer import Previewer
+from .schedulers import VPredictionWuerstchenScheduler
 from .source import ModelIdentity, ModelSource
 
 # Scheduler classes a model folder may name. Anything else is refused: a folder never chooses code to run.
-SCHEDULERS: dict[str, type] = {"DDPMWuerstchenScheduler": DDPMWuerstchenScheduler}
+SCHEDULERS: dict[str, type] = {
+    "DDPMWuerstchenScheduler": DDPMWuerstchenScheduler,
+    "VPredictionWuerstchenScheduler": VPredictionWuerstchenScheduler,
+}
 
 
 @dataclass

@@ -1,0 +1,151 @@
+"""Train the demo model: every stage from a fixed seed, in one command, into the official folder layout.
+
+    cascade-studio train-demo --out demo-model             # the shipped recipe
+    cascade-studio train-demo --out quick --scale 0.05     # a smoke test in a couple of minutes
+
+`--scale` multiplies every stage's step count: above 1 (or on a GPU with --device cuda) for better weights.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableCascadeUNet
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+from PIL import Image, ImageDraw
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .. import __version__
+from ..models.architectures import RES, RES_ATTN, write_word_tokenizer
+from ..models.previewer import Previewer
+from ..models.schedulers import VPredictionWuerstchenScheduler
+from . import stages
+from .scenes import caption, sample_scene
+
+TEXT_LENGTH = 24  # tokens: the longest caption is 19, and the pipeline pads every prompt to this length
+
+DEMO_VQGAN = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=1, embed_dim=32,
+                  latent_channels=4, num_vq_embeddings=256, scale_factor=1.0)
+DEMO_DECODER = dict(
+    in_channels=4, out_channels=4, patch_size=4, conditioning_dim=64, block_out_channels=[64, 128],
+    num_attention_heads=[0, 4], down_num_layers_per_block=[2, 2], up_num_layers_per_block=[2, 2],
+    down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES, RES_ATTN],
+    clip_text_pooled_in_channels=64, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
+    dropout=[0.0, 0.0], timestep_conditioning_type=["sca"], switch_level=None,
+)
+DEMO_PRIOR = dict(
+    in_channels=16, out_channels=16, conditioning_dim=128, block_out_channels=[128, 256], num_attention_heads=[4, 8],
+    down_num_layers_per_block=[1, 1], up_num_layers_per_block=[1, 1], down_blocks_repeat_mappers=[1, 1],
+    up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES_ATTN, RES_ATTN], clip_text_in_channels=64,
+    clip_text_pooled_in_channels=64, clip_image_in_channels=16, clip_seq=4, dropout=[0.0, 0.0],
+    timestep_conditioning_type=["sca", "crp"], switch_level=[False],
+)
+DEMO_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
+                 max_position_embeddings=TEXT_LENGTH)
+# The folder's own settings: the size it was trained at, and the sampling settings that measured best.
+DEMO_DEFAULTS = dict(width=256, height=256, prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps_a: int = 500
+    steps_b: int = 1500
+    steps_c: int = 2500
+    steps_previewer: int = 300
+    decoder_scenes: int = 4000
+    prior_scenes: int = 20000
+    batch_c: int = 64
+    scale: float = 1.0
+    threads: int = 2
+
+    def steps(self, n: int) -> int:
+        return max(2, round(n * self.scale))
+
+
+def caption_words(rng: random.Random, n: int = 20000) -> list[str]:
+    """Every word the captions use (sampled widely enough to hit every template and phrase)."""
+    words: set[str] = set()
+    for _ in range(n):
+        words.update(caption(sample_scene(rng, held_out=rng.random() < 0.2), rng).replace(",", " ").split())
+    return sorted(words)
+
+
+def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
+    """One panel per stage, loss on a log scale; drawn with PIL to avoid a plotting dependency."""
+    w, h, pad = 320, 200, 30
+    image = Image.new("RGB", (w * len(curves), h), "white")
+    draw = ImageDraw.Draw(image)
+    for k, (name, values) in enumerate(curves.items()):
+        x0 = k * w
+        draw.text((x0 + pad, 8), f"{name}: {values[0]:.3g} -> {values[-1]:.3g}", fill="black")
+        draw.rectangle((x0 + pad, pad, x0 + w - 10, h - pad), outline="gray")
+        logs = [torch.tensor(max(v, 1e-8)).log10().item() for v in values]
+        lo, hi = min(logs), max(logs) + 1e-9
+        pts = [(x0 + pad + i * (w - pad - 10) / max(1, len(logs) - 1), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))
+               for i, v in enumerate(logs)]
+        draw.line(pts, fill=(40, 80, 220), width=2)
+    image.save(path)
+
+
+def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start, seconds, losses = time.perf_counter(), {}, {}
+
+    tokenizer_dir = write_word_tokenizer(out / "tokenizer", caption_words(rng), model_max_length=TEXT_LENGTH)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    t = time.perf_counter()
+    vqgan = PaellaVQModel(**DEMO_VQGAN)
+    losses["stage A"] = stages.train_stage_a(vqgan, cfg.steps(cfg.steps_a), rng, gen, log)
+    vqgan.eval().requires_grad_(False)
+    seconds["stage A"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    latents_b, small_b, scale = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
+    vqgan.register_to_config(scale_factor=scale)  # the pipeline multiplies latents by it before decoding
+    encoder, decoder = stages.ImageEncoder(), StableCascadeUNet(**DEMO_DECODER)
+    losses["stage B"] = stages.train_stage_b(decoder, encoder, latents_b, small_b, cfg.steps(cfg.steps_b), rng, gen, log)
+    seconds["stage B"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.prior_scenes), rng, log)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **DEMO_TEXT)
+    prior, text_encoder = StableCascadeUNet(**DEMO_PRIOR), CLIPTextModelWithProjection(text_config)
+    losses["stage C"], ema_prior, ema_text = stages.train_stage_c(
+        prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c)
+    seconds["stage C"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    previewer = Previewer(in_channels=16, hidden_channels=32, upsamples=3)
+    losses["previewer"] = stages.train_previewer(previewer, encoder, cfg.steps(cfg.steps_previewer), rng, log)
+    seconds["previewer"] = time.perf_counter() - t
+
+    for name, model in [("prior", ema_prior.model), ("decoder", decoder), ("vqgan", vqgan),
+                        ("text_encoder", ema_text.model), ("previewer", previewer)]:
+        model.eval().save_pretrained(out / name)
+    VPredictionWuerstchenScheduler().save_pretrained(out / "scheduler")
+    plot_losses(losses, out / "loss.png")
+    seconds["total"] = time.perf_counter() - start
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in
+              [("prior", prior), ("decoder", decoder), ("vqgan", vqgan), ("text_encoder", text_encoder),
+               ("previewer", previewer)]}
+    report = {
+        "name": "cascade-studio-demo", "defaults": DEMO_DEFAULTS, "config": asdict(cfg), "seconds": seconds,
+        "final_losses": {k: v[-1] for k, v in losses.items()}, "losses": losses, "parameters": params,
+        "latent_scale": scale, "device": "cpu", "threads": cfg.threads, "torch": torch.__version__,
+        "machine": platform.machine(), "cascade_studio": __version__,
+    }
+    (out / "cascade_studio.json").write_text(json.dumps(report, indent=1))
+    log(f"trained in {seconds['total'] / 60:.1f} min; {sum(params.values()) / 1e6:.2f} M parameters -> {out}")
+    return report

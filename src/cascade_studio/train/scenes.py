@@ -1,0 +1,136 @@
+"""Deterministic captioned scenes: 1-3 identical shapes of one colour and size, at one place, on a plain background.
+
+The data of the demo model. Every scene is drawn from a seeded `random.Random`, so a seed fixes the whole data
+stream. Some colour-shape pairs are held out of training entirely, to measure whether the model composes words
+it saw apart ("red" and "triangle") into a picture it never saw ("a red triangle").
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 190),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+# 3x3 grid cells (column, row) of a scene; the names a caption uses for them.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
+    "left": (0, 1), "centre": (1, 1), "right": (2, 1),
+    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+}
+COUNTS = {1: "a", 2: "two", 3: "three"}
+# Never drawn in training; evaluation asks for exactly these.
+HELD_OUT = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "circle"),
+                      ("purple", "square"), ("white", "triangle")})
+SIZE_PX = {"small": 0.14, "large": 0.28}  # shape width as a fraction of the image side
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    colour: str
+    shape: str
+    size: str
+    position: str
+    count: int
+
+    def prompt(self) -> str:
+        """The plain, fully specified caption used for evaluation."""
+        noun = self.shape + ("s" if self.count > 1 else "")
+        where = _position_phrase(self.position, 0)
+        return f"{COUNTS[self.count]} {self.size} {self.colour} {noun} {where} on a {self.background} background"
+
+
+def sample_scene(rng: random.Random, *, held_out: bool = False) -> Scene:
+    """A random scene; `held_out` picks only from the held-out colour-shape pairs, otherwise never from them."""
+    while True:
+        colour, shape = rng.choice(list(PALETTE)), rng.choice(SHAPES)
+        if ((colour, shape) in HELD_OUT) == held_out:
+            break
+    background = rng.choice([c for c in PALETTE if c != colour])
+    count = rng.choice((1, 1, 2, 3))
+    size = "small" if count > 1 else rng.choice(SIZES)
+    return Scene(background, colour, shape, size, rng.choice(list(POSITIONS)), count)
+
+
+def _position_phrase(position: str, variant: int) -> str:
+    if position == "centre":
+        return ("in the centre", "in the center", "in the middle")[variant % 3]
+    if " " in position:
+        return (f"at the {position}", f"in the {position} corner", f"at the {position}")[variant % 3]
+    if position in ("top", "bottom"):
+        return (f"at the {position}", f"at the {position}", f"near the {position}")[variant % 3]
+    return (f"on the {position}", f"at the {position}", f"on the {position} side")[variant % 3]
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One of several plain-English phrasings; some leave out size, position or background, as people do."""
+    noun = scene.shape + ("s" if scene.count > 1 else "")
+    size = {"small": rng.choice(("small", "small", "little")), "large": rng.choice(("large", "large", "big"))}[scene.size]
+    count = COUNTS[scene.count]
+    where = _position_phrase(scene.position, rng.randrange(3))
+    bg = scene.background
+    templates = [
+        f"{count} {size} {scene.colour} {noun} {where} on a {bg} background",
+        f"{count} {scene.colour} {noun} {where} on a {bg} background",
+        f"a {bg} background with {count} {size} {scene.colour} {noun} {where}",
+        f"{count} {size} {scene.colour} {noun} on a {bg} background, {where}",
+        f"{count} {size} {scene.colour} {noun} {where}",
+    ]
+    if scene.count == 1:
+        templates.append(f"a {scene.colour} {noun} on a {bg} background")
+    return rng.choice(templates)
+
+
+def mentioned(scene: Scene, text: str) -> dict[str, bool]:
+    """Which attributes a caption states (an unstated one is the model's free choice)."""
+    words = f" {text} "
+    return {
+        "background": f" {scene.background} background" in words,
+        "size": any(f" {w} " in words for w in ("small", "little", "large", "big")),
+        "position": any(k in words for k in (" left", " right", " top", " bottom", " centre", " center", " middle")),
+    }
+
+
+def layout(scene: Scene, side: int, rng: random.Random | None = None) -> list[tuple[float, float, float]]:
+    """Centres (x, y) and width of each shape: a small cluster around the centre of the scene's grid cell."""
+    rng = rng or random.Random(0)
+    col, row = POSITIONS[scene.position]
+    cell = side / 3
+    w = SIZE_PX[scene.size] * side
+    cx = (col + 0.5) * cell + rng.uniform(-0.06, 0.06) * cell
+    cy = (row + 0.5) * cell + rng.uniform(-0.06, 0.06) * cell
+    gap = w * 1.25
+    offsets = {1: [(0, 0)], 2: [(-gap / 2, 0), (gap / 2, 0)], 3: [(-gap / 2, gap * 0.45), (gap / 2, gap * 0.45), (0, -gap * 0.45)]}
+    # Keep the whole cluster inside the frame, with a margin, so no shape is clipped.
+    ext_x = max(abs(dx) for dx, _ in offsets[scene.count]) + w / 2 + 2
+    ext_y = max(abs(dy) for _, dy in offsets[scene.count]) + w / 2 + 2
+    cx, cy = min(max(cx, ext_x), side - ext_x), min(max(cy, ext_y), side - ext_y)
+    return [(cx + dx, cy + dy, w) for dx, dy in offsets[scene.count]]
+
+
+def render(scene: Scene, side: int = 256, rng: random.Random | None = None) -> Image.Image:
+    image = Image.new("RGB", (side, side), PALETTE[scene.background])
+    draw = ImageDraw.Draw(image)
+    fill = PALETTE[scene.colour]
+    for x, y, w in layout(scene, side, rng):
+        h = w / 2
+        if scene.shape == "circle":
+            draw.ellipse((x - h, y - h, x + h, y + h), fill=fill)
+        elif scene.shape == "square":
+            draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
+        else:
+            draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)
+    return image

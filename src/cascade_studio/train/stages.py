@@ -1,0 +1,274 @@
+"""The three stages of the demo model and how each is trained, on 2 CPU cores.
+
+Recipe (see ../../../../shared/notes/demo-model-calibration.md for what failed before and why):
+- all denoisers predict v, on the same cosine schedule the sampler uses (t ~ U(0, 1) given as timestep_ratio);
+- Stage A (PaellaVQModel) is a plain autoencoder: the pipeline decodes unquantised latents;
+- Stage B (decoder) learns jointly with a small image encoder, the stand-in for EfficientNet, whose output ends
+  in a non-affine BatchNorm so that Stage C latents have unit variance; the decoder ignores text (its pooled-text
+  mapper is frozen at zero), so it does not depend on a text encoder that is trained later;
+- Stage C (prior) learns on precomputed image-encoder latents, so its steps touch no pixels; its text encoder is
+  trained with it, helped by a small auxiliary loss that reads the caption's attributes off the pooled embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scenes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, caption, mentioned, render, sample_scene
+
+Log = Callable[[str], None]
+
+
+def alpha_cumprod(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """The cosine schedule of DDPMWuerstchenScheduler, so training noise matches sampling noise exactly."""
+    s_t = torch.tensor(s)
+    init = torch.cos(s_t / (1 + s_t) * math.pi * 0.5) ** 2
+    return (torch.cos((t + s_t) / (1 + s_t) * math.pi * 0.5) ** 2 / init).clamp(1e-4, 0.9999)
+
+
+def sample_t(n: int, generator: torch.Generator, high_noise_share: float = 0.0) -> torch.Tensor:
+    """t ~ U(0, 1); a share of the batch from U(0.5, 1), where conditioning matters most."""
+    t = torch.rand(n, generator=generator)
+    k = int(n * high_noise_share)
+    t[:k] = 0.5 + 0.5 * t[:k]
+    return t
+
+
+def v_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
+           generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alpha_cumprod(t).view(-1, *[1] * (x0.dim() - 1))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    return F.mse_loss(model(x_t, t), v)
+
+
+ENCODER_SIDE = 128  # the image encoder sees scenes at half size: cheaper, and shapes stay clear
+
+
+class ImageEncoder(nn.Module):
+    """Image (B, 3, 128, 128) in [0, 1] -> Stage C latent (B, 16, 6, 6) of the 256x256 scene, unit variance."""
+
+    def __init__(self, channels: int = 16, width: int = 48):
+        super().__init__()
+        layers, c = [], 3
+        for c_next in (width // 2, width, width * 2, width * 2):
+            layers += [nn.Conv2d(c, c_next, 3, stride=2, padding=1), nn.GroupNorm(8, c_next), nn.GELU()]
+            c = c_next
+        self.features = nn.Sequential(*layers)
+        self.out = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, channels, 1))
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+
+    def forward(self, images: torch.Tensor, size: tuple[int, int] = (6, 6)) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(images * 2 - 1), size)
+        return self.norm(self.out(x))
+
+
+def half_size(images: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(images, size=(ENCODER_SIDE, ENCODER_SIDE), mode="area")
+
+
+class EMA:
+    """Exponential moving average of a model's weights, for sampling."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, p in zip(self.model.parameters(), model.parameters()):
+            ema.lerp_(p, 1 - self.decay)
+        for ema, b in zip(self.model.buffers(), model.buffers()):
+            ema.copy_(b)
+
+
+def schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 10%."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scene_images(rng: random.Random, n: int, side: int) -> tuple[torch.Tensor, list[Scene]]:
+    scenes = [sample_scene(rng) for _ in range(n)]
+    arrays = [np.asarray(render(s, side, rng), dtype=np.float32) / 255 for s in scenes]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), scenes
+
+
+def _loop(name: str, steps: int, step_fn: Callable[[int], float], log: Log, every: int) -> list[float]:
+    losses, start, window = [], time.perf_counter(), []
+    for step in range(steps):
+        window.append(step_fn(step))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            losses.append(sum(window) / len(window))
+            window = []
+            log(f"{name} step {step + 1}/{steps} loss {losses[-1]:.4f} ({time.perf_counter() - start:.0f}s)")
+    return losses
+
+
+def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
+                  batch: int = 16, crop: int = 96) -> list[float]:
+    """Autoencoder on random crops; latents get light noise so the decoder's imperfect output still decodes."""
+    opt = torch.optim.AdamW(vqgan.parameters(), weight_decay=0.0)
+    sched = schedule(opt, steps, 2e-3)
+
+    def step(_: int) -> float:
+        images, _ = scene_images(rng, batch, 256)
+        y, x = rng.randrange(0, 256 - crop + 1, 8), rng.randrange(0, 256 - crop + 1, 8)
+        images = images[:, :, y : y + crop, x : x + crop]
+        h = vqgan.encode(images).latents
+        h = h + 0.05 * h.detach().std() * torch.randn(h.shape, generator=gen)
+        loss = F.mse_loss(vqgan.decode(h).sample, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    return _loop("stage A", steps, step, log, every=max(1, steps // 20))
+
+
+@torch.no_grad()
+def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """n scenes as (Stage A latents scaled to unit variance, half-size images); encoding once keeps steps cheap."""
+    latents, small = [], []
+    for i in range(0, n, 64):
+        images, _ = scene_images(rng, min(64, n - i), 256)
+        latents.append(vqgan.encode(images).latents)
+        small.append((half_size(images) * 255).round().to(torch.uint8))
+    latents_t = torch.cat(latents)
+    scale = float(latents_t.std())
+    log(f"encoded {n} scenes for the decoder; Stage A latent std {scale:.3f}")
+    return latents_t / scale, torch.cat(small), scale
+
+
+def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tensor, small: torch.Tensor, steps: int,
+                  rng: random.Random, gen: torch.Generator, log: Log, batch: int = 16) -> list[float]:
+    """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents."""
+    mapper = decoder.clip_txt_pooled_mapper
+    mapper.weight.data.zero_()
+    mapper.weight.requires_grad_(False)
+    params = [p for p in decoder.parameters() if p.requires_grad] + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    sched = schedule(opt, steps, 1e-3)
+    no_text = torch.zeros(batch, 1, mapper.in_features)
+
+    def step(_: int) -> float:
+        idx = [rng.randrange(len(latents)) for _ in range(batch)]
+        effnet = encoder(small[idx].float() / 255)
+        effnet = effnet + torch.rand(batch, 1, 1, 1, generator=gen) * 0.15 * torch.randn(effnet.shape, generator=gen)
+        effnet = effnet * (torch.rand(batch, 1, 1, 1, generator=gen) > 0.1)  # unconditional 10%: decoder CFG
+        t = sample_t(batch, gen, high_noise_share=0.25)
+        loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample, latents[idx], t, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    return _loop("stage B", steps, step, log, every=max(1, steps // 20))
+
+
+@torch.no_grad()
+def encode_dataset(encoder: ImageEncoder, n: int, rng: random.Random, log: Log) -> tuple[torch.Tensor, list[Scene]]:
+    """Stage C training data: the frozen image encoder's latent for n fresh scenes."""
+    encoder.eval()
+    latents, scenes = [], []
+    for i in range(0, n, 256):
+        images, batch_scenes = scene_images(rng, min(256, n - i), 256)
+        latents.append(encoder(half_size(images)))
+        scenes += batch_scenes
+    log(f"encoded {n} scenes for the prior")
+    return torch.cat(latents), scenes
+
+
+# Attributes the text encoder's pooled output is taught to carry (auxiliary heads, dropped after training).
+AUX_LABELS = {
+    "background": list(PALETTE), "colour": list(PALETTE), "shape": list(SHAPES), "size": list(SIZES),
+    "position": list(POSITIONS), "count": [1, 2, 3],
+}
+
+
+def _aux_targets(scenes: list[Scene], texts: list[str]) -> dict[str, torch.Tensor]:
+    targets = {k: [] for k in AUX_LABELS}
+    for scene, text in zip(scenes, texts):
+        said = mentioned(scene, text) if text else dict.fromkeys(("background", "size", "position"), False)
+        for key, labels in AUX_LABELS.items():
+            known = bool(text) and said.get(key, True)
+            targets[key].append(labels.index(getattr(scene, key)) if known else -100)
+    return {k: torch.tensor(v) for k, v in targets.items()}
+
+
+def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents: torch.Tensor, scenes: list[Scene],
+                  steps: int, rng: random.Random, gen: torch.Generator, log: Log, batch: int = 128,
+                  ema_decay: float = 0.998) -> tuple[list[float], EMA, EMA]:
+    """Prior + text encoder with v-loss on image-encoder latents; 10% empty captions for guidance."""
+    dim = text_encoder.config.projection_dim
+    heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in AUX_LABELS.items()})
+    params = list(prior.parameters()) + list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, weight_decay=0.01)
+    sched = schedule(opt, steps, 1e-3, warmup=200)
+    ema_prior, ema_text = EMA(prior, ema_decay), EMA(text_encoder, ema_decay)
+    no_image = torch.zeros(batch, 1, prior.config.clip_image_in_channels)
+
+    def step(_: int) -> float:
+        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
+        texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
+        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        out = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
+        hidden, pooled = out.hidden_states[-1], out.text_embeds  # what the prior pipeline feeds the prior
+        t = sample_t(batch, gen, high_noise_share=0.5)
+        loss = v_loss(lambda x, r: prior(x, r, clip_text_pooled=pooled.unsqueeze(1), clip_text=hidden,
+                                         clip_img=no_image).sample, latents[idx], t, gen)
+        targets = _aux_targets([scenes[i] for i in idx], texts)
+        aux = sum(F.cross_entropy(heads[k](pooled), targets[k], ignore_index=-100) for k in AUX_LABELS
+                  if (targets[k] != -100).any())
+        opt.zero_grad(set_to_none=True)
+        (loss + 0.1 * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema_prior.update(prior)
+        ema_text.update(text_encoder)
+        return loss.item()
+
+    return _loop("stage C", steps, step, log, every=max(1, steps // 40)), ema_prior, ema_text
+
+
+def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng: random.Random, log: Log,
+                    batch: int = 32) -> list[float]:
+    """Stage C latent -> small RGB image (48x48 for a 256 image), for live previews."""
+    opt = torch.optim.AdamW(previewer.parameters())
+    sched = schedule(opt, steps, 2e-3)
+    encoder.eval()
+
+    def step(_: int) -> float:
+        images, _ = scene_images(rng, batch, 256)
+        with torch.no_grad():
+            z = encoder(half_size(images))
+        pred = previewer(z)
+        loss = F.mse_loss(pred, F.interpolate(images, size=pred.shape[-2:], mode="area"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    return _loop("previewer", steps, step, log, every=max(1, steps // 10))
+

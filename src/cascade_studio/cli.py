@@ -1,4 +1,5 @@
-"""`cascade-studio`: generate images, inspect and reproduce PNGs, download and list the official weights."""
+"""`cascade-studio`: serve the studio (the default), generate images, inspect and reproduce PNGs, download and
+list the official weights, train and evaluate the demo model."""
 
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def _load_engine(settings: Settings):
         f"loaded in {time.perf_counter() - t:.1f}s",
         file=sys.stderr,
     )
+    if engine.identity.preset == "demo":
+        print("note: this is the small demo model shipped with cascade-studio (simple shapes on plain backgrounds); "
+              "for real images run `cascade-studio download full`", file=sys.stderr)
     return engine
 
 
@@ -110,9 +114,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "prior_steps": args.prior_steps, "prior_guidance": args.prior_guidance, "decoder_steps": args.decoder_steps,
         "decoder_guidance": args.decoder_guidance, "num_images": args.num_images, "seed": args.seed,
     }
-    request = make_request(**{k: v for k, v in fields.items() if v is not None})  # validate before loading
+    given = {k: v for k, v in fields.items() if v is not None}
+    make_request(**given)  # bad input fails here, before any model loads
     settings = _settings(args)
-    _run(_load_engine(settings), request, settings.output_dir)
+    engine = _load_engine(settings)
+    _run(engine, engine.request(**given), settings.output_dir)
     return 0
 
 
@@ -139,7 +145,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.model is None:
         if meta.model is None or not (meta.model.path or meta.model.preset):
             raise UsageError("model: the image does not say which model made it; pass --model")
-        args.model = meta.model.path or meta.model.preset
+        args.model = meta.model.preset or meta.model.path
     settings = _settings(args)
     request = meta.alone() if args.alone else meta.request
     _, paths = _run(_load_engine(settings), request, settings.output_dir, index=None if args.alone else meta.index)
@@ -166,6 +172,60 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import open_queue
+    from .ui.app import launch
+    from .ui.handlers import Studio
+
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise UsageError("auth: must be user:password")
+        auth = (user, password)
+    settings = _settings(args)
+    queue = open_queue(settings, _load_engine(settings))
+    if queue.store.recovered:
+        print(f"history: {queue.store.recovered} job(s) left unfinished by the last run were marked failed",
+              file=sys.stderr)
+    print(f"studio: http://{settings.host}:{settings.port}  (history and images in {settings.output_dir})",
+          file=sys.stderr)
+    launch(Studio(queue, queue.store), host=settings.host, port=settings.port, auth=auth, share=args.share)
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from .train.run import TrainConfig, train_demo
+
+    if args.scale <= 0 or args.threads < 1:
+        raise UsageError("scale: must be above 0; threads: must be at least 1")
+    _quiet_libraries()
+    train_demo(Path(args.out), TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads))
+    return 0
+
+
+def cmd_eval_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.evaluate import evaluate, grid, json_ready, table
+
+    if not 1 <= args.n <= 1000:
+        raise UsageError(f"n: must be a whole number from 1 to 1000 (got {args.n})")
+    settings = {k: getattr(args, k) for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance")
+                if getattr(args, k) is not None}
+    make_request(prompt="", **settings)
+    if args.model is None:
+        args.model = "demo"
+    engine = _load_engine(_settings(args))
+    report = evaluate(engine, n=args.n, seed=args.seed, **settings)
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(json_ready(report), indent=1))
+    if args.grid:
+        grid(report).save(args.grid)
+    return 0
+
+
 def _existing(path: str) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -174,7 +234,8 @@ def _existing(path: str) -> Path:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="full, lite, or a folder in the official layout (default: $CASCADE_MODEL or full)")
+    p.add_argument("--model", help="auto, demo, full, lite, or a folder in the official layout (default: "
+                                   "$CASCADE_MODEL or auto: full when downloaded, else demo)")
     p.add_argument("--revision", help="pinned Hub revision for the presets")
     p.add_argument("--cache-dir", dest="cache_dir", help="Hugging Face cache folder")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -188,7 +249,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cascade-studio", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cascade-studio {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="command")
+
+    s = sub.add_parser("serve", help="start the studio web UI (the default command)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, help="port (default 7860)")
+    s.add_argument("--auth", help="user:password required to open the studio")
+    s.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    s.add_argument("--max-queued", dest="max_queued", type=int, help="jobs that may wait (default 16)")
+    _add_model_options(s)
+    s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt")
@@ -220,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", dest="cache_dir")
     d.set_defaults(func=cmd_download)
 
+    t = sub.add_parser("train-demo", help="train the demo model from scratch (about 50 min on 2 CPU cores)")
+    t.add_argument("--out", required=True, help="folder to write the model into")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
+    t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    t.set_defaults(func=cmd_train_demo)
+
+    e = sub.add_parser("eval-demo", help="score prompt adherence on held-out and training scene prompts")
+    e.add_argument("--n", type=int, default=60, help="prompts per split")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="write the full report here")
+    e.add_argument("--grid", help="write a contact sheet of held-out samples here")
+    for name in ("prior-steps", "decoder-steps"):
+        e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int)
+    for name in ("prior-guidance", "decoder-guidance"):
+        e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float)
+    _add_model_options(e)
+    e.set_defaults(func=cmd_eval_demo)
+
     m = sub.add_parser("models", help="list the Stable Cascade weights on this machine and their disk use")
     m.add_argument("--cache-dir", dest="cache_dir")
     m.set_defaults(func=cmd_models)
@@ -229,10 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
+        args = parser.parse_args(["serve"] if argv is None and len(sys.argv) == 1 or argv == [] else argv)
         return args.func(args)
     except (UsageError, RequestError, ModelConfigError) as exc:
         print(f"cascade-studio: error: {exc}", file=sys.stderr)

@@ -17,7 +17,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
 
-    model: str = Field("full", description="Preset name (full, lite) or a local folder in the official layout.")
+    model: str = Field(
+        "auto",
+        description="auto (full when its weights are on disk, else demo), demo, full, lite, or a local folder.",
+    )
     revision: str | None = Field(None, description="Pinned Hub revision (commit hash or tag) for the presets.")
     cache_dir: Path | None = Field(None, description="Hugging Face Hub cache; None uses the library default.")
     device: str = Field("auto", description="auto (cuda > mps > cpu), or a torch device such as cuda:1.")
@@ -25,3 +28,8 @@ class Settings(BaseSettings):
     cpu_offload: bool = Field(False, description="Keep models on the CPU and move each to the GPU when used.")
     output_dir: Path = Path("outputs")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; None keeps torch's choice.")
+    history_db: Path | None = Field(None, description="SQLite history; default: <output_dir>/history.sqlite.")
+    host: str = Field("127.0.0.1", description="Address the server binds; 0.0.0.0 exposes it to the network.")
+    port: int = Field(7860, ge=1, le=65535)
+    max_queued: int = Field(16, ge=1, le=1000, description="Jobs that may wait; more are refused (queue full).")
+    per_client_jobs: int = Field(4, ge=1, le=100, description="Unfinished jobs one client may have at once.")

@@ -24,7 +24,7 @@ from ..models.loading import CascadePipelines, load_pipelines
 from ..models.source import ModelIdentity, resolve_model
 from .cache import LRUCache
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
-from .request import GenerationRequest
+from .request import GenerationRequest, make_request
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -77,6 +77,10 @@ class CascadeEngine:
     def identity(self) -> ModelIdentity:
         return self.pipelines.identity
 
+    def request(self, **fields) -> GenerationRequest:
+        """A validated request in which unset fields take this model's defaults (the demo model: 256x256)."""
+        return make_request(**(self.pipelines.defaults | fields))
+
     def prompt_report(self, text: str) -> PromptReport:
         tokenizer = self.pipelines.prior.tokenizer
         ids = tokenizer(text, truncation=False).input_ids  # with start and end tokens
@@ -116,12 +120,14 @@ class CascadeEngine:
         prior_cached = latents is not None
         if latents is None:
             t = time.perf_counter()
-            latents = self._run_prior(request, embeddings, self._callback("prior", request.prior_steps, start, progress, cancel))
+            callback = self._callback("prior", request.prior_steps, start, progress, cancel)
+            latents = self._run_prior(request, embeddings, callback)
             self._prior_cache.put(prior_key, latents)
             timings["prior"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        images = self._run_decoder(request, embeddings, latents, self._callback("decoder", request.decoder_steps, start, progress, cancel))
+        callback = self._callback("decoder", request.decoder_steps, start, progress, cancel, prior_cached)
+        images = self._run_decoder(request, embeddings, latents, callback)
         timings["decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         return GenerationResult(request, images, seeds, timings, prior_cached, self.identity, warnings)
@@ -166,13 +172,14 @@ class CascadeEngine:
         )
         return pipe.numpy_to_pil(out.images)
 
-    def _callback(self, stage: Stage, total: int, start: float, progress: ProgressCallback | None, cancel: CancelToken):
+    def _callback(self, stage: Stage, total: int, start: float, progress: ProgressCallback | None, cancel: CancelToken,
+                  prior_cached: bool = False):
         previewer = self.pipelines.previewer if stage == "prior" else None
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             if progress is not None:
                 preview = self._preview(tensors["latents"][:1]) if previewer is not None else None
-                progress(ProgressEvent(stage, step + 1, total, time.perf_counter() - start, preview))
+                progress(ProgressEvent(stage, step + 1, total, time.perf_counter() - start, preview, prior_cached))
             if cancel.cancelled:
                 raise GenerationCancelled
             return {}

@@ -14,13 +14,18 @@ Stage = Literal["prior", "decoder"]
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One finished sampling step; `preview` is a rough RGB image of the first latent when the model has a previewer."""
+    """One finished sampling step; `preview` is a rough RGB image of the first latent when the model has a previewer.
+
+    `prior_cached` is true on decoder steps when the prior's output came from the cache (only decoder settings
+    changed), so a UI can say so while the decoder still runs.
+    """
 
     stage: Stage
     step: int
     total: int
     elapsed: float
     preview: Image.Image | None = None
+    prior_cached: bool = False
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -9,7 +9,7 @@ text encoder (about 1.4 GB for the official model) and guarantees that only safe
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class CascadePipelines:
     device: torch.device
     dtype: torch.dtype
     previewer: Previewer | None = None
+    defaults: dict = field(default_factory=dict)
 
 
 def _variant(folder: Path) -> str | None:
@@ -102,4 +103,4 @@ def load_pipelines(
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
-    return CascadePipelines(prior, decoder, source.identity, device, dtype, previewer)
+    return CascadePipelines(prior, decoder, source.identity, device, dtype, previewer, source.defaults)

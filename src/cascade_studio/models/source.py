@@ -1,12 +1,14 @@
 """Find the folders that hold each component: in the Hugging Face cache (presets) or in a local folder.
 
 Nothing here downloads: a missing component becomes one `ModelNotFoundError` that names what is missing, its
-size and the command that fetches it.
+size and the command that fetches it. `demo` is the small model shipped inside this package; `auto` is the
+official full model when it is on disk, and the demo model otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import constants as hf_constants
@@ -16,6 +18,8 @@ from .errors import ModelNotFoundError
 from .presets import APPROX_GB, DECODER_REPO, PRESETS, PRIOR_REPO, ModelPreset
 
 ROLES = ("prior", "decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+MODEL_CARD = "cascade_studio.json"  # optional: a folder's display name and its own default settings
 CONFIG_FILES = {"tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
 
 
@@ -40,17 +44,25 @@ class ModelSource:
     dirs: dict[str, Path]
     identity: ModelIdentity
     previewer_dir: Path | None = None
+    defaults: dict = field(default_factory=dict)  # request fields this model works best with (size, steps, ...)
 
 
 def resolve_model(spec: str, *, revision: str | None = None, cache_dir: Path | None = None) -> ModelSource:
-    """Turn `full`, `lite` or a folder path into component folders, or explain what is missing."""
+    """Turn `auto`, `demo`, `full`, `lite` or a folder path into component folders, or explain what is missing."""
+    if spec == "auto":
+        try:
+            return resolve_model("full", revision=revision, cache_dir=cache_dir)
+        except ModelNotFoundError:
+            return resolve_model("demo")
+    if spec == "demo":
+        return _from_folder(DEMO_DIR)
     if spec in PRESETS:
         return _from_hub_cache(PRESETS[spec], revision, Path(cache_dir or hf_constants.HF_HUB_CACHE))
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(path)
     raise ModelNotFoundError(
-        f"model: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder"
+        f"model: {spec!r} is neither auto, demo, a preset ({', '.join(PRESETS)}) nor an existing folder"
     )
 
 
@@ -78,14 +90,17 @@ def _from_folder(root: Path) -> ModelSource:
         )
     previewer = root / "previewer"
     variant = "bf16" if any(dirs["prior"].glob("*.bf16.safetensors")) else None
+    card = json.loads((root / MODEL_CARD).read_text()) if (root / MODEL_CARD).is_file() else {}
     identity = ModelIdentity(
-        name=root.resolve().name,
+        name=card.get("name", root.resolve().name),
+        preset="demo" if root.resolve() == DEMO_DIR else None,
         prior_subfolder=prior_sub,
         decoder_subfolder=decoder_sub,
         variant=variant,
         path=str(root.resolve()),
     )
-    return ModelSource(dirs, identity, previewer if has_weights(previewer, "previewer") else None)
+    return ModelSource(dirs, identity, previewer if has_weights(previewer, "previewer") else None,
+                       card.get("defaults", {}))
 
 
 def snapshot_dir(cache_dir: Path, repo: str, revision: str | None) -> Path | None:

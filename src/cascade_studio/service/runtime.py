@@ -1,0 +1,14 @@
+"""Open the shared runtime once per process: engine, history store and the job queue over both."""
+
+from __future__ import annotations
+
+from ..config import Settings
+from ..engine import CascadeEngine
+from ..store import HistoryStore
+from .queue import JobQueue
+
+
+def open_queue(settings: Settings, engine: CascadeEngine | None = None) -> JobQueue:
+    engine = engine or CascadeEngine.from_settings(settings)
+    store = HistoryStore(settings.history_db or settings.output_dir / "history.sqlite", settings.output_dir)
+    return JobQueue(engine, store, max_queued=settings.max_queued, per_client=settings.per_client_jobs)

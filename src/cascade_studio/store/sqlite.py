@@ -1,0 +1,169 @@
+"""The history store: SQLite (WAL) for records, PNG files (written atomically) under the output directory.
+
+One store serves the studio, the CLI's server and the HTTP API, so a generation made anywhere shows up everywhere.
+Paths never come from requests: file names are built from generated ids and seeds only.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..engine import GenerationRequest, GenerationResult
+from ..metadata import ImageMetadata, save_png
+from ..models import ModelIdentity
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, finished REAL, status TEXT NOT NULL, client TEXT NOT NULL,
+    request TEXT NOT NULL, model TEXT NOT NULL, timings TEXT, prior_cached INTEGER, error TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL, seed INTEGER NOT NULL,
+    path TEXT NOT NULL, created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created DESC);
+CREATE INDEX IF NOT EXISTS images_job ON images(job_id, idx);
+"""
+ACTIVE = ("queued", "running")
+
+
+class ImageRecord(BaseModel):
+    id: str
+    job_id: str
+    index: int
+    seed: int
+    path: Path
+
+
+class JobRecord(BaseModel):
+    id: str
+    created: float
+    finished: float | None
+    status: str  # queued, running, done, failed, cancelled
+    client: str
+    request: GenerationRequest
+    model: ModelIdentity
+    timings: dict[str, float] | None
+    prior_cached: bool | None
+    error: str | None
+    images: list[ImageRecord] = []
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class HistoryStore:
+    def __init__(self, db_path: Path, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        self.recovered = self._fail_interrupted()
+
+    def _fail_interrupted(self) -> int:
+        """Jobs a crash left queued or running are marked failed: never silently lost, never 'running' forever."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status='failed', error=?, finished=? WHERE status IN (?, ?)",
+                ("interrupted: the server stopped before this job finished", time.time(), *ACTIVE),
+            )
+        return cur.rowcount
+
+    def create_job(self, job_id: str, request: GenerationRequest, model: ModelIdentity, client: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, created, status, client, request, model) VALUES (?, ?, 'queued', ?, ?, ?)",
+                (job_id, time.time(), client, request.model_dump_json(), model.model_dump_json()),
+            )
+
+    def set_status(self, job_id: str, status: str, error: str | None = None) -> None:
+        finished = None if status in ACTIVE else time.time()
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status=?, error=?, finished=? WHERE id=?", (status, error, finished, job_id))
+
+    def save_result(self, job_id: str, result: GenerationResult) -> list[ImageRecord]:
+        """Write every image (PNG with metadata, atomically), then record them and mark the job done."""
+        day = time.strftime("%Y-%m-%d")
+        records = []
+        for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+            relative = Path(day) / f"{job_id[:12]}-{i}-{seed}.png"
+            save_png(image, self.output_dir / relative, ImageMetadata(result.request, i, result.model))
+            records.append(ImageRecord(id=new_id(), job_id=job_id, index=i, seed=seed, path=relative))
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO images (id, job_id, idx, seed, path, created) VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.id, job_id, r.index, r.seed, str(r.path), time.time()) for r in records],
+            )
+            self._db.execute(
+                "UPDATE jobs SET status='done', finished=?, request=?, timings=?, prior_cached=? WHERE id=?",
+                (time.time(), result.request.model_dump_json(), json.dumps(result.timings), int(result.prior_cached), job_id),
+            )
+            self._db.execute("COMMIT")
+        return records
+
+    def image_file(self, record: ImageRecord) -> Path:
+        return self.output_dir / record.path
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        jobs = self._jobs("WHERE id=?", (job_id,))
+        return jobs[0] if jobs else None
+
+    def list_jobs(self, limit: int = 20, offset: int = 0, status: str | None = "done") -> list[JobRecord]:
+        """Newest first."""
+        where, args = ("WHERE status=?", (status,)) if status else ("", ())
+        return self._jobs(f"{where} ORDER BY created DESC LIMIT ? OFFSET ?", (*args, limit, offset))
+
+    def count_jobs(self, status: str | None = "done") -> int:
+        with self._lock:
+            if status:
+                return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status=?", (status,)).fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+    def get_image(self, image_id: str) -> ImageRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM images WHERE id=?", (image_id,)).fetchone()
+        return self._image(row) if row else None
+
+    @staticmethod
+    def _image(row: sqlite3.Row) -> ImageRecord:
+        return ImageRecord(id=row["id"], job_id=row["job_id"], index=row["idx"], seed=row["seed"], path=Path(row["path"]))
+
+    def _jobs(self, clause: str, args: tuple) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs {clause}", args).fetchall()
+            ids = [r["id"] for r in rows]
+            images = self._db.execute(
+                f"SELECT * FROM images WHERE job_id IN ({','.join('?' * len(ids))}) ORDER BY idx", ids
+            ).fetchall() if ids else []
+        by_job: dict[str, list[ImageRecord]] = {}
+        for row in images:
+            by_job.setdefault(row["job_id"], []).append(self._image(row))
+        return [
+            JobRecord(
+                id=r["id"], created=r["created"], finished=r["finished"], status=r["status"], client=r["client"],
+                request=GenerationRequest(**json.loads(r["request"])), model=ModelIdentity(**json.loads(r["model"])),
+                timings=json.loads(r["timings"]) if r["timings"] else None,
+                prior_cached=None if r["prior_cached"] is None else bool(r["prior_cached"]),
+                error=r["error"], images=by_job.get(r["id"], []),
+            )
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

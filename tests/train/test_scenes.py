@@ -1,0 +1,83 @@
+"""The demo model's data and its judge: deterministic scenes, held-out pairs, captions the tokenizer covers, and
+a pixel analyser that is right on every ground-truth image."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from diffusers import DDPMWuerstchenScheduler
+from transformers import CLIPTokenizer
+
+from cascade_studio.models.architectures import write_word_tokenizer
+from cascade_studio.models.schedulers import VPredictionWuerstchenScheduler
+from cascade_studio.train.analyze import analyze, score
+from cascade_studio.train.run import caption_words
+from cascade_studio.train.scenes import HELD_OUT, PALETTE, caption, render, sample_scene
+
+
+def test_scenes_are_deterministic():
+    a, b = random.Random(3), random.Random(3)
+    for _ in range(20):
+        s1, s2 = sample_scene(a), sample_scene(b)
+        assert s1 == s2 and caption(s1, a) == caption(s2, b)
+        assert render(s1, 64, a).tobytes() == render(s2, 64, b).tobytes()
+
+
+def test_held_out_pairs_never_appear_in_training():
+    rng = random.Random(0)
+    train = [sample_scene(rng) for _ in range(3000)]
+    held = [sample_scene(rng, held_out=True) for _ in range(300)]
+    assert not any((s.colour, s.shape) in HELD_OUT for s in train)
+    assert all((s.colour, s.shape) in HELD_OUT for s in held)
+    assert {s.colour for s in train} == set(PALETTE) and all(s.background != s.colour for s in train + held)
+
+
+def test_captions_include_the_obvious_phrasings():
+    rng = random.Random(1)
+    texts = {caption(sample_scene(rng), rng) for _ in range(3000)}
+    assert any(t.startswith("a ") and t.endswith(" background") and len(t.split()) == 7 for t in texts)  # a red circle on a blue background
+    assert any(t.startswith(("two small", "two little")) and " at the top left" in t for t in texts)
+
+
+def test_tokenizer_covers_every_caption_word(tmp_path):
+    rng = random.Random(2)
+    tokenizer = CLIPTokenizer.from_pretrained(write_word_tokenizer(tmp_path, caption_words(random.Random(0)), 24))
+    for _ in range(300):
+        scene = sample_scene(rng, held_out=rng.random() < 0.3)
+        for text in (caption(scene, rng), scene.prompt()):
+            tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[1:-1]
+            assert "<|endoftext|>" not in tokens, text  # no unknown words
+            assert len(tokens) <= 22  # fits the 24-token window with start and end
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_analyser_is_right_on_ground_truth(held_out):
+    rng = random.Random(4)
+    for _ in range(150):
+        scene = sample_scene(rng, held_out=held_out)
+        assert all(score(scene, analyze(render(scene, 256, rng))).values()), scene
+
+
+def test_analyser_notices_a_wrong_image():
+    rng = random.Random(5)
+    scene = sample_scene(rng)
+    other = next(s for s in (sample_scene(rng) for _ in range(100))
+                 if s.colour != scene.colour and s.background != scene.background and s.shape != scene.shape)
+    hits = score(scene, analyze(render(other, 256, rng)))
+    assert not hits["colour"] and not hits["background"] and not hits["shape"]
+
+
+def test_v_prediction_scheduler_equals_the_stock_step_on_the_implied_noise():
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([0.7, 0.7])
+    stock, vpred = DDPMWuerstchenScheduler(), VPredictionWuerstchenScheduler()
+    for s in (stock, vpred):
+        s.set_timesteps(10)
+    a = stock._alpha_cumprod(t, x0.device).view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    out_v = vpred.step(v, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    out_eps = stock.step(eps, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert torch.allclose(out_v, out_eps, atol=1e-5)

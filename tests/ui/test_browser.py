@@ -1,0 +1,105 @@
+"""The studio in a real browser (Debian's Chromium driven by Playwright): generate, tune, compare, cancel.
+
+Screenshots land in test-artifacts/studio/. Chromium comes from apt (`.ci/run` installs it); Playwright's own
+browser download is never used. Without Chromium the test fails in CI and is skipped, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from tests.ui.conftest import ARTIFACTS
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def page(studio_url):
+    if not shutil.which(CHROMIUM):
+        message = f"Chromium not found at {CHROMIUM}: install Debian's chromium package (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(studio_url)
+        page.wait_for_selector("#generate", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def wait_status(page, text: str, timeout: float = 120_000) -> str:
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes({text!r})", timeout=timeout)
+    return page.locator("#status").inner_text()
+
+
+def generate(page, until: str = "Done") -> str:
+    """Click Generate; wait until the status names a new job (not the previous run's) and contains `until`."""
+    before = re.search(r"job ([0-9a-f]{8})", page.locator("#status").inner_text())
+    old_job = before.group(1) if before else "none"
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "(() => { const s = document.querySelector('#status').innerText;"
+        f" return s.includes({until!r}) && /job [0-9a-f]{{8}}/.test(s) && !s.includes('job ' + {old_job!r}); }})()",
+        timeout=120_000,
+    )
+    return page.locator("#status").inner_text()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_generate_tune_compare_cancel(page):
+    shot(page, "0-start")
+    assert "cascade-studio-demo" in page.locator("#model-banner").inner_text()
+    page.locator("#prompt textarea").fill("a red circle on a white background")
+    assert "tokens" in page.locator("#tokens").inner_text()
+    set_number(page, "num-images", 2)
+    status = generate(page)
+    seeds = [int(s) for s in re.search(r"seeds (\d+), (\d+)", status).groups()]
+    assert seeds[1] == seeds[0] + 1
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2")
+    gallery_text = page.locator("#gallery").inner_text()
+    assert f"seed {seeds[0]}" in gallery_text and f"seed {seeds[1]}" in gallery_text
+    assert page.locator("#seed input").input_value() == str(seeds[0])  # the seed used is shown
+    shot(page, "1-generated")
+
+    # Keep the seed, change only a decoder setting: the prior comes from the cache.
+    page.locator("#randomize input").uncheck()
+    set_number(page, "decoder-steps", 5)
+    status = generate(page)
+    assert "prior: cached" in status and f"seeds {seeds[0]}, {seeds[1]}" in status
+    shot(page, "2-tuned")
+
+    # The A/B view compares the previous image with the new one and lists what changed.
+    page.get_by_role("tab", name="Compare A/B").click()
+    page.wait_for_function("document.querySelector('#ab-changes').innerText.includes('seed same')")
+    assert "decoder steps 10 → 5, seed same" in page.locator("#ab-changes").inner_text()
+    assert page.locator("#ab-slider img").count() >= 2
+    page.locator("#ab-slider").scroll_into_view_if_needed()
+    shot(page, "3-compare")
+
+    # A long run, cancelled while the prior samples.
+    set_number(page, "prior-steps", 100)
+    set_number(page, "num-images", 8)
+    generate(page, until="Prior step")
+    page.locator("#cancel").click()
+    wait_status(page, "Cancelled")
+    shot(page, "4-cancelled")

@@ -173,9 +173,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service import open_queue
-    from .ui.app import launch
-    from .ui.handlers import Studio
+    from .server import build_server, run
 
     auth = None
     if args.auth:
@@ -184,13 +182,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError("auth: must be user:password")
         auth = (user, password)
     settings = _settings(args)
-    queue = open_queue(settings, _load_engine(settings))
+    app, queue = build_server(settings, _load_engine(settings), auth)
     if queue.store.recovered:
         print(f"history: {queue.store.recovered} job(s) left unfinished by the last run were marked failed",
               file=sys.stderr)
-    print(f"studio: http://{settings.host}:{settings.port}  (history and images in {settings.output_dir})",
-          file=sys.stderr)
-    launch(Studio(queue, queue.store), host=settings.host, port=settings.port, auth=auth, share=args.share)
+    print(f"studio: http://{settings.host}:{settings.port}   API: http://{settings.host}:{settings.port}/docs   "
+          f"(history and images in {settings.output_dir})", file=sys.stderr)
+    run(app, queue, settings)
     return 0
 
 
@@ -255,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, help="port (default 7860)")
     s.add_argument("--auth", help="user:password required to open the studio")
-    s.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    s.add_argument("--api-token", dest="api_token", help="require 'Authorization: Bearer TOKEN' on /v1 (or $CASCADE_API_TOKEN)")
     s.add_argument("--max-queued", dest="max_queued", type=int, help="jobs that may wait (default 16)")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)

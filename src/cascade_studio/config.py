@@ -33,3 +33,4 @@ class Settings(BaseSettings):
     port: int = Field(7860, ge=1, le=65535)
     max_queued: int = Field(16, ge=1, le=1000, description="Jobs that may wait; more are refused (queue full).")
     per_client_jobs: int = Field(4, ge=1, le=100, description="Unfinished jobs one client may have at once.")
+    api_token: str | None = Field(None, description="If set, /v1 requests need 'Authorization: Bearer <token>'.")

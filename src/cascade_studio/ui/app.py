@@ -291,12 +291,10 @@ def build_app(studio: Studio) -> gr.Blocks:
     return demo
 
 
-def launch(studio: Studio, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           share: bool = False, block: bool = True):
+def mount(app, studio: Studio, auth: tuple[str, str] | None = None, path: str = "/"):
+    """Put the studio on an existing FastAPI app (the one serving /v1), so UI and API share one process and queue."""
     demo = build_app(studio)
     # Our JobQueue bounds and orders the work; Gradio's queue only needs room for everyone waiting in it.
     demo.queue(max_size=studio.queue.max_queued * 2, default_concurrency_limit=studio.queue.max_queued + 1)
-    demo.launch(server_name=host, server_port=port, auth=auth, share=share, prevent_thread_lock=not block,
-                allowed_paths=[str(Path(studio.store.output_dir).resolve())], css=CSS, show_error=True,
-                quiet=not block)
-    return demo
+    return gr.mount_gradio_app(app, demo, path=path, auth=auth, css=CSS, show_error=True,
+                               allowed_paths=[str(Path(studio.store.output_dir).resolve())])

@@ -192,6 +192,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_space_export(args: argparse.Namespace) -> int:
+    from .space import export_space
+
+    for path in export_space(Path(args.dir)):
+        print(path)
+    return 0
+
+
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from .train.run import TrainConfig, train_demo
 
@@ -287,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--revision")
     d.add_argument("--cache-dir", dest="cache_dir")
     d.set_defaults(func=cmd_download)
+
+    sp = sub.add_parser("space", help="Hugging Face Space tools")
+    space_sub = sp.add_subparsers(dest="space_command", parser_class=_Parser, metavar="command", required=True)
+    se = space_sub.add_parser("export", help="write a folder a Gradio Space (ZeroGPU ready) runs as is")
+    se.add_argument("dir")
+    se.set_defaults(func=cmd_space_export)
 
     t = sub.add_parser("train-demo", help="train the demo model from scratch (about 50 min on 2 CPU cores)")
     t.add_argument("--out", required=True, help="folder to write the model into")

@@ -162,3 +162,13 @@ def test_api_token(tmp_path, engine):
         ok = http.post("/v1/generations", json=tiny(), headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 202
         assert http.get("/v1/health").status_code == 200  # liveness stays open for load balancers
+
+
+def test_job_is_stored_when_its_client_disconnects(api):
+    http, _ = api
+    job = http.post("/v1/generations", json=tiny(seed=12, prior_steps=30)).json()
+    with http.stream("GET", f"/v1/generations/{job['id']}/events") as response:
+        next(response.iter_lines())  # the first event, then the client goes away mid-job
+    done = wait_done(http, job["id"])
+    assert done["status"] == "done" and len(done["images"]) == 1
+    assert http.get(done["images"][0]["url"]).status_code == 200

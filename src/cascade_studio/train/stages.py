@@ -103,6 +103,16 @@ def schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, warmup: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimise(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, clip: list[nn.Parameter] | None = None) -> None:
+    """One optimiser step: backward, optional gradient clipping at 1.0, step, learning-rate schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+
+
 def scene_images(rng: random.Random, n: int, side: int) -> tuple[torch.Tensor, list[Scene]]:
     scenes = [sample_scene(rng) for _ in range(n)]
     arrays = [np.asarray(render(s, side, rng), dtype=np.float32) / 255 for s in scenes]
@@ -133,10 +143,7 @@ def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.G
         h = vqgan.encode(images).latents
         h = h + 0.05 * h.detach().std() * torch.randn(h.shape, generator=gen)
         loss = F.mse_loss(vqgan.decode(h).sample, images)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss)
         return loss.item()
 
     return _loop("stage A", steps, step, log, every=max(1, steps // 20))
@@ -174,11 +181,7 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tens
         effnet = effnet * (torch.rand(batch, 1, 1, 1, generator=gen) > 0.1)  # unconditional 10%: decoder CFG
         t = sample_t(batch, gen, high_noise_share=0.25)
         loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample, latents[idx], t, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss, clip=params)
         return loss.item()
 
     return _loop("stage B", steps, step, log, every=max(1, steps // 20))
@@ -239,11 +242,7 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
         targets = _aux_targets([scenes[i] for i in idx], texts)
         aux = sum(F.cross_entropy(heads[k](pooled), targets[k], ignore_index=-100) for k in AUX_LABELS
                   if (targets[k] != -100).any())
-        opt.zero_grad(set_to_none=True)
-        (loss + 0.1 * aux).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss + 0.1 * aux, clip=params)
         ema_prior.update(prior)
         ema_text.update(text_encoder)
         return loss.item()
@@ -264,10 +263,7 @@ def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng
             z = encoder(half_size(images))
         pred = previewer(z)
         loss = F.mse_loss(pred, F.interpolate(images, size=pred.shape[-2:], mode="area"))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimise(opt, sched, loss)
         return loss.item()
 
     return _loop("previewer", steps, step, log, every=max(1, steps // 10))

@@ -63,12 +63,13 @@ def build_app(studio: Studio) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                     placeholder="a red circle on a white background  (Enter to generate)")
                 tokens = gr.Markdown(h.token_info(studio, ""), elem_id="tokens")
-                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                negative = gr.Textbox(label="Negative prompt", value="", lines=1, elem_id="negative")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    # Empty until a run fills in the seed it used; empty in an API call means a random seed.
+                    seed = gr.Number(label="Seed", value=None, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                     randomize = gr.Checkbox(label="Random seed", value=True, elem_id="randomize")
                 reuse = gr.Button("Reuse the selected image's seed", size="sm", elem_id="reuse-seed")
                 size = gr.Dropdown(sizes, value=default_size, label="Size (width × height)", elem_id="size")
@@ -203,7 +204,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         def _fill(f: dict):
             preset = next((c for c in sizes if c.startswith(f"{f['width']}×{f['height']} ")), h.CUSTOM)
             return [f.get("prompt", ""), f.get("negative_prompt", ""), preset, f["width"], f["height"],
-                    f.get("seed") if f.get("seed") is not None else 0, f.get("seed") is None,
+                    f.get("seed"), f.get("seed") is None,
                     f.get("prior_steps", d.prior_steps), f.get("prior_guidance", d.prior_guidance),
                     f.get("decoder_steps", d.decoder_steps), f.get("decoder_guidance", d.decoder_guidance),
                     f.get("num_images", 1)]

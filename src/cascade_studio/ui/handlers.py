@@ -63,9 +63,6 @@ class Studio:
             choices.insert(0, f"{d['width']}×{d['height']} (this model's size)")
         return choices + [CUSTOM]
 
-    def default(self, name: str):
-        return self.engine.request(prompt="").model_dump()[name]
-
 
 def snap(value: float) -> int:
     """Nearest allowed side length (a multiple of 128 within 256-2048)."""

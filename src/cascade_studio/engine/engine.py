@@ -77,6 +77,11 @@ class CascadeEngine:
     def identity(self) -> ModelIdentity:
         return self.pipelines.identity
 
+    def describe(self) -> dict[str, str]:
+        """What runs where, for health checks and banners."""
+        p = self.pipelines
+        return {"model": self.identity.name, "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch.")}
+
     def request(self, **fields) -> GenerationRequest:
         """A validated request in which unset fields take this model's defaults (the demo model: 256x256)."""
         return make_request(**(self.pipelines.defaults | fields))

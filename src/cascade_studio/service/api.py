@@ -135,9 +135,7 @@ def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
-        p = queue.engine.pipelines
-        return {"status": "ok", "version": __version__, "model": queue.engine.identity.name,
-                "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."), "queue": queue.stats()}
+        return {"status": "ok", "version": __version__, **queue.engine.describe(), "queue": queue.stats()}
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def unknown(rest: str):

@@ -1,4 +1,5 @@
-"""A FIFO job queue with one worker thread per engine (one running job per device).
+"""A FIFO job queue; each worker thread runs one job at a time on the engine (one worker per device; the Ray
+Serve app uses one per model replica).
 
 Why our own queue rather than only Gradio's: the studio and the HTTP API must put users in the same line, see
 their position, cancel queued or running jobs, and have every finished image stored even if nobody is
@@ -30,7 +31,7 @@ class ClientLimitReached(Exception):
     """One client already has its maximum of unfinished jobs."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, not its field values
 class Job:
     id: str
     request: GenerationRequest  # seed fixed at submission, so the job's seeds are known while it waits
@@ -72,16 +73,19 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, engine: CascadeEngine, store: HistoryStore, *, max_queued: int = 16, per_client: int = 4):
+    def __init__(self, engine: CascadeEngine, store: HistoryStore, *, max_queued: int = 16, per_client: int = 4,
+                 workers: int = 1):
         self.engine, self.store = engine, store
         self.max_queued, self.per_client = max_queued, per_client
         self._waiting: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Condition()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._closed = False
-        self._worker = threading.Thread(target=self._work, name="cascade-worker", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._work, name=f"cascade-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, request: GenerationRequest, client: str = "local") -> Job:
         request = request.with_seed()
@@ -130,16 +134,17 @@ class JobQueue:
             self._lock.notify_all()
         for job in waiting:
             self.cancel(job.id)
-        if self._running is not None:
-            self._running.cancel_token.cancel()
-        self._worker.join(timeout)
+        for job in list(self._running):
+            job.cancel_token.cancel()
+        for worker in self._workers:
+            worker.join(timeout)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"queued": len(self._waiting), "running": int(self._running is not None)}
+            return {"queued": len(self._waiting), "running": len(self._running)}
 
     def _active(self) -> list[Job]:
-        return list(self._waiting) + ([self._running] if self._running else [])
+        return list(self._waiting) + list(self._running)
 
     def _work(self) -> None:
         while True:
@@ -148,12 +153,13 @@ class JobQueue:
                     self._lock.wait()
                 if self._closed:
                     return
-                job = self._running = self._waiting.popleft()
+                job = self._waiting.popleft()
+                self._running.add(job)
             try:
                 self._run(job)
             finally:
                 with self._lock:
-                    self._running = None
+                    self._running.discard(job)
                 # Finished jobs stay readable from the store; keep only a bounded number in memory.
                 finished = [j for j in self._jobs.values() if j.finished]
                 for old in finished[:-256]:

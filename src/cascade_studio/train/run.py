@@ -49,7 +49,7 @@ DEMO_PRIOR = dict(
 DEMO_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
                  max_position_embeddings=TEXT_LENGTH)
 # The folder's own settings: the size it was trained at, and the sampling settings that measured best.
-DEMO_DEFAULTS = dict(width=256, height=256, prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0)
+DEMO_DEFAULTS = dict(width=256, height=256, prior_steps=20, prior_guidance=4.0, decoder_steps=3, decoder_guidance=0.0)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def test_bad_arguments_table(args, message, tiny_model_dir, capsys):
 
 
 def test_missing_weights_offline_explain_the_download(tmp_path):
-    proc = run_cli("generate", "a cat", "--cache-dir", str(tmp_path))
+    proc = run_cli("generate", "a cat", "--model", "full", "--cache-dir", str(tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Stable Cascade 'full' weights are not on this machine" in proc.stderr
     assert "about 11.7 GB in all. Get them with `cascade-studio download full`" in proc.stderr

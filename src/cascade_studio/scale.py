@@ -16,13 +16,14 @@ import socket
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from PIL import Image
 from ray import serve
 
 from .config import Settings
-from .engine import CancelToken, CascadeEngine, GenerationCancelled, GenerationRequest, GenerationResult
+from .engine import CancelToken, CascadeEngine, GenerationCancelled, GenerationRequest, GenerationResult, make_request
 from .models import ModelIdentity
 from .service.api import create_api
 from .store import HistoryStore
@@ -36,7 +37,8 @@ class ModelReplica:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def describe(self) -> dict:
-        return self.engine.describe() | {"identity": self.engine.identity.model_dump(), "replica": self.name}
+        return self.engine.describe() | {"identity": self.engine.identity.model_dump(), "replica": self.name,
+                                         "defaults": self.engine.pipelines.defaults}
 
     def generate(self, request: dict) -> dict:
         result = self.engine(GenerationRequest(**request))
@@ -55,8 +57,12 @@ class RemoteEngine:
 
     def __init__(self, handle, retries: int = 1):
         self.handle, self.retries = handle, retries
-        info = handle.describe.remote().result()
+        # Built inside the ingress's event loop, where a handle may not block: ask from a helper thread. The
+        # queue's worker threads, which make every later call, have no event loop.
+        with ThreadPoolExecutor(1) as pool:
+            info = pool.submit(lambda: handle.describe.remote().result()).result()
         self.identity = ModelIdentity(**info["identity"])
+        self.defaults = info["defaults"]
         self._info = {k: info[k] for k in ("model", "device", "dtype")}
         self.replicas_used: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -64,6 +70,9 @@ class RemoteEngine:
     def describe(self) -> dict:
         with self._lock:
             return self._info | {"replicas_used": dict(self.replicas_used)}
+
+    def request(self, **fields) -> GenerationRequest:
+        return make_request(**(self.defaults | fields))
 
     def __call__(self, request: GenerationRequest, progress=None, cancel: CancelToken | None = None):
         cancel = cancel or CancelToken()

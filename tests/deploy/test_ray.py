@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cascade_studio.config import Settings
@@ -56,12 +57,14 @@ def test_two_replicas_serve_twenty_concurrent_requests(cluster):
     used = http.get("/v1/health").json()["replicas_used"]
     assert len(used) == 2 and sum(used.values()) == 20, used  # both replicas did work
 
-    local = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=1))
+    threads = torch.get_num_threads()
+    local = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=1))  # as the replicas
     for final in finals[:3]:
         seed = final["seeds"][0]
         served = np.asarray(Image.open(io.BytesIO(http.get(final["images"][0]["url"]).content)).convert("RGB"))
         alone = np.asarray(local(local.request(**REQUEST, seed=seed)).images[0])
         assert np.array_equal(served, alone)
+    torch.set_num_threads(threads)
 
 
 def test_a_replica_killed_mid_run_loses_no_job(cluster):

@@ -94,7 +94,7 @@ def test_pickled_weights_are_never_loaded(tmp_path, tiny_model_dir):
 
 
 def test_unknown_model_spec():
-    with pytest.raises(ModelNotFoundError, match="neither a preset \\(full, lite\\) nor an existing folder"):
+    with pytest.raises(ModelNotFoundError, match="neither auto, demo, a preset \\(full, lite\\) nor an existing folder"):
         resolve_model("/no/such/folder")
 
 

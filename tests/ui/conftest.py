@@ -27,7 +27,8 @@ def studio_url(tmp_path_factory):
     """The studio serving the shipped demo model, as a user would start it."""
     port, out = free_port(), tmp_path_factory.mktemp("studio-out")
     log = open(out / "server.log", "w")
-    proc = subprocess.Popen([CLI, "serve", "--model", "demo", "--port", str(port), "--out", str(out), "--threads", "2"],
+    # One torch thread: the browser and the server's event loop need the other core on a 2-core machine.
+    proc = subprocess.Popen([CLI, "serve", "--model", "demo", "--port", str(port), "--out", str(out), "--threads", "1"],
                             stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..engine import RequestError, make_request
+from ..engine import RequestError
 from ..store import JobRecord
 from .queue import ClientLimitReached, Job, JobQueue, QueueFull
 
@@ -92,7 +92,7 @@ def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
         if not isinstance(body, dict):
             return _problem(422, ["body: must be a JSON object of request fields, e.g. {\"prompt\": \"a cat\"}"])
         try:
-            generation = make_request(**body)
+            generation = queue.engine.request(**body)  # unset fields take the model's defaults, as in the CLI and UI
         except RequestError as exc:
             return _problem(422, exc.messages)
         try:

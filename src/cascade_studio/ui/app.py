@@ -162,10 +162,10 @@ def build_app(studio: Studio) -> gr.Blocks:
               concurrency_limit=queue.max_queued + 1, concurrency_id="generate", api_visibility="private")
 
         def on_cancel(job_id):
-            if job_id and queue.cancel(job_id):
-                return "**Cancelling…**"
-            return "Nothing is running."
-        stop.click(on_cancel, inputs=job_state, outputs=status, queue=False, api_visibility="private")
+            # No outputs: the running generate stream owns the status line and shows "Cancelled." itself.
+            if job_id:
+                queue.cancel(job_id)
+        stop.click(on_cancel, inputs=job_state, queue=False, api_visibility="private")
 
         prompt.change(lambda p: h.token_info(studio, p), inputs=prompt, outputs=tokens, queue=False,
                       show_progress="hidden", api_visibility="private")

@@ -111,11 +111,3 @@ def test_progress_and_previews_reach_watchers(queue):
     stages = {j.progress.stage for j in job.watch() if j.progress}
     assert stages <= {"prior", "decoder"} and job.status == "done" and job.preview is not None
 
-
-def test_cancel_everything_of_one_client(queue):
-    blocker, release, _ = hold_worker(queue)
-    mine = [queue.submit(small_request(seed=s), client="tab-1") for s in (1, 2)]
-    other = queue.submit(small_request(seed=3), client="tab-2")
-    assert queue.cancel_client("tab-1") == 2 and [j.status for j in mine] == ["cancelled"] * 2
-    release.set()
-    assert finish(other).status == "done" and finish(blocker).status == "done"

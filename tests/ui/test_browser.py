@@ -102,7 +102,7 @@ def test_generate_tune_compare(page):
 
 
 @pytest.mark.xfail(reason="known bug, open: in this browser test the Cancel click does not stop the running job "
-                          "(cancelling works through the queue, the handlers and the API; see issue 3's note)",
+                          "(cancelling works through the queue and the API; see issue 3's note)",
                    strict=False)
 def test_cancel_a_running_job(studio_url, page):
     """On a page of its own: a long run (8 images at 1024x1024, 100 prior steps), cancelled while the prior runs."""

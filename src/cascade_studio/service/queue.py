@@ -126,12 +126,6 @@ class JobQueue:
         job.cancel_token.cancel()
         return True
 
-    def cancel_client(self, client: str) -> int:
-        """Cancel every unfinished job of one client (a browser session, an API caller); how many were."""
-        with self._lock:
-            mine = [j.id for j in self._active() if j.client == client]
-        return sum(self.cancel(job_id) for job_id in mine)
-
     def close(self, timeout: float = 30) -> None:
         """Cancel what waits, let the running job stop at its next step, and end the worker."""
         with self._lock:

@@ -1,8 +1,6 @@
 """The studio's page: Gradio Blocks wired to the handlers. Started by `cascade-studio serve` (or plain
 `cascade-studio`)."""
 
-from __future__ import annotations
-
 import functools
 import inspect
 from pathlib import Path

@@ -1,7 +1,7 @@
 """The studio in a real browser (Debian's Chromium driven by Playwright): generate, tune, compare, cancel.
 
-Known issue, left open: in this test the Cancel click does not stop the running job (it did once in a manual
-run); the cancel test is marked xfail until that is understood.
+Known issue, left open: after Cancel on a running job the page keeps its last progress line and never shows
+"Cancelled." (it did once in a manual run); the cancel test is marked xfail until that is understood.
 
 Screenshots land in test-artifacts/studio/. Chromium comes from apt (`.ci/run` installs it); Playwright's own
 browser download is never used. Without Chromium the test fails in CI and is skipped, with the reason, elsewhere.
@@ -101,8 +101,8 @@ def test_generate_tune_compare(page):
 
 
 
-@pytest.mark.xfail(reason="known bug, open: in this browser test the Cancel click does not stop the running job "
-                          "(cancelling works through the queue and the API; see issue 3's note)",
+@pytest.mark.xfail(reason="known bug, open: after Cancel on a running job the page keeps its last progress line and "
+                          "never shows 'Cancelled.' (cancelling works through the queue and the API; see issue 3)",
                    strict=False)
 def test_cancel_a_running_job(studio_url, page):
     """On a page of its own: a long run (8 images at 1024x1024, 100 prior steps), cancelled while the prior runs."""

@@ -70,9 +70,10 @@ def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
     def view(job: Job | None, record: JobRecord) -> dict[str, Any]:
         status = job.status if job else record.status
         images = job.images if job and job.images else record.images
+        request = job.request if job else record.request
         out: dict[str, Any] = {
-            "id": record.id, "status": status, "request": (job.request if job else record.request).model_dump(),
-            "seeds": (job.request if job else record.request).image_seeds, "model": record.model.name,
+            "id": record.id, "status": status, "request": request.model_dump(), "seeds": request.image_seeds,
+            "model": record.model.name,
             "position": queue.position(job) if job and status == "queued" else 0,
             "images": [{"id": im.id, "seed": im.seed, "url": f"/v1/images/{im.id}.png"} for im in images],
             "timings": (job.timings if job and job.timings else record.timings), "error": job.error if job else record.error,

@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from ..engine.request import MAX_SEED
 from . import handlers as h
@@ -46,7 +47,12 @@ def build_app(studio: Studio) -> gr.Blocks:
     store, queue = studio.store, studio.queue
     sizes = studio.size_choices()
     d = studio.engine.request(prompt="")
-    default_size = next(c for c in sizes if c.startswith(f"{d.width}×{d.height}")) if f"{d.width}×{d.height}" in " ".join(sizes) else h.CUSTOM
+
+    def preset_for(width: int, height: int) -> str:
+        """The size choice showing width × height, or Custom."""
+        return next((c for c in sizes if c.startswith(f"{width}×{height} ")), h.CUSTOM)
+
+    default_size = preset_for(d.width, d.height)
     has_preview = studio.engine.pipelines.previewer is not None
 
     with gr.Blocks(title="cascade-studio") as demo:
@@ -200,8 +206,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             return _fill(h.settings_of(*h.lookup(store, key)))
 
         def _fill(f: dict):
-            preset = next((c for c in sizes if c.startswith(f"{f['width']}×{f['height']} ")), h.CUSTOM)
-            return [f.get("prompt", ""), f.get("negative_prompt", ""), preset, f["width"], f["height"],
+            return [f.get("prompt", ""), f.get("negative_prompt", ""), preset_for(f["width"], f["height"]),
+                    f["width"], f["height"],
                     f.get("seed"), f.get("seed") is None,
                     f.get("prior_steps", d.prior_steps), f.get("prior_guidance", d.prior_guidance),
                     f.get("decoder_steps", d.decoder_steps), f.get("decoder_guidance", d.decoder_guidance),
@@ -247,7 +253,6 @@ def build_app(studio: Studio) -> gr.Blocks:
                 if job.status != "done":
                     yield {sweep_status: f"Sweep stopped at cell {n}: {h.status_text(studio, job)}"}
                     return
-                from PIL import Image
                 record = store.get_job(job.id)
                 with Image.open(store.image_file(record.images[0])) as im:
                     images.append(im.convert("RGB"))
@@ -257,8 +262,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         outputs=[sweep_status, sweep_image], concurrency_limit=queue.max_queued + 1,
                         concurrency_id="generate", api_visibility="private")
 
-        refresh.click(lambda: history_view(), outputs=[history, pick_a, pick_b, history_keys], api_visibility="private")
-        demo.load(lambda: history_view(), outputs=[history, pick_a, pick_b, history_keys], api_visibility="private")
+        refresh.click(history_view, outputs=[history, pick_a, pick_b, history_keys], api_visibility="private")
+        demo.load(history_view, outputs=[history, pick_a, pick_b, history_keys], api_visibility="private")
 
         # A clean named endpoint for programs (gradio_client): images plus their seeds.
         api_images = gr.Gallery(visible=False)

@@ -39,7 +39,7 @@ def test_same_command_in_two_processes_gives_identical_pngs(tiny_model_dir, tmp_
 def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
     proc = run_cli("generate", "x", "--model", str(tiny_model_dir), "--width", "720")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "cascade-studio: error: width: must be a multiple of 128 from 256 to 2048 (got 720)"
+    assert proc.stderr.strip() == "cascade-studio: error: width: must be a multiple of 128 from 128 to 2048 (got 720)"
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def test_shipped_in_the_package_small_and_documented():
     assert (DEMO_DIR / "README.md").is_file() and (DEMO_DIR / "cascade_studio.json").is_file()
     source = resolve_model("demo")
     assert source.identity.name == "cascade-studio-demo" and source.identity.preset == "demo"
-    assert source.defaults["width"] == 256
+    assert source.defaults["width"] == 128
 
 
 @pytest.mark.parametrize("prompt, background", PROMPTS)
@@ -72,7 +72,7 @@ def test_the_position_follows_the_prompt(demo, seed):
                                            seed=seed)).images[0], "black")
     _, right = foreground(demo(demo.request(prompt="a large green circle on the right on a black background",
                                             seed=seed)).images[0], "black")
-    assert left < 256 / 3 < 2 * 256 / 3 < right, (left, right)
+    assert left < 128 / 3 < 2 * 128 / 3 < right, (left, right)
 
 
 def test_cli_defaults_to_the_demo_model_offline(tmp_path):
@@ -83,4 +83,4 @@ def test_cli_defaults_to_the_demo_model_offline(tmp_path):
     assert "model: cascade-studio-demo" in proc.stderr and "small demo model" in proc.stderr
     path = Path(proc.stdout.split("\t")[0])
     image = Image.open(path)
-    assert image.size == (256, 256) and analyze(image).background == "purple"
+    assert image.size == (128, 128) and analyze(image).background == "purple"

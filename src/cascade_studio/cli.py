@@ -201,12 +201,14 @@ def cmd_space_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
+    from .models.device import resolve_device
     from .train.run import TrainConfig, train_demo
 
     if args.scale <= 0 or args.threads < 1:
         raise UsageError("scale: must be above 0; threads: must be at least 1")
+    device = str(resolve_device(args.device))  # a clear message when the device is not there
     _quiet_libraries()
-    train_demo(Path(args.out), TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads))
+    train_demo(Path(args.out), TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device))
     return 0
 
 
@@ -261,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, help="port (default 7860)")
     s.add_argument("--auth", help="user:password required to open the studio")
+    s.add_argument("--share", action="store_true", default=None,
+                   help="also open a public gradio.live link (off by default; anyone with the link can use it)")
     s.add_argument("--api-token", dest="api_token", help="require 'Authorization: Bearer TOKEN' on /v1 (or $CASCADE_API_TOKEN)")
     s.add_argument("--max-queued", dest="max_queued", type=int, help="jobs that may wait (default 16)")
     _add_model_options(s)
@@ -307,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
     t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
     t.set_defaults(func=cmd_train_demo)
 
     e = sub.add_parser("eval-demo", help="score prompt adherence on held-out and training scene prompts")

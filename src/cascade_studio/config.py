@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     history_db: Path | None = Field(None, description="SQLite history; default: <output_dir>/history.sqlite.")
     host: str = Field("127.0.0.1", description="Address the server binds; 0.0.0.0 exposes it to the network.")
     port: int = Field(7860, ge=1, le=65535)
+    share: bool = Field(False, description="Also open a public gradio.live link to the studio (needs the internet).")
     max_queued: int = Field(16, ge=1, le=1000, description="Jobs that may wait; more are refused (queue full).")
     per_client_jobs: int = Field(4, ge=1, le=100, description="Unfinished jobs one client may have at once.")
     api_token: str | None = Field(None, description="If set, /v1 requests need 'Authorization: Bearer <token>'.")

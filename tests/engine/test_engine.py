@@ -131,6 +131,22 @@ def test_cancel_stops_between_steps(engine, stage, at_step):
     assert len(engine(small_request(seed=77)).images) == 1
 
 
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_cancel_takes_effect_inside_a_step(engine, stage):
+    """A slow step (a big image on a CPU) does not delay Cancel: the next block of the network stops the run."""
+    token, seen = CancelToken(), []
+    unet = engine.pipelines.prior.prior if stage == "prior" else engine.pipelines.decoder.decoder
+    # Cancel from "another thread" at the moment the first block of the stage's first step runs.
+    handle = unet.down_blocks[0][0].register_forward_hook(lambda *_: token.cancel())
+    try:
+        with pytest.raises(GenerationCancelled):
+            engine(small_request(seed=78), progress=lambda e: seen.append(e.stage), cancel=token)
+    finally:
+        handle.remove()
+    assert stage not in seen  # stopped before the stage's first step ended
+    assert len(engine(small_request(seed=78)).images) == 1
+
+
 def test_cancelled_before_start_does_nothing(engine):
     token = CancelToken()
     token.cancel()

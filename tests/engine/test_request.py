@@ -18,10 +18,10 @@ def test_defaults_are_the_official_recommendation():
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("width", 720, "width: must be a multiple of 128 from 256 to 2048 (got 720)"),
+        ("width", 720, "width: must be a multiple of 128 from 128 to 2048 (got 720)"),
         ("width", 1000, "width: must be a multiple of 128"),  # diffusers silently makes 1000 into 1024
-        ("height", 128, "height: must be a multiple of 128 from 256 to 2048 (got 128)"),
-        ("height", 2176, "height: must be a multiple of 128 from 256 to 2048"),
+        ("height", 64, "height: must be a multiple of 128 from 128 to 2048 (got 64)"),
+        ("height", 2176, "height: must be a multiple of 128 from 128 to 2048"),
         ("width", 1024.0, "width: must be a multiple of 128"),
         ("width", "1024", "width: must be a multiple of 128"),
         ("prior_steps", 0, "prior_steps: must be a whole number from 1 to 100 (got 0)"),  # diffusers returns noise

@@ -150,7 +150,7 @@ def test_python_client(api):
     assert seeds == [70, 71] and [im.size for im in images] == [(256, 256)] * 2
     with pytest.raises(APIError) as err:
         client.submit("x", width=300)
-    assert err.value.status == 422 and err.value.messages == ["width: must be a multiple of 128 from 256 to 2048 (got 300)"]
+    assert err.value.status == 422 and err.value.messages == ["width: must be a multiple of 128 from 128 to 2048 (got 300)"]
     client.close()
 
 

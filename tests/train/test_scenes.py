@@ -52,12 +52,13 @@ def test_tokenizer_covers_every_caption_word(tmp_path):
             assert len(tokens) <= 22  # fits the 24-token window with start and end
 
 
+@pytest.mark.parametrize("side", [128, 256])
 @pytest.mark.parametrize("held_out", [False, True])
-def test_analyser_is_right_on_ground_truth(held_out):
+def test_analyser_is_right_on_ground_truth(held_out, side):
     rng = random.Random(4)
     for _ in range(150):
         scene = sample_scene(rng, held_out=held_out)
-        assert all(score(scene, analyze(render(scene, 256, rng))).values()), scene
+        assert all(score(scene, analyze(render(scene, side, rng))).values()), scene
 
 
 def test_analyser_notices_a_wrong_image():
@@ -65,7 +66,7 @@ def test_analyser_notices_a_wrong_image():
     scene = sample_scene(rng)
     other = next(s for s in (sample_scene(rng) for _ in range(100))
                  if s.colour != scene.colour and s.background != scene.background and s.shape != scene.shape)
-    hits = score(scene, analyze(render(other, 256, rng)))
+    hits = score(scene, analyze(render(other, 128, rng)))
     assert not hits["colour"] and not hits["background"] and not hits["shape"]
 
 

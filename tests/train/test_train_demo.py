@@ -18,11 +18,11 @@ def test_train_demo_writes_a_loadable_model(tmp_path):
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
     assert (out / "loss.png").is_file()
     card = json.loads((out / "cascade_studio.json").read_text())
-    assert card["name"] == "cascade-studio-demo" and card["defaults"]["width"] == 256
+    assert card["name"] == "cascade-studio-demo" and card["defaults"]["width"] == 128
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
         "VPredictionWuerstchenScheduler"
     # The same loading and generation code as the official weights; the folder's defaults apply.
     engine = CascadeEngine.from_settings(Settings(model=str(out), device="cpu"))
     assert engine.pipelines.previewer is not None
     result = engine(engine.request(prompt="a red circle on a white background", seed=0, prior_steps=2, decoder_steps=2))
-    assert result.images[0].size == (256, 256) and result.model.name == "cascade-studio-demo"
+    assert result.images[0].size == (128, 128) and result.model.name == "cascade-studio-demo"

@@ -23,9 +23,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def studio_url(tmp_path_factory):
+def studio_out(tmp_path_factory) -> Path:
+    """The studio server's output folder: its images and history database."""
+    return tmp_path_factory.mktemp("studio-out")
+
+
+@pytest.fixture(scope="module")
+def studio_url(studio_out):
     """The studio serving the shipped demo model, as a user would start it."""
-    port, out = free_port(), tmp_path_factory.mktemp("studio-out")
+    port, out = free_port(), studio_out
     log = open(out / "server.log", "w")
     # One torch thread: the browser and the server's event loop need the other core on a 2-core machine.
     proc = subprocess.Popen([CLI, "serve", "--model", "demo", "--port", str(port), "--out", str(out), "--threads", "1"],

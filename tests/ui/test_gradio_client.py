@@ -5,19 +5,29 @@ from __future__ import annotations
 from gradio_client import Client
 from PIL import Image
 
+from cascade_studio.store import HistoryStore
 from cascade_studio.train.analyze import analyze
 
 
+def generate(url: str, **fields):
+    fields = dict(prompt="a blue square on a green background", negative_prompt="", width=128, height=128, seed=21,
+                  prior_steps=20, prior_guidance=4.0, decoder_steps=3, decoder_guidance=0.0, num_images=2) | fields
+    return Client(url, verbose=False).predict(**fields, api_name="/generate")
+
+
 def test_named_generate_endpoint(studio_url):
-    client = Client(studio_url, verbose=False)
-    gallery, info = client.predict(
-        prompt="a blue square on a green background", negative_prompt="", width=256, height=256, seed=21,
-        prior_steps=20, prior_guidance=4.0, decoder_steps=3, decoder_guidance=0.0, num_images=2,
-        api_name="/generate",
-    )
+    gallery, info = generate(studio_url)
     assert info["seeds"] == [21, 22]
     assert len(gallery) == 2
     for item, seed in zip(gallery, info["seeds"]):
         assert item["caption"] == f"seed {seed}"
         image = Image.open(item["image"])
-        assert image.size == (256, 256) and analyze(image).background == "green"  # the text steers the image
+        assert image.size == (128, 128) and analyze(image).background == "green"  # the text steers the image
+
+
+def test_each_browser_session_is_its_own_client(studio_url, studio_out):
+    """The per-client job cap counts each session apart, not every studio user as one."""
+    jobs = [generate(studio_url, num_images=1)[1]["job"] for _ in range(2)]
+    store = HistoryStore(studio_out / "history.sqlite", studio_out)
+    clients = [store.get_job(job).client for job in jobs]
+    assert all(c.startswith("studio:") for c in clients) and clients[0] != clients[1], clients

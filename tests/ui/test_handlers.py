@@ -37,7 +37,7 @@ def test_presets_are_multiples_of_128_and_custom_sizes_snap():
         assert w % 128 == 0 and h_ % 128 == 0
     assert h.resolve_size("1152×896 (9:7)", None, None) == (1152, 896, "")
     assert h.resolve_size("Custom", 1000, 720) == (1024, 768, "Snapped to multiples of 128: width 1000 → 1024, height 720 → 768")
-    assert h.resolve_size("Custom", 5000, 100)[:2] == (2048, 256)
+    assert h.resolve_size("Custom", 5000, 20)[:2] == (2048, 128)
     assert h.resolve_size("Custom", 512, 640) == (512, 640, "")
 
 
@@ -127,3 +127,11 @@ def test_queue_limits_are_readable_messages(tmp_path, engine):
     for _ in first.watch():
         pass
     studio.queue.close()
+
+
+def test_small_previews_are_enlarged_for_the_page():
+    small = Image.new("RGB", (48, 32), "red")
+    big = h.preview_image(small)
+    assert big.size == (192, 128) and big.getpixel((100, 60)) == (255, 0, 0)
+    official = Image.new("RGB", (192, 192))
+    assert h.preview_image(official) is official and h.preview_image(None) is None

@@ -5,7 +5,8 @@ What it adds to calling the two pipelines directly:
   can be regenerated alone, and the same request gives the same pixels on the same machine;
 - text embeddings and prior outputs cached, so changing only decoder settings skips the prior;
 - negative embeddings passed explicitly, so decoder guidance > 1 works with precomputed embeddings;
-- progress with optional previews, cooperative cancellation between steps, per-stage timings;
+- progress with optional previews, per-stage timings, and cancellation that takes effect inside a step (each
+  block of the two UNets and of Stage A's decoder checks the token), so a slow step does not delay Cancel;
 - prompts longer than CLIP's window reported with the words that are cut.
 """
 
@@ -63,6 +64,16 @@ class CascadeEngine:
         self._text_cache: LRUCache[Embeddings] = LRUCache(text_cache_size)
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
         self._lock = threading.Lock()
+        self._cancel: CancelToken | None = None  # the running call's token; calls are serialised by _lock
+        decoder = pipelines.decoder
+        for blocks in (*pipelines.prior.prior.down_blocks, *pipelines.prior.prior.up_blocks,
+                       *decoder.decoder.down_blocks, *decoder.decoder.up_blocks, decoder.vqgan.up_blocks):
+            for block in blocks:
+                block.register_forward_pre_hook(self._check_cancel)
+
+    def _check_cancel(self, module, args) -> None:
+        if self._cancel is not None and self._cancel.cancelled:
+            raise GenerationCancelled
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CascadeEngine:
@@ -83,7 +94,7 @@ class CascadeEngine:
         return {"model": self.identity.name, "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch.")}
 
     def request(self, **fields) -> GenerationRequest:
-        """A validated request in which unset fields take this model's defaults (the demo model: 256x256)."""
+        """A validated request in which unset fields take this model's defaults (the demo model: 128x128)."""
         return make_request(**(self.pipelines.defaults | fields))
 
     def prompt_report(self, text: str) -> PromptReport:
@@ -101,8 +112,13 @@ class CascadeEngine:
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
         request = request.with_seed()
+        cancel = cancel or CancelToken()
         with self._lock, torch.inference_mode():
-            return self._generate(request, progress, cancel or CancelToken())
+            self._cancel = cancel
+            try:
+                return self._generate(request, progress, cancel)
+            finally:
+                self._cancel = None
 
     def _generate(self, request: GenerationRequest, progress: ProgressCallback | None, cancel: CancelToken):
         start = time.perf_counter()

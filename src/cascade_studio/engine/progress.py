@@ -36,7 +36,7 @@ class GenerationCancelled(Exception):
 
 
 class CancelToken:
-    """Set from any thread; the engine checks it between sampling steps."""
+    """Set from any thread; the engine checks it before each block of its networks."""
 
     def __init__(self) -> None:
         self._event = threading.Event()

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
-SIZE_STEP, MIN_SIZE, MAX_SIZE = 128, 256, 2048
+SIZE_STEP, MIN_SIZE, MAX_SIZE = 128, 128, 2048
 MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 100, 20.0, 8
 
 # The allowed values of each field, in words: used for error messages, CLI help and UI hints alike.

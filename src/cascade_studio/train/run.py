@@ -3,7 +3,8 @@
     cascade-studio train-demo --out demo-model             # the shipped recipe
     cascade-studio train-demo --out quick --scale 0.05     # a smoke test in a couple of minutes
 
-`--scale` multiplies every stage's step count: above 1 (or on a GPU with --device cuda) for better weights.
+`--scale` multiplies every stage's step count: above 1 for better weights; `--device cuda` trains on a GPU (all
+random numbers still come from CPU generators, so a seed picks the same data and noise on every device).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ TEXT_LENGTH = 24  # tokens: the longest caption is 19, and the pipeline pads eve
 DEMO_VQGAN = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=1, embed_dim=32,
                   latent_channels=4, num_vq_embeddings=256, scale_factor=1.0)
 DEMO_DECODER = dict(
-    in_channels=4, out_channels=4, patch_size=4, conditioning_dim=64, block_out_channels=[64, 128],
+    in_channels=4, out_channels=4, patch_size=2, conditioning_dim=64, block_out_channels=[64, 128],
     num_attention_heads=[0, 4], down_num_layers_per_block=[2, 2], up_num_layers_per_block=[2, 2],
     down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES, RES_ATTN],
     clip_text_pooled_in_channels=64, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
@@ -49,21 +50,23 @@ DEMO_PRIOR = dict(
 DEMO_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
                  max_position_embeddings=TEXT_LENGTH)
 # The folder's own settings: the size it was trained at, and the sampling settings that measured best.
-DEMO_DEFAULTS = dict(width=256, height=256, prior_steps=20, prior_guidance=4.0, decoder_steps=3, decoder_guidance=0.0)
+DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=6.0, decoder_steps=3,
+                     decoder_guidance=2.0)
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps_a: int = 500
-    steps_b: int = 1500
-    steps_c: int = 2500
-    steps_previewer: int = 300
-    decoder_scenes: int = 4000
-    prior_scenes: int = 20000
-    batch_c: int = 64
+    steps_a: int = 1000
+    steps_b: int = 3600
+    steps_c: int = 5000
+    steps_previewer: int = 400
+    decoder_scenes: int = 10000
+    prior_scenes: int = 40000
+    batch_c: int = 128
     scale: float = 1.0
     threads: int = 2
+    device: str = "cpu"
 
     def steps(self, n: int) -> int:
         return max(2, round(n * self.scale))
@@ -106,7 +109,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
     t = time.perf_counter()
-    vqgan = PaellaVQModel(**DEMO_VQGAN)
+    vqgan = PaellaVQModel(**DEMO_VQGAN).to(cfg.device)
     losses["stage A"] = stages.train_stage_a(vqgan, cfg.steps(cfg.steps_a), rng, gen, log)
     vqgan.eval().requires_grad_(False)
     seconds["stage A"] = time.perf_counter() - t
@@ -114,26 +117,27 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     t = time.perf_counter()
     latents_b, small_b, scale = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
     vqgan.register_to_config(scale_factor=scale)  # the pipeline multiplies latents by it before decoding
-    encoder, decoder = stages.ImageEncoder(), StableCascadeUNet(**DEMO_DECODER)
+    encoder, decoder = stages.ImageEncoder().to(cfg.device), StableCascadeUNet(**DEMO_DECODER).to(cfg.device)
     losses["stage B"] = stages.train_stage_b(decoder, encoder, latents_b, small_b, cfg.steps(cfg.steps_b), rng, gen, log)
     seconds["stage B"] = time.perf_counter() - t
 
     t = time.perf_counter()
     latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.prior_scenes), rng, log)
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **DEMO_TEXT)
-    prior, text_encoder = StableCascadeUNet(**DEMO_PRIOR), CLIPTextModelWithProjection(text_config)
+    prior = StableCascadeUNet(**DEMO_PRIOR).to(cfg.device)
+    text_encoder = CLIPTextModelWithProjection(text_config).to(cfg.device)
     losses["stage C"], ema_prior, ema_text = stages.train_stage_c(
         prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c)
     seconds["stage C"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    previewer = Previewer(in_channels=16, hidden_channels=32, upsamples=3)
+    previewer = Previewer(in_channels=16, hidden_channels=32, upsamples=4).to(cfg.device)
     losses["previewer"] = stages.train_previewer(previewer, encoder, cfg.steps(cfg.steps_previewer), rng, log)
     seconds["previewer"] = time.perf_counter() - t
 
     for name, model in [("prior", ema_prior.model), ("decoder", decoder), ("vqgan", vqgan),
                         ("text_encoder", ema_text.model), ("previewer", previewer)]:
-        model.eval().save_pretrained(out / name)
+        model.eval().cpu().save_pretrained(out / name)
     VPredictionWuerstchenScheduler().save_pretrained(out / "scheduler")
     plot_losses(losses, out / "loss.png")
     seconds["total"] = time.perf_counter() - start
@@ -143,7 +147,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     report = {
         "name": "cascade-studio-demo", "defaults": DEMO_DEFAULTS, "config": asdict(cfg), "seconds": seconds,
         "final_losses": {k: v[-1] for k, v in losses.items()}, "losses": losses, "parameters": params,
-        "latent_scale": scale, "device": "cpu", "threads": cfg.threads, "torch": torch.__version__,
+        "latent_scale": scale, "device": cfg.device, "threads": cfg.threads, "torch": torch.__version__,
         "machine": platform.machine(), "cascade_studio": __version__,
     }
     (out / "cascade_studio.json").write_text(json.dumps(report, indent=1))

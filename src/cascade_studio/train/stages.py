@@ -43,20 +43,27 @@ def sample_t(n: int, generator: torch.Generator, high_noise_share: float = 0.0) 
     return t
 
 
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def v_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
            generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(x0.shape, generator=generator)
+    """v-prediction loss. Noise comes from the CPU generator on every device, so a seed means the same data."""
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = t.to(x0.device)
     a = alpha_cumprod(t).view(-1, *[1] * (x0.dim() - 1))
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     v = a.sqrt() * noise - (1 - a).sqrt() * x0
     return F.mse_loss(model(x_t, t), v)
 
 
-ENCODER_SIDE = 128  # the image encoder sees scenes at half size: cheaper, and shapes stay clear
+SIDE = 128  # training images: Stage C latents 16x3x3 (one cell per named place), Stage B latents 4x32x32
+ENCODER_SIDE = 96  # the image encoder sees scenes at 3/4 size: four stride-2 convs give 6x6, pooled evenly to 3x3
 
 
 class ImageEncoder(nn.Module):
-    """Image (B, 3, 128, 128) in [0, 1] -> Stage C latent (B, 16, 6, 6) of the 256x256 scene, unit variance."""
+    """Image (B, 3, 96, 96) in [0, 1] -> Stage C latent (B, 16, 3, 3) of the 128x128 scene, unit variance."""
 
     def __init__(self, channels: int = 16, width: int = 48):
         super().__init__()
@@ -68,12 +75,12 @@ class ImageEncoder(nn.Module):
         self.out = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, channels, 1))
         self.norm = nn.BatchNorm2d(channels, affine=False)
 
-    def forward(self, images: torch.Tensor, size: tuple[int, int] = (6, 6)) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, size: tuple[int, int] = (3, 3)) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(self.features(images * 2 - 1), size)
         return self.norm(self.out(x))
 
 
-def half_size(images: torch.Tensor) -> torch.Tensor:
+def encoder_view(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=(ENCODER_SIDE, ENCODER_SIDE), mode="area")
 
 
@@ -113,7 +120,7 @@ def optimise(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, clip: list[n
     sched.step()
 
 
-def scene_images(rng: random.Random, n: int, side: int) -> tuple[torch.Tensor, list[Scene]]:
+def scene_images(rng: random.Random, n: int, side: int = SIDE) -> tuple[torch.Tensor, list[Scene]]:
     scenes = [sample_scene(rng) for _ in range(n)]
     arrays = [np.asarray(render(s, side, rng), dtype=np.float32) / 255 for s in scenes]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), scenes
@@ -131,17 +138,18 @@ def _loop(name: str, steps: int, step_fn: Callable[[int], float], log: Log, ever
 
 
 def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
-                  batch: int = 16, crop: int = 96) -> list[float]:
+                  batch: int = 16, crop: int = 64) -> list[float]:
     """Autoencoder on random crops; latents get light noise so the decoder's imperfect output still decodes."""
     opt = torch.optim.AdamW(vqgan.parameters(), weight_decay=0.0)
     sched = schedule(opt, steps, 2e-3)
+    device = device_of(vqgan)
 
     def step(_: int) -> float:
-        images, _ = scene_images(rng, batch, 256)
-        y, x = rng.randrange(0, 256 - crop + 1, 8), rng.randrange(0, 256 - crop + 1, 8)
-        images = images[:, :, y : y + crop, x : x + crop]
+        images, _ = scene_images(rng, batch)
+        y, x = rng.randrange(0, SIDE - crop + 1, 8), rng.randrange(0, SIDE - crop + 1, 8)
+        images = images[:, :, y : y + crop, x : x + crop].to(device)
         h = vqgan.encode(images).latents
-        h = h + 0.05 * h.detach().std() * torch.randn(h.shape, generator=gen)
+        h = h + 0.05 * h.detach().std() * torch.randn(h.shape, generator=gen).to(device)
         loss = F.mse_loss(vqgan.decode(h).sample, images)
         optimise(opt, sched, loss)
         return loss.item()
@@ -151,12 +159,12 @@ def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.G
 
 @torch.no_grad()
 def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """n scenes as (Stage A latents scaled to unit variance, half-size images); encoding once keeps steps cheap."""
+    """n scenes as (Stage A latents scaled to unit variance, the image encoder's view), encoded once: cheap steps."""
     latents, small = [], []
     for i in range(0, n, 64):
-        images, _ = scene_images(rng, min(64, n - i), 256)
-        latents.append(vqgan.encode(images).latents)
-        small.append((half_size(images) * 255).round().to(torch.uint8))
+        images, _ = scene_images(rng, min(64, n - i))
+        latents.append(vqgan.encode(images.to(device_of(vqgan))).latents.cpu())
+        small.append((encoder_view(images) * 255).round().to(torch.uint8))
     latents_t = torch.cat(latents)
     scale = float(latents_t.std())
     log(f"encoded {n} scenes for the decoder; Stage A latent std {scale:.3f}")
@@ -172,15 +180,18 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tens
     params = [p for p in decoder.parameters() if p.requires_grad] + list(encoder.parameters())
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     sched = schedule(opt, steps, 1e-3)
-    no_text = torch.zeros(batch, 1, mapper.in_features)
+    device = device_of(decoder)
+    no_text = torch.zeros(batch, 1, mapper.in_features, device=device)
 
     def step(_: int) -> float:
         idx = [rng.randrange(len(latents)) for _ in range(batch)]
-        effnet = encoder(small[idx].float() / 255)
-        effnet = effnet + torch.rand(batch, 1, 1, 1, generator=gen) * 0.15 * torch.randn(effnet.shape, generator=gen)
-        effnet = effnet * (torch.rand(batch, 1, 1, 1, generator=gen) > 0.1)  # unconditional 10%: decoder CFG
+        effnet = encoder(small[idx].to(device).float() / 255)
+        jitter = torch.rand(batch, 1, 1, 1, generator=gen) * 0.15 * torch.randn(effnet.shape, generator=gen)
+        keep = torch.rand(batch, 1, 1, 1, generator=gen) > 0.1  # unconditional 10%: decoder CFG
+        effnet = (effnet + jitter.to(device)) * keep.to(device)
         t = sample_t(batch, gen, high_noise_share=0.25)
-        loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample, latents[idx], t, gen)
+        loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample,
+                      latents[idx].to(device), t, gen)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 
@@ -193,8 +204,8 @@ def encode_dataset(encoder: ImageEncoder, n: int, rng: random.Random, log: Log) 
     encoder.eval()
     latents, scenes = [], []
     for i in range(0, n, 256):
-        images, batch_scenes = scene_images(rng, min(256, n - i), 256)
-        latents.append(encoder(half_size(images)))
+        images, batch_scenes = scene_images(rng, min(256, n - i))
+        latents.append(encoder(encoder_view(images.to(device_of(encoder)))).cpu())
         scenes += batch_scenes
     log(f"encoded {n} scenes for the prior")
     return torch.cat(latents), scenes
@@ -222,24 +233,25 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
                   ema_decay: float = 0.998) -> tuple[list[float], EMA, EMA]:
     """Prior + text encoder with v-loss on image-encoder latents; 10% empty captions for guidance."""
     dim = text_encoder.config.projection_dim
-    heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in AUX_LABELS.items()})
+    device = device_of(prior)
+    heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in AUX_LABELS.items()}).to(device)
     params = list(prior.parameters()) + list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, weight_decay=0.01)
     sched = schedule(opt, steps, 1e-3, warmup=200)
     ema_prior, ema_text = EMA(prior, ema_decay), EMA(text_encoder, ema_decay)
-    no_image = torch.zeros(batch, 1, prior.config.clip_image_in_channels)
+    no_image = torch.zeros(batch, 1, prior.config.clip_image_in_channels, device=device)
 
     def step(_: int) -> float:
         idx = [rng.randrange(len(scenes)) for _ in range(batch)]
         texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
         tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
+                           return_tensors="pt").to(device)
         out = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
         hidden, pooled = out.hidden_states[-1], out.text_embeds  # what the prior pipeline feeds the prior
         t = sample_t(batch, gen, high_noise_share=0.5)
         loss = v_loss(lambda x, r: prior(x, r, clip_text_pooled=pooled.unsqueeze(1), clip_text=hidden,
-                                         clip_img=no_image).sample, latents[idx], t, gen)
-        targets = _aux_targets([scenes[i] for i in idx], texts)
+                                         clip_img=no_image).sample, latents[idx].to(device), t, gen)
+        targets = {k: v.to(device) for k, v in _aux_targets([scenes[i] for i in idx], texts).items()}
         aux = sum(F.cross_entropy(heads[k](pooled), targets[k], ignore_index=-100) for k in AUX_LABELS
                   if (targets[k] != -100).any())
         optimise(opt, sched, loss + 0.1 * aux, clip=params)
@@ -252,15 +264,15 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
 
 def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng: random.Random, log: Log,
                     batch: int = 32) -> list[float]:
-    """Stage C latent -> small RGB image (48x48 for a 256 image), for live previews."""
+    """Stage C latent -> small RGB image (48x48 for a 128 image), for live previews."""
     opt = torch.optim.AdamW(previewer.parameters())
     sched = schedule(opt, steps, 2e-3)
     encoder.eval()
 
     def step(_: int) -> float:
-        images, _ = scene_images(rng, batch, 256)
+        images = scene_images(rng, batch)[0].to(device_of(previewer))
         with torch.no_grad():
-            z = encoder(half_size(images))
+            z = encoder(encoder_view(images))
         pred = previewer(z)
         loss = F.mse_loss(pred, F.interpolate(images, size=pred.shape[-2:], mode="area"))
         optimise(opt, sched, loss)

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from ..engine.request import MAX_SEED
+from ..engine.request import MAX_SEED, MAX_SIZE, MIN_SIZE, SIZE_STEP
 from . import handlers as h
 from .handlers import Studio, StudioError
 
@@ -19,7 +19,9 @@ CSS = """
 
 
 def _client(request: gr.Request | None) -> str:
-    return (request.session_hash if request else None) or "studio"
+    """Who the per-client job cap counts: the browser session (each tab has its own)."""
+    session = request.session_hash if request else None
+    return f"studio:{session}" if session else "studio"
 
 
 def _errors(fn):
@@ -138,15 +140,16 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         history_keys = gr.State([])
 
+        # gr.Request comes first: Gradio injects it only into positional parameters, never after *values.
         @_errors
-        def on_generate(*values, request: gr.Request = None):
+        def on_generate(request: gr.Request, *values):
             *fields, previous = values
             req = h.build_request(studio, *fields)
             job = h.submit(studio, req, _client(request))
             yield {status: h.status_text(studio, job), job_state: job.id, seed: job.request.seed, gallery: [],
                    preview: None}
             for j in job.watch():
-                yield {status: h.status_text(studio, j), preview: j.preview}
+                yield {status: h.status_text(studio, j), preview: h.preview_image(j.preview)}
             if job.status != "done":
                 return
             record = store.get_job(job.id)
@@ -240,7 +243,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         png.upload(on_png, inputs=png, outputs=[*form, png_text], api_visibility="private")
 
         @_errors
-        def on_sweep(*values, request: gr.Request = None):
+        def on_sweep(request: gr.Request, *values):
             *fields, xf, xv, yf, yv = values
             base = h.build_request(studio, *fields)
             y = None if yf == "none" else yf
@@ -280,7 +283,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             req = h.build_request(studio, prompt, negative_prompt, h.CUSTOM, width, height, seed, seed is None,
                                   prior_steps, prior_guidance, decoder_steps, decoder_guidance, num_images)
             if (req.width, req.height) != (width, height):
-                raise StudioError(f"width/height: must be multiples of 128 from 256 to 2048 (got {width:g}×{height:g})")
+                raise StudioError(f"width/height: must be multiples of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE} "
+                                 f"(got {width:g}×{height:g})")
             job = h.submit(studio, req, _client(request))
             for _ in job.watch():
                 pass

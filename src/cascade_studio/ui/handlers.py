@@ -65,7 +65,7 @@ class Studio:
 
 
 def snap(value: float) -> int:
-    """Nearest allowed side length (a multiple of 128 within 256-2048)."""
+    """Nearest allowed side length (a multiple of SIZE_STEP within MIN_SIZE-MAX_SIZE)."""
     return int(min(MAX_SIZE, max(MIN_SIZE, round(float(value) / SIZE_STEP) * SIZE_STEP)))
 
 
@@ -112,6 +112,17 @@ def submit(studio: Studio, request: GenerationRequest, client: str) -> Job:
         return studio.queue.submit(request, client=client)
     except (QueueFull, ClientLimitReached) as exc:
         raise StudioError(str(exc)) from None
+
+
+PREVIEW_SIDE = 192
+
+
+def preview_image(preview: Image.Image | None) -> Image.Image | None:
+    """The prior's preview, enlarged to at least PREVIEW_SIDE pixels: a small model's is only 48 pixels wide."""
+    if preview is None or max(preview.size) >= PREVIEW_SIDE:
+        return preview
+    k = -(-PREVIEW_SIDE // max(preview.size))
+    return preview.resize((preview.width * k, preview.height * k), Image.Resampling.BILINEAR)
 
 
 def status_text(studio: Studio, job: Job) -> str:

@@ -113,7 +113,7 @@ class JobQueue:
             return next((i + 1 for i, j in enumerate(self._waiting) if j is job), 0)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job at once, or a running one at its next step. False when already finished."""
+        """Cancel a queued job at once, or a running one within its current step. False when already finished."""
         job = self._jobs.get(job_id)
         if job is None or job.finished:
             return False
@@ -127,7 +127,7 @@ class JobQueue:
         return True
 
     def close(self, timeout: float = 30) -> None:
-        """Cancel what waits, let the running job stop at its next step, and end the worker."""
+        """Cancel what waits, stop the running job within its current step, and end the worker."""
         with self._lock:
             waiting = list(self._waiting)
             self._closed = True

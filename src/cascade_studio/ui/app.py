@@ -151,13 +151,16 @@ def build_app(studio: Studio) -> gr.Blocks:
             for j in job.watch():
                 yield {status: h.status_text(studio, j), preview: h.preview_image(j.preview)}
             if job.status != "done":
+                yield {status: h.status_text(studio, job), job_state: None}
                 return
             record = store.get_job(job.id)
             key = f"{job.id}:0"
             items, keys = history_items()
             choices = h.history_choices(store)
-            out = {gallery: h.gallery_items(store, record.images), last_key: key, history: items, history_keys: keys,
-                   job_state: None, details: h.image_details(record, 0), selected: key,
+            # The last update carries the status too: without it the page sometimes stayed on "Decoder step 3/3"
+            # although the stream had yielded "Done" just before (2 browser-test runs in 5, and once in CI).
+            out = {status: h.status_text(studio, job), gallery: h.gallery_items(store, record.images), last_key: key,
+                   history: items, history_keys: keys, job_state: None, details: h.image_details(record, 0), selected: key,
                    pick_a: gr.update(choices=choices, value=previous), pick_b: gr.update(choices=choices, value=key)}
             if previous:  # A/B: this tab's previous image against the new one
                 out[slider], out[changes] = h.compare(store, previous, key)

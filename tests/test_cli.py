@@ -55,6 +55,10 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
         (["info", "/no/such.png"], "image: /no/such.png is not a file"),
         (["download", "huge"], "argument preset: invalid choice: 'huge'"),
+        (["eval-demo", "--stage", "decoder", "--model", "MODEL"],
+         "stage: decoder needs the image encoder the decoder was trained with"),
+        (["eval-demo", "--stage", "decoder", "--prior-steps", "5", "--model", "MODEL"],
+         "stage: the decoder alone takes only --decoder-steps and --decoder-guidance"),
     ],
 )
 def test_bad_arguments_table(args, message, tiny_model_dir, capsys):

@@ -6,6 +6,7 @@ regions that differ from it).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -84,3 +85,15 @@ def test_cli_defaults_to_the_demo_model_offline(tmp_path):
     path = Path(proc.stdout.split("\t")[0])
     image = Image.open(path)
     assert image.size == (128, 128) and analyze(image).background == "purple"
+
+
+def test_eval_demo_scores_the_decoder_alone(tmp_path):
+    """From each scene's true latent (the shipped image encoder), the decoder draws at least the right background."""
+    out = tmp_path / "decoder.json"
+    proc = subprocess.run([CLI, "eval-demo", "--stage", "decoder", "--n", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "decoder alone" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["stage"] == "decoder" and set(report["splits"]) == {"held-out", "training"}
+    assert all(split["rates"]["background"] >= 0.75 for split in report["splits"].values()), report["splits"]

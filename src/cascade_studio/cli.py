@@ -215,7 +215,9 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     import json
 
-    from .train.evaluate import evaluate, grid, json_ready, table
+    from .models.source import resolve_model
+    from .train.evaluate import evaluate, evaluate_decoder, grid, json_ready, table
+    from .train.stages import ImageEncoder
 
     if not 1 <= args.n <= 1000:
         raise UsageError(f"n: must be a whole number from 1 to 1000 (got {args.n})")
@@ -224,8 +226,19 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     make_request(prompt="", **settings)
     if args.model is None:
         args.model = "demo"
-    engine = _load_engine(_settings(args))
-    report = evaluate(engine, n=args.n, seed=args.seed, **settings)
+    config = _settings(args)
+    if args.stage == "decoder":
+        if set(settings) - {"decoder_steps", "decoder_guidance"}:
+            raise UsageError("stage: the decoder alone takes only --decoder-steps and --decoder-guidance")
+        source = resolve_model(config.model, revision=config.revision, cache_dir=config.cache_dir)
+        folder = source.dirs["decoder"].parent / "image_encoder"
+        if not folder.is_dir():
+            raise UsageError("stage: decoder needs the image encoder the decoder was trained with (image_encoder/ "
+                             "in the model folder, which `cascade-studio train-demo` writes)")
+        engine = _load_engine(config)
+        report = evaluate_decoder(engine, ImageEncoder.from_pretrained(folder), n=args.n, seed=args.seed, **settings)
+    else:
+        report = evaluate(_load_engine(config), n=args.n, seed=args.seed, **settings)
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(json_ready(report), indent=1))
@@ -306,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("dir")
     se.set_defaults(func=cmd_space_export)
 
-    t = sub.add_parser("train-demo", help="train the demo model from scratch (about 50 min on 2 CPU cores)")
+    t = sub.add_parser("train-demo", help="train the demo model from scratch (about 65 min on 2 CPU cores)")
     t.add_argument("--out", required=True, help="folder to write the model into")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
@@ -319,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--grid", help="write a contact sheet of held-out samples here")
+    e.add_argument("--stage", choices=("all", "decoder"), default="all",
+                   help="all: text to image (default); decoder: the decoder alone, from each scene's true latent")
     for name in ("prior-steps", "decoder-steps"):
         e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int)
     for name in ("prior-guidance", "decoder-guidance"):

@@ -17,6 +17,7 @@ def test_train_demo_writes_a_loadable_model(tmp_path):
     assert {"stage A", "stage B", "stage C", "previewer"} <= set(report["final_losses"])
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
     assert (out / "loss.png").is_file()
+    assert (out / "image_encoder" / "config.json").is_file()  # for `eval-demo --stage decoder`
     card = json.loads((out / "cascade_studio.json").read_text())
     assert card["name"] == "cascade-studio-demo" and card["defaults"]["width"] == 128
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \

@@ -2,41 +2,81 @@
 
     cascade-studio eval-demo                   # the shipped demo model, held-out and training combinations
     cascade-studio eval-demo --model DIR --n 100 --json eval.json --grid samples.png
+    cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from statistics import mean
 
+import numpy as np
+import torch
 from PIL import Image
 
 from .analyze import ATTRIBUTES, analyze, score
-from .scenes import sample_scene
+from .scenes import Scene, render, sample_scene
+from .stages import encoder_view
 
 SPLITS = {"held-out": True, "training": False}
 
 
 def evaluate(engine, *, n: int = 60, seed: int = 0, **settings) -> dict:
     """Per split: the share of images showing each asked-for attribute, and the share showing all of them."""
-    report: dict = {"model": engine.identity.name, "n": n, "seed": seed, "settings": settings, "splits": {}}
+    def generate(scene: Scene, image_seed: int) -> Image.Image:
+        return engine(engine.request(prompt=scene.prompt(), seed=image_seed, **settings)).images[0]
+
+    report = {"model": engine.identity.name, "stage": "all", "n": n, "seed": seed, "settings": settings}
+    return report | {"splits": _score_splits(generate, n, seed)}
+
+
+def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_steps: int | None = None,
+                     decoder_guidance: float | None = None) -> dict:
+    """The decoder alone, on the same scenes: each scene's true Stage C latent (from the image encoder the decoder
+    was trained with) is decoded and scored. What the decoder misses here, the whole model cannot show either."""
+    d = engine.request(prompt="")
+    settings = {"decoder_steps": decoder_steps or d.decoder_steps,
+                "decoder_guidance": d.decoder_guidance if decoder_guidance is None else decoder_guidance}
+    pipelines = engine.pipelines
+    encoder = encoder.to(pipelines.device).eval()
+
+    @torch.no_grad()
+    def decode(scene: Scene, image_seed: int) -> Image.Image:
+        pixels = np.asarray(render(scene, d.width, random.Random(image_seed)), dtype=np.float32) / 255
+        latent = encoder(encoder_view(torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipelines.device)))
+        return pipelines.decoder(
+            image_embeddings=latent.to(pipelines.dtype), prompt="", num_inference_steps=settings["decoder_steps"],
+            guidance_scale=settings["decoder_guidance"], generator=torch.Generator().manual_seed(image_seed),
+            output_type="pil",
+        ).images[0]
+
+    report = {"model": engine.identity.name, "stage": "decoder", "n": n, "seed": seed, "settings": settings}
+    return report | {"splits": _score_splits(decode, n, seed)}
+
+
+def _score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed: int) -> dict:
+    """The same n scenes per split for every seed, whatever makes the images."""
+    splits = {}
     for split, held_out in SPLITS.items():
         rng = random.Random(f"{seed}-{split}")
         rows = []
         for i in range(n):
             scene = sample_scene(rng, held_out=held_out)
-            result = engine(engine.request(prompt=scene.prompt(), seed=seed * 100_000 + i, **settings))
-            hits = score(scene, analyze(result.images[0]))
-            rows.append({"prompt": scene.prompt(), "seed": result.seeds[0], "hits": hits, "image": result.images[0]})
+            image = make_image(scene, seed * 100_000 + i)
+            rows.append({"prompt": scene.prompt(), "seed": seed * 100_000 + i, "hits": score(scene, analyze(image)),
+                         "image": image})
         rates = {a: mean(r["hits"][a] for r in rows) for a in ATTRIBUTES}
         rates["all"] = mean(all(r["hits"].values()) for r in rows)
-        report["splits"][split] = {"rates": rates, "samples": rows}
-    return report
+        splits[split] = {"rates": rates, "samples": rows}
+    return splits
 
 
 def table(report: dict) -> str:
     head = f"{'prompts':<10}" + "".join(f"{a:>11}" for a in (*ATTRIBUTES, "all"))
-    lines = [f"{report['model']}: {report['n']} prompts per split, settings {report['settings'] or 'default'}", head]
+    what = " (decoder alone, from true Stage C latents)" if report["stage"] == "decoder" else ""
+    lines = [f"{report['model']}{what}: {report['n']} scenes per split, settings {report['settings'] or 'default'}",
+             head]
     for split, data in report["splits"].items():
         lines.append(f"{split:<10}" + "".join(f"{data['rates'][a]:>10.0%} " for a in (*ATTRIBUTES, "all")))
     return "\n".join(lines)

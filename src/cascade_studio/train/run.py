@@ -50,15 +50,15 @@ DEMO_PRIOR = dict(
 DEMO_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
                  max_position_embeddings=TEXT_LENGTH)
 # The folder's own settings: the size it was trained at, and the sampling settings that measured best.
-DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=6.0, decoder_steps=3,
-                     decoder_guidance=2.0)
+DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=4.0, decoder_steps=6,
+                     decoder_guidance=4.0)
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     steps_a: int = 1000
-    steps_b: int = 3600
+    steps_b: int = 4500
     steps_c: int = 5000
     steps_previewer: int = 400
     decoder_scenes: int = 10000
@@ -115,10 +115,11 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     seconds["stage A"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    latents_b, small_b, scale = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
+    latents_b, small_b, masks_b, scale = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
     vqgan.register_to_config(scale_factor=scale)  # the pipeline multiplies latents by it before decoding
     encoder, decoder = stages.ImageEncoder().to(cfg.device), StableCascadeUNet(**DEMO_DECODER).to(cfg.device)
-    losses["stage B"] = stages.train_stage_b(decoder, encoder, latents_b, small_b, cfg.steps(cfg.steps_b), rng, gen, log)
+    losses["stage B"] = stages.train_stage_b(decoder, encoder, latents_b, small_b, masks_b, cfg.steps(cfg.steps_b),
+                                             rng, gen, log)
     seconds["stage B"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -136,14 +137,14 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     seconds["previewer"] = time.perf_counter() - t
 
     for name, model in [("prior", ema_prior.model), ("decoder", decoder), ("vqgan", vqgan),
-                        ("text_encoder", ema_text.model), ("previewer", previewer)]:
+                        ("text_encoder", ema_text.model), ("previewer", previewer), ("image_encoder", encoder)]:
         model.eval().cpu().save_pretrained(out / name)
     VPredictionWuerstchenScheduler().save_pretrained(out / "scheduler")
     plot_losses(losses, out / "loss.png")
     seconds["total"] = time.perf_counter() - start
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in
               [("prior", prior), ("decoder", decoder), ("vqgan", vqgan), ("text_encoder", text_encoder),
-               ("previewer", previewer)]}
+               ("previewer", previewer), ("image_encoder", encoder)]}
     report = {
         "name": "cascade-studio-demo", "defaults": DEMO_DEFAULTS, "config": asdict(cfg), "seconds": seconds,
         "final_losses": {k: v[-1] for k, v in losses.items()}, "losses": losses, "parameters": params,

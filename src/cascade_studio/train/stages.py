@@ -21,6 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .scenes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, caption, mentioned, render, sample_scene
@@ -48,23 +50,30 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def v_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
-           generator: torch.Generator) -> torch.Tensor:
-    """v-prediction loss. Noise comes from the CPU generator on every device, so a seed means the same data."""
+           generator: torch.Generator, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """v-prediction loss, optionally a weighted mean over positions (weight: B x 1 x H x W). Noise comes from the
+    CPU generator on every device, so a seed means the same data."""
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = t.to(x0.device)
     a = alpha_cumprod(t).view(-1, *[1] * (x0.dim() - 1))
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     v = a.sqrt() * noise - (1 - a).sqrt() * x0
-    return F.mse_loss(model(x_t, t), v)
+    if weight is None:
+        return F.mse_loss(model(x_t, t), v)
+    return ((model(x_t, t) - v) ** 2 * weight).sum() / (weight.sum() * x0.shape[1])
 
 
 SIDE = 128  # training images: Stage C latents 16x3x3 (one cell per named place), Stage B latents 4x32x32
 ENCODER_SIDE = 96  # the image encoder sees scenes at 3/4 size: four stride-2 convs give 6x6, pooled evenly to 3x3
 
 
-class ImageEncoder(nn.Module):
-    """Image (B, 3, 96, 96) in [0, 1] -> Stage C latent (B, 16, 3, 3) of the 128x128 scene, unit variance."""
+class ImageEncoder(ModelMixin, ConfigMixin):
+    """Image (B, 3, 96, 96) in [0, 1] -> Stage C latent (B, 16, 3, 3) of the 128x128 scene, unit variance.
 
+    Saved with the model (image_encoder/) although generation never uses it: it makes the true Stage C latent of
+    any scene, which is what scoring the decoder alone needs (`cascade-studio eval-demo --stage decoder`)."""
+
+    @register_to_config
     def __init__(self, channels: int = 16, width: int = 48):
         super().__init__()
         layers, c = [], 3
@@ -157,23 +166,36 @@ def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.G
     return _loop("stage A", steps, step, log, every=max(1, steps // 20))
 
 
+def foreground(images: torch.Tensor, scenes: list[Scene], side: int) -> torch.Tensor:
+    """B x 1 x side x side, 1 where any pixel of that latent position differs from the scene's background."""
+    background = torch.tensor([PALETTE[s.background] for s in scenes], dtype=images.dtype).view(-1, 3, 1, 1) / 255
+    differs = ((images - background).abs().sum(1, keepdim=True) > 0.1).float()
+    return F.adaptive_max_pool2d(differs, side).to(torch.uint8)
+
+
 @torch.no_grad()
-def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """n scenes as (Stage A latents scaled to unit variance, the image encoder's view), encoded once: cheap steps."""
-    latents, small = [], []
+def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """n scenes as (Stage A latents scaled to unit variance, the image encoder's view, the latents' foreground
+    mask), encoded once: cheap steps."""
+    latents, small, masks = [], [], []
     for i in range(0, n, 64):
-        images, _ = scene_images(rng, min(64, n - i))
+        images, scenes = scene_images(rng, min(64, n - i))
         latents.append(vqgan.encode(images.to(device_of(vqgan))).latents.cpu())
         small.append((encoder_view(images) * 255).round().to(torch.uint8))
+        masks.append(foreground(images, scenes, latents[-1].shape[-1]))
     latents_t = torch.cat(latents)
     scale = float(latents_t.std())
     log(f"encoded {n} scenes for the decoder; Stage A latent std {scale:.3f}")
-    return latents_t / scale, torch.cat(small), scale
+    return latents_t / scale, torch.cat(small), torch.cat(masks), scale
 
 
-def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tensor, small: torch.Tensor, steps: int,
-                  rng: random.Random, gen: torch.Generator, log: Log, batch: int = 16) -> list[float]:
-    """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents."""
+def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tensor, small: torch.Tensor,
+                  masks: torch.Tensor, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
+                  batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
+    """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents. Shapes cover a few percent of
+    the latent, so a plain mean lets the decoder learn the background and little else: positions showing a shape
+    weigh 1 + foreground_weight."""
     mapper = decoder.clip_txt_pooled_mapper
     mapper.weight.data.zero_()
     mapper.weight.requires_grad_(False)
@@ -190,8 +212,9 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tens
         keep = torch.rand(batch, 1, 1, 1, generator=gen) > 0.1  # unconditional 10%: decoder CFG
         effnet = (effnet + jitter.to(device)) * keep.to(device)
         t = sample_t(batch, gen, high_noise_share=0.25)
+        weight = 1 + foreground_weight * masks[idx].to(device).float()
         loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample,
-                      latents[idx].to(device), t, gen)
+                      latents[idx].to(device), t, gen, weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 

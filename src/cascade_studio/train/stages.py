@@ -4,8 +4,9 @@ Recipe (see ../../../../shared/notes/demo-model-calibration.md for what failed b
 - all denoisers predict v, on the same cosine schedule the sampler uses (t ~ U(0, 1) given as timestep_ratio);
 - Stage A (PaellaVQModel) is a plain autoencoder: the pipeline decodes unquantised latents;
 - Stage B (decoder) learns jointly with a small image encoder, the stand-in for EfficientNet, whose output ends
-  in a non-affine BatchNorm so that Stage C latents have unit variance; the decoder ignores text (its pooled-text
-  mapper is frozen at zero), so it does not depend on a text encoder that is trained later;
+  in a non-affine BatchNorm so that Stage C latents have unit variance; its loss weighs the positions that show a
+  shape 11x (with a plain mean it learnt backgrounds only); the decoder ignores text (its pooled-text mapper is
+  frozen at zero), so it does not depend on a text encoder that is trained later;
 - Stage C (prior) learns on precomputed image-encoder latents, so its steps touch no pixels; its text encoder is
   trained with it, helped by a small auxiliary loss that reads the caption's attributes off the pooled embedding.
 """

@@ -36,7 +36,7 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
     """The decoder alone, on the same scenes: each scene's true Stage C latent (from the image encoder the decoder
     was trained with) is decoded and scored. What the decoder misses here, the whole model cannot show either."""
     d = engine.request(prompt="")
-    settings = {"decoder_steps": decoder_steps or d.decoder_steps,
+    settings = {"decoder_steps": d.decoder_steps if decoder_steps is None else decoder_steps,
                 "decoder_guidance": d.decoder_guidance if decoder_guidance is None else decoder_guidance}
     pipelines = engine.pipelines
     encoder = encoder.to(pipelines.device).eval()

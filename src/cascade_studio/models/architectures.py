@@ -42,6 +42,42 @@ TINY_VQGAN = dict(
 )
 TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
 
+# The official architectures (diffusers' scripts/convert_stable_cascade.py; lite from Stability's stage_b_lite and
+# stage_c_lite configs). Parameter counts match the released weights: prior 3.59 B (lite 1.03 B), decoder 1.56 B
+# (lite 0.70 B), text encoder 0.69 B (CLIP ViT-bigG/14's text tower), VQGAN 18.4 M (PaellaVQModel's defaults).
+OFFICIAL_PRIOR = dict(
+    in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=2048,
+    block_out_channels=[2048, 2048], num_attention_heads=[32, 32], down_num_layers_per_block=[8, 24],
+    up_num_layers_per_block=[24, 8], down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1],
+    block_types_per_layer=[RES_ATTN, RES_ATTN], clip_text_in_channels=1280, clip_text_pooled_in_channels=1280,
+    clip_image_in_channels=768, clip_seq=4, kernel_size=3, dropout=[0.1, 0.1], self_attn=True,
+    timestep_conditioning_type=["sca", "crp"], switch_level=[False],
+)
+OFFICIAL_PRIOR_LITE = OFFICIAL_PRIOR | dict(
+    conditioning_dim=1536, block_out_channels=[1536, 1536], num_attention_heads=[24, 24],
+    down_num_layers_per_block=[4, 12], up_num_layers_per_block=[12, 4],
+)
+OFFICIAL_DECODER = dict(
+    in_channels=4, out_channels=4, timestep_ratio_embedding_dim=64, patch_size=2, conditioning_dim=1280,
+    block_out_channels=[320, 640, 1280, 1280], down_num_layers_per_block=[2, 6, 28, 6],
+    up_num_layers_per_block=[6, 28, 6, 2], down_blocks_repeat_mappers=[1, 1, 1, 1], up_blocks_repeat_mappers=[3, 3, 2, 2],
+    num_attention_heads=[0, 0, 20, 20], block_types_per_layer=[RES, RES, RES_ATTN, RES_ATTN],
+    clip_text_pooled_in_channels=1280, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3, kernel_size=3,
+    dropout=[0, 0, 0.1, 0.1], self_attn=True, timestep_conditioning_type=["sca"],
+)
+OFFICIAL_DECODER_LITE = OFFICIAL_DECODER | dict(
+    block_out_channels=[320, 576, 1152, 1152], down_num_layers_per_block=[2, 4, 14, 4],
+    up_num_layers_per_block=[4, 14, 4, 2], up_blocks_repeat_mappers=[2, 2, 2, 2], num_attention_heads=[0, 0, 18, 18],
+)
+OFFICIAL_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                     num_hidden_layers=32, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+# name -> (prior, decoder, text encoder, VQGAN) configs; "tiny" is what the tests use.
+ARCHITECTURES = {
+    "full": (OFFICIAL_PRIOR, OFFICIAL_DECODER, OFFICIAL_TEXT, {}),
+    "lite": (OFFICIAL_PRIOR_LITE, OFFICIAL_DECODER_LITE, OFFICIAL_TEXT, {}),
+    "tiny": (TINY_PRIOR, TINY_DECODER, TINY_TEXT | dict(vocab_size=512, max_position_embeddings=77), TINY_VQGAN),
+}
+
 BASE_WORDS = (
     "a an the of on in at and with two three one small large big red green blue yellow orange purple white black "
     "gray pink brown circle square triangle background left right top bottom center centre corner photo"
@@ -105,3 +141,24 @@ def build_tiny_model(
     if previewer:
         Previewer(in_channels=16, hidden_channels=16, upsamples=2).eval().save_pretrained(folder / "previewer")
     return folder
+
+
+def random_components(architecture: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Prior, decoder, text encoder and VQGAN of an architecture with random weights, built on `device` directly
+    (the official sizes take seconds on a GPU this way). Speed does not depend on the weights' values."""
+    prior, decoder, text, vqgan = ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # created in dtype: no full-precision copy of 5 B parameters on the way
+    try:
+        with torch.device(device):
+            models = {
+                "prior": StableCascadeUNet(**prior),
+                "decoder": StableCascadeUNet(**decoder),
+                "text_encoder": CLIPTextModelWithProjection(
+                    CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **text)),
+                "vqgan": PaellaVQModel(**vqgan),
+            }
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return {name: model.eval().requires_grad_(False) for name, model in models.items()}

@@ -75,27 +75,39 @@ def load_pipelines(
     text_encoder = CLIPTextModelWithProjection.from_pretrained(
         d["text_encoder"], variant=_variant(d["text_encoder"]), dtype=dtype, use_safetensors=True
     )
-    tokenizer = CLIPTokenizer.from_pretrained(d["tokenizer"])
     vqgan = PaellaVQModel.from_pretrained(d["vqgan"], variant=_variant(d["vqgan"]), torch_dtype=dtype, use_safetensors=True)
     previewer = None
     if source.previewer_dir is not None:
         previewer = Previewer.from_pretrained(source.previewer_dir, use_safetensors=True, torch_dtype=torch.float32)
-        previewer = previewer.to(device).eval()
+    return assemble_pipelines(
+        prior=unet(d["prior"]), decoder=unet(d["decoder"]), text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(d["tokenizer"]), vqgan=vqgan, scheduler=load_scheduler(d["scheduler"]),
+        identity=source.identity, device=device, dtype=dtype, previewer=previewer, defaults=source.defaults,
+        cpu_offload=cpu_offload,
+    )
 
+
+def assemble_pipelines(
+    *, prior: StableCascadeUNet, decoder: StableCascadeUNet, text_encoder: CLIPTextModelWithProjection,
+    tokenizer: CLIPTokenizer, vqgan: PaellaVQModel, scheduler, identity: ModelIdentity, device: torch.device,
+    dtype: torch.dtype, previewer: Previewer | None = None, defaults: dict | None = None, cpu_offload: bool = False,
+) -> CascadePipelines:
+    """Both diffusers pipelines from components in memory, sharing tokenizer and text encoder; each pipeline gets
+    its own copy of the scheduler (schedulers keep state while sampling)."""
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the deprecation notice is ours to handle, not the user's
     try:
-        prior = StableCascadePriorPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, prior=unet(d["prior"]), scheduler=load_scheduler(d["scheduler"])
+        prior_pipe = StableCascadePriorPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler.from_config(scheduler.config)
         )
-        decoder = StableCascadeDecoderPipeline(
-            decoder=unet(d["decoder"]), tokenizer=tokenizer, text_encoder=text_encoder,
-            scheduler=load_scheduler(d["scheduler"]), vqgan=vqgan,
+        decoder_pipe = StableCascadeDecoderPipeline(
+            decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder,
+            scheduler=scheduler.from_config(scheduler.config), vqgan=vqgan,
         )
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
-    for pipe in (prior, decoder):
+    for pipe in (prior_pipe, decoder_pipe):
         pipe.set_progress_bar_config(disable=True)
         if cpu_offload:
             if device.type != "cuda":
@@ -103,4 +115,6 @@ def load_pipelines(
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
-    return CascadePipelines(prior, decoder, source.identity, device, dtype, previewer, source.defaults)
+    if previewer is not None:
+        previewer = previewer.to(device).eval()
+    return CascadePipelines(prior_pipe, decoder_pipe, identity, device, dtype, previewer, defaults or {})

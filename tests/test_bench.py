@@ -1,0 +1,44 @@
+"""The GPU speed benchmark, run in its `--tiny` mode on the CPU: the script a GPU session runs must work first time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from cascade_studio.models.architectures import ARCHITECTURES, random_components
+
+ROOT = Path(__file__).resolve().parents[1]
+# Parameter counts of the released weights (shared/reference/anchor_h200_2026-11-26.json).
+RELEASED = {
+    "full": {"prior": 3_589_103_632, "decoder": 1_562_941_136, "text_encoder": 694_659_840, "vqgan": 18_406_894},
+    "lite": {"prior": 1_030_785_040, "decoder": 699_471_248, "text_encoder": 694_659_840, "vqgan": 18_406_894},
+}
+
+
+def test_official_architectures_have_the_released_parameter_counts():
+    """Built on the meta device (no memory): the benchmark times the real model sizes, not guesses."""
+    for name, counts in RELEASED.items():
+        parts = random_components(name, torch.device("meta"), torch.bfloat16)
+        assert {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()} == counts, name
+    assert set(ARCHITECTURES) == {"full", "lite", "tiny"}
+
+
+def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--runs", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "gpu_speed-tiny-cpu.json").read_text())
+    assert report["device"].startswith("cpu") and report["diffusers"] and report["matmul_peak_tflops"] > 0
+    tiny = report["models"]["tiny"]
+    for label in ("stock", "engine"):
+        row = tiny[label]
+        assert row["b1_s"] > 0 and row["b4_s_per_image"] > 0 and row["first_call_s"] > 0 and row["utilisation_b1"] > 0
+    assert tiny["stock"]["prior_s"] > 0 and tiny["stock"]["decoder_s"] > 0 and tiny["flops_per_image"] > 0
+    assert tiny["engine_vs_stock_max_abs_diff"] == 0  # same seed, same images: the engine adds no drift
+    assert (tmp_path / "gpu_speed-tiny-cpu.png").stat().st_size > 0

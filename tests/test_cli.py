@@ -59,6 +59,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
          "stage: decoder needs the image encoder the decoder was trained with"),
         (["eval-demo", "--stage", "decoder", "--prior-steps", "5", "--model", "MODEL"],
          "stage: the decoder alone takes only --decoder-steps and --decoder-guidance"),
+        (["eval-demo", "--stage", "vqgan", "--decoder-steps", "5", "--model", "MODEL"],
+         "stage: Stage A alone (vqgan) takes no sampling settings"),
     ],
 )
 def test_bad_arguments_table(args, message, tiny_model_dir, capsys):

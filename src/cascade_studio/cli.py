@@ -216,7 +216,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     import json
 
     from .models.source import resolve_model
-    from .train.evaluate import evaluate, evaluate_decoder, grid, json_ready, table
+    from .train.evaluate import evaluate, evaluate_decoder, evaluate_vqgan, grid, json_ready, table
     from .train.stages import ImageEncoder
 
     if not 1 <= args.n <= 1000:
@@ -237,6 +237,10 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
                              "in the model folder, which `cascade-studio train-demo` writes)")
         engine = _load_engine(config)
         report = evaluate_decoder(engine, ImageEncoder.from_pretrained(folder), n=args.n, seed=args.seed, **settings)
+    elif args.stage == "vqgan":
+        if settings:
+            raise UsageError("stage: Stage A alone (vqgan) takes no sampling settings")
+        report = evaluate_vqgan(_load_engine(config), n=args.n, seed=args.seed)
     else:
         report = evaluate(_load_engine(config), n=args.n, seed=args.seed, **settings)
     print(table(report))
@@ -332,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--grid", help="write a contact sheet of held-out samples here")
-    e.add_argument("--stage", choices=("all", "decoder"), default="all",
-                   help="all: text to image (default); decoder: the decoder alone, from each scene's true latent")
+    e.add_argument("--stage", choices=("all", "decoder", "vqgan"), default="all",
+                   help="all: text to image (default); decoder: the decoder alone, from each scene's true latent; "
+                        "vqgan: Stage A alone, each scene encoded and decoded (the ceiling for the others)")
     for name in ("prior-steps", "decoder-steps"):
         e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int)
     for name in ("prior-guidance", "decoder-guidance"):

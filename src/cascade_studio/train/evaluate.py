@@ -3,6 +3,7 @@
     cascade-studio eval-demo                   # the shipped demo model, held-out and training combinations
     cascade-studio eval-demo --model DIR --n 100 --json eval.json --grid samples.png
     cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes
+    cascade-studio eval-demo --stage vqgan     # Stage A alone: the same scenes encoded and decoded
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
 
     @torch.no_grad()
     def decode(scene: Scene, image_seed: int) -> Image.Image:
-        pixels = np.asarray(render(scene, d.width, random.Random(image_seed)), dtype=np.float32) / 255
-        latent = encoder(encoder_view(torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipelines.device)))
+        latent = encoder(encoder_view(_pixels(scene, d.width, image_seed).to(pipelines.device)))
         return pipelines.decoder(
             image_embeddings=latent.to(pipelines.dtype), prompt="", num_inference_steps=settings["decoder_steps"],
             guidance_scale=settings["decoder_guidance"], generator=torch.Generator().manual_seed(image_seed),
@@ -53,6 +53,29 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
 
     report = {"model": engine.identity.name, "stage": "decoder", "n": n, "seed": seed, "settings": settings}
     return report | {"splits": _score_splits(decode, n, seed)}
+
+
+def evaluate_vqgan(engine, *, n: int = 60, seed: int = 0) -> dict:
+    """Stage A alone: each scene encoded and decoded by the VQGAN, as the decoder pipeline decodes (unquantised).
+    What is lost here, no generated image can show: it is the ceiling for every other stage."""
+    side = engine.request(prompt="").width
+    pipelines = engine.pipelines
+    vqgan = pipelines.decoder.vqgan
+
+    @torch.no_grad()
+    def roundtrip(scene: Scene, image_seed: int) -> Image.Image:
+        pixels = _pixels(scene, side, image_seed).to(pipelines.device, pipelines.dtype)
+        out = vqgan.decode(vqgan.encode(pixels).latents).sample.clamp(0, 1)[0].permute(1, 2, 0)
+        return Image.fromarray((out.float().cpu().numpy() * 255).round().astype(np.uint8))
+
+    report = {"model": engine.identity.name, "stage": "vqgan", "n": n, "seed": seed, "settings": {}}
+    return report | {"splits": _score_splits(roundtrip, n, seed)}
+
+
+def _pixels(scene: Scene, side: int, image_seed: int) -> torch.Tensor:
+    """The scene's ground-truth render as a 1 x 3 x side x side tensor in [0, 1]."""
+    pixels = np.asarray(render(scene, side, random.Random(image_seed)), dtype=np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
 
 def _score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed: int) -> dict:
@@ -74,7 +97,8 @@ def _score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed:
 
 def table(report: dict) -> str:
     head = f"{'prompts':<10}" + "".join(f"{a:>11}" for a in (*ATTRIBUTES, "all"))
-    what = " (decoder alone, from true Stage C latents)" if report["stage"] == "decoder" else ""
+    what = {"all": "", "decoder": " (decoder alone, from true Stage C latents)",
+            "vqgan": " (Stage A alone: each scene encoded and decoded)"}[report["stage"]]
     lines = [f"{report['model']}{what}: {report['n']} scenes per split, settings {report['settings'] or 'default'}",
              head]
     for split, data in report["splits"].items():

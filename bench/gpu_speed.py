@@ -7,7 +7,8 @@
 Random weights at the official sizes: speed does not depend on the weights' values, and no machine here can
 download the real ones. Per model: per-stage time at batch 1, time per image at batch 4, the first call
 (warm-up), peak GPU memory, FLOPs per image and their share of the measured bf16 matmul peak, and whether the
-engine's images equal stock's for the same seed. Writes bench/results/gpu_speed-<device>.json and .png; compare
+engine's images equal stock's for the same seed. `--compile` adds a third row: the engine with each repeated block
+of both UNets compiled once (regional `torch.compile`), its first call including the compile. Writes bench/results/gpu_speed-<device>.json and .png; compare
 numbers only within one file (one machine, one run).
 """
 
@@ -80,8 +81,19 @@ def flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def compile_repeated_blocks(pipelines) -> None:
+    """Regional compilation: each block's forward compiled on its own, so the prior's 32 and the decoder's 48
+    repeated blocks share a few graphs (one per block type and shape) instead of one huge graph per model. The
+    engine's cancel hooks stay outside, on the blocks' eager __call__."""
+    torch._dynamo.config.cache_size_limit = 64  # shapes: levels x block types x batch sizes
+    for unet in (pipelines.prior.prior, pipelines.decoder.decoder):
+        for level in (*unet.down_blocks, *unet.up_blocks):
+            for block in level:
+                block.forward = torch.compile(block.forward, dynamic=False)
+
+
 def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, runs: int, peak_tflops: float,
-                tokenizer: CLIPTokenizer) -> dict:
+                tokenizer: CLIPTokenizer, compile_blocks: bool = False) -> dict:
     t = time.perf_counter()
     parts = random_components(name, device, dtype)
     pipelines = assemble_pipelines(**parts, tokenizer=tokenizer, scheduler=DDPMWuerstchenScheduler(),
@@ -113,25 +125,30 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
     def per_image(fn: Callable[[int], object], n: int) -> float:
         return statistics.median(timed(lambda: fn(n), device)[0] for _ in range(runs)) / n
 
+    def measure(fn: Callable[[int], object]) -> dict:
+        first_s, _ = timed(lambda: fn(1), device)
+        return {"first_call_s": first_s, "b1_s": per_image(fn, 1), "b4_s_per_image": per_image(fn, 4),
+                "peak_gib_b1": peak_gib(device, lambda: fn(1)), "peak_gib_b4": peak_gib(device, lambda: fn(4))}
+
     report: dict = {"build_s": build_s, "parameters": {k: sum(p.numel() for p in m.parameters())
                                                         for k, m in parts.items()}}
-    for label, fn in (("stock", stock), ("engine", ours)):
-        first_s, _ = timed(lambda: fn(1), device)
-        row = {"first_call_s": first_s, "b1_s": per_image(fn, 1), "b4_s_per_image": per_image(fn, 4),
-               "peak_gib_b1": peak_gib(device, lambda: fn(1)), "peak_gib_b4": peak_gib(device, lambda: fn(4))}
-        report[label] = row
+    report["stock"] = measure(stock)
     prior_s = [timed(lambda: stock_prior(1), device)[0] for _ in range(runs)]
     latents = stock_prior(1)
     decoder_s = [timed(lambda: stock_decoder(latents), device)[0] for _ in range(runs)]
     report["stock"] |= {"prior_s": statistics.median(prior_s), "decoder_s": statistics.median(decoder_s)}
+    report["flops_per_image"] = flops(lambda: stock_prior(1)) + flops(lambda: stock_decoder(latents))
+    reference = np.round(np.asarray(stock(1, seed=7)) * 255) / 255  # as the engine's PIL images are quantised
 
-    stock_images, our_images = stock(1, seed=7), ours(1, seed=7)
-    stock_images = np.round(np.asarray(stock_images) * 255) / 255  # as the engine's PIL images are quantised
-    report["engine_vs_stock_max_abs_diff"] = float(np.abs(stock_images - our_images).max())
-    per_image_flops = flops(lambda: stock_prior(1)) + flops(lambda: stock_decoder(latents))
-    report["flops_per_image"] = per_image_flops
-    for label in ("stock", "engine"):
-        report[label]["utilisation_b1"] = per_image_flops / report[label]["b1_s"] / (peak_tflops * 1e12)
+    variants = {"engine": lambda: None}
+    if compile_blocks:
+        variants["engine_compiled"] = lambda: compile_repeated_blocks(pipelines)
+    for label, prepare in variants.items():
+        prepare()
+        report[label] = measure(ours)
+        report[label]["max_abs_diff_vs_stock"] = float(np.abs(reference - ours(1, seed=7)).max())
+    for label in ("stock", *variants):
+        report[label]["utilisation_b1"] = report["flops_per_image"] / report[label]["b1_s"] / (peak_tflops * 1e12)
     del engine, pipelines, parts
     gc.collect()
     if device.type == "cuda":
@@ -141,18 +158,19 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
 
 def plot(result: dict, path: Path) -> None:
     """Seconds per image, stock vs engine, at batch 1 and 4; drawn with PIL to avoid a plotting dependency."""
-    rows = [(f"{m} {b}", r[label][key]) for m, r in result["models"].items()
-            for b, key in (("b1", "b1_s"), ("b4", "b4_s_per_image")) for label in ("stock", "engine")]
-    labels = [f"{name} {label}" for name, _ in rows[::2] for label in ("stock", "engine")]
+    rows = [(f"{m} {b} {label}", r[label][key]) for m, r in result["models"].items()
+            for b, key in (("b1", "b1_s"), ("b4", "b4_s_per_image"))
+            for label in ("stock", "engine", "engine_compiled") if label in r]
     top = max(v for _, v in rows) or 1.0
     w, bar, pad = 640, 22, 8
     image = Image.new("RGB", (w, 40 + len(rows) * (bar + pad)), "white")
     draw = ImageDraw.Draw(image)
     draw.text((pad, 10), f"seconds per image, {result['device']}, {result['size']}px", fill="black")
-    for k, (label, (_, value)) in enumerate(zip(labels, rows)):
+    for k, (label, value) in enumerate(rows):
         y = 40 + k * (bar + pad)
         length = int((w - 260) * value / top)
-        draw.rectangle((180, y, 180 + length, y + bar), fill=(40, 80, 220) if "stock" in label else (220, 120, 40))
+        colour = (40, 80, 220) if "stock" in label else (40, 160, 80) if "compiled" in label else (220, 120, 40)
+        draw.rectangle((180, y, 180 + length, y + bar), fill=colour)
         draw.text((pad, y + 5), label, fill="black")
         draw.text((186 + length, y + 5), f"{value:.3f} s", fill="black")
     image.save(path)
@@ -165,6 +183,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (--tiny)")
+    parser.add_argument("--compile", action="store_true", help="also time the engine with regional torch.compile")
     args = parser.parse_args()
     if args.tiny:
         torch.set_num_threads(args.threads)
@@ -183,7 +202,8 @@ def main() -> None:
         "matmul_peak_tflops": peak, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "cascade_studio": __version__,
         "when": time.strftime("%Y-%m-%d %H:%M"), "settings": "prior 20 steps CFG 4, decoder 10 steps, one prompt",
-        "models": {name: bench_model(name, device, dtype, size, args.runs, peak, tokenizer) for name in models},
+        "models": {name: bench_model(name, device, dtype, size, args.runs, peak, tokenizer, args.compile)
+                   for name in models},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_speed-" + ("tiny-cpu" if args.tiny else device_name.replace(" ", "_"))
@@ -194,7 +214,11 @@ def main() -> None:
               f"{r['stock']['decoder_s']:.3f}), b4 {r['stock']['b4_s_per_image']:.3f} s/image; engine "
               f"{r['engine']['b1_s']:.3f} s, b4 {r['engine']['b4_s_per_image']:.3f} s/image; first call stock "
               f"{r['stock']['first_call_s']:.1f} s; utilisation {r['stock']['utilisation_b1']:.1%}; engine vs stock "
-              f"max diff {r['engine_vs_stock_max_abs_diff']:.3g}")
+              f"max diff {r['engine']['max_abs_diff_vs_stock']:.3g}")
+        if "engine_compiled" in r:
+            c = r["engine_compiled"]
+            print(f"  compiled: {c['b1_s']:.3f} s, b4 {c['b4_s_per_image']:.3f} s/image, first call (compile) "
+                  f"{c['first_call_s']:.1f} s, max diff vs stock {c['max_abs_diff_vs_stock']:.3g}")
     print(f"-> {args.out / stem}.json")
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from diffusers import DDPMWuerstchenScheduler
+from PIL import ImageFilter
 from transformers import CLIPTokenizer
 
 from cascade_studio.models.architectures import write_word_tokenizer
@@ -59,6 +60,16 @@ def test_analyser_is_right_on_ground_truth(held_out, side):
     for _ in range(150):
         scene = sample_scene(rng, held_out=held_out)
         assert all(score(scene, analyze(render(scene, side, rng))).values()), scene
+
+
+def test_shapes_of_a_group_stay_apart_through_a_blur():
+    """A 128-px image goes through an f4 autoencoder, which softens edges by a pixel or two: shapes of a group must
+    stand far enough apart that they are still counted apart."""
+    rng = random.Random(6)
+    groups = [s for s in (sample_scene(rng) for _ in range(400)) if s.count > 1]
+    for scene in groups[:100]:
+        blurred = render(scene, 128, rng).filter(ImageFilter.GaussianBlur(2))
+        assert analyze(blurred).count == scene.count, scene
 
 
 def test_analyser_notices_a_wrong_image():

@@ -31,7 +31,7 @@ from .scenes import caption, sample_scene
 
 TEXT_LENGTH = 24  # tokens: the longest caption is 19, and the pipeline pads every prompt to this length
 
-DEMO_VQGAN = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=1, embed_dim=32,
+DEMO_VQGAN = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=2, embed_dim=64,
                   latent_channels=4, num_vq_embeddings=256, scale_factor=1.0)
 DEMO_DECODER = dict(
     in_channels=4, out_channels=4, patch_size=2, conditioning_dim=64, block_out_channels=[64, 128],

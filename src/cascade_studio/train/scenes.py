@@ -112,8 +112,11 @@ def layout(scene: Scene, side: int, rng: random.Random | None = None) -> list[tu
     w = SIZE_PX[scene.size] * side
     cx = (col + 0.5) * cell + rng.uniform(-0.06, 0.06) * cell
     cy = (row + 0.5) * cell + rng.uniform(-0.06, 0.06) * cell
-    gap = w * 1.25
-    offsets = {1: [(0, 0)], 2: [(-gap / 2, 0), (gap / 2, 0)], 3: [(-gap / 2, gap * 0.45), (gap / 2, gap * 0.45), (0, -gap * 0.45)]}
+    # Centres 1.8 widths apart, so shapes of a group stand 0.8 of a width apart (14 px for small shapes at 128 px,
+    # 3.6 Stage A latent positions). At 1.25 widths three squares stood 2 px apart: they merged in any
+    # reconstruction, and the decoder drew every group as one blob.
+    gap = w * 1.8
+    offsets = {1: [(0, 0)], 2: [(-gap / 2, 0), (gap / 2, 0)], 3: [(-gap / 2, gap / 2), (gap / 2, gap / 2), (0, -gap / 2)]}
     # Keep the whole cluster inside the frame, with a margin, so no shape is clipped.
     ext_x = max(abs(dx) for dx, _ in offsets[scene.count]) + w / 2 + 2
     ext_y = max(abs(dy) for _, dy in offsets[scene.count]) + w / 2 + 2

@@ -82,9 +82,9 @@ def flops(fn: Callable[[], object]) -> int:
 
 
 def compile_repeated_blocks(pipelines) -> None:
-    """Regional compilation: each block's forward compiled on its own, so the prior's 32 and the decoder's 48
-    repeated blocks share a few graphs (one per block type and shape) instead of one huge graph per model. The
-    engine's cancel hooks stay outside, on the blocks' eager __call__."""
+    """Regional compilation: each block's forward compiled on its own, so the hundreds of repeated blocks of each
+    UNet share a few graphs (one per block type and shape) instead of one huge graph per model. The engine's
+    cancel hooks stay outside, on the blocks' eager __call__."""
     torch._dynamo.config.cache_size_limit = 64  # shapes: levels x block types x batch sizes
     for unet in (pipelines.prior.prior, pipelines.decoder.decoder):
         for level in (*unet.down_blocks, *unet.up_blocks):

@@ -120,23 +120,12 @@ def build_tiny_model(
 
     `variant="bf16"` writes bf16 weights under the official `*.bf16.safetensors` names.
     """
-    torch.manual_seed(seed)
     folder = Path(folder)
-    tokenizer_dir = write_word_tokenizer(folder / "tokenizer", list(BASE_WORDS))
-    vocab_size = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **TINY_TEXT
-    )
-    suffix = "_lite" if lite else ""
-    models = {
-        f"prior{suffix}": StableCascadeUNet(**TINY_PRIOR),
-        f"decoder{suffix}": StableCascadeUNet(**TINY_DECODER),
-        "vqgan": PaellaVQModel(**TINY_VQGAN),
-        "text_encoder": CLIPTextModelWithProjection(text_config),
-    }
+    write_word_tokenizer(folder / "tokenizer", list(BASE_WORDS))  # 211 tokens: within the tiny text encoder's 512
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
-    for name, model in models.items():
-        model.eval().to(dtype).save_pretrained(folder / name, variant=variant)
+    suffix = "_lite" if lite else ""
+    for name, model in random_components("tiny", torch.device("cpu"), dtype, seed).items():
+        model.save_pretrained(folder / (name + suffix if name in ("prior", "decoder") else name), variant=variant)
     DDPMWuerstchenScheduler().save_pretrained(folder / "scheduler")
     if previewer:
         Previewer(in_channels=16, hidden_channels=16, upsamples=2).eval().save_pretrained(folder / "previewer")

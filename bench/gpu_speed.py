@@ -1,15 +1,21 @@
 """Speed of Stable Cascade on one GPU: stock diffusers pipelines and our engine, side by side in one process.
 
     python bench/gpu_speed.py                       # official full and lite architectures, random bf16 weights
-    python bench/gpu_speed.py --models full --runs 5
+    python bench/gpu_speed.py --models full --runs 5 --variants stock engine_fast
     python bench/gpu_speed.py --tiny                # tiny random models on the CPU: a smoke test of this script
 
 Random weights at the official sizes: speed does not depend on the weights' values, and no machine here can
-download the real ones. Per model: per-stage time at batch 1, time per image at batch 4, the first call
-(warm-up), peak GPU memory, FLOPs per image and their share of the measured bf16 matmul peak, and whether the
-engine's images equal stock's for the same seed. `--compile` adds a third row: the engine with each repeated block
-of both UNets compiled once (regional `torch.compile`), its first call including the compile. Writes bench/results/gpu_speed-<device>.json and .png; compare
-numbers only within one file (one machine, one run).
+download the real ones. Rows, applied in turn to the same pipelines (engine/speed.py):
+  stock            diffusers' two pipelines called directly
+  engine           our engine, eager (what it adds: per-image seeds, caches, progress, cancel)
+  engine_graphs    + each denoising step replayed as a CUDA graph (eager blocks)
+  engine_compiled  + the UNets' repeated blocks compiled (regional torch.compile), no graphs
+  engine_fast      compiled blocks and CUDA graphs: `--speedup compile` (engine_graphs is `graphs`, the default)
+Per row: first call at batch 1 and 4 (compile, capture), steady seconds per image at batch 1 and 4, per-stage
+time, peak GPU memory, FLOP utilisation against a measured bf16 matmul, the largest pixel difference from stock
+for the same seed, and whether a repeated request gives the same pixels. Then the full model with CPU offload
+(the low-memory mode): time and peak GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so
+a run cut short keeps what it measured) and .png; compare numbers only within one file.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,17 +37,22 @@ import torch
 import transformers
 from diffusers import DDPMWuerstchenScheduler
 from PIL import Image, ImageDraw
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTokenizer
 
 from cascade_studio import __version__
-from cascade_studio.engine import CascadeEngine
+from cascade_studio.engine import CascadeEngine, speed
 from cascade_studio.models.architectures import BASE_WORDS, random_components, write_word_tokenizer
-from cascade_studio.models.loading import assemble_pipelines
-from cascade_studio.models.source import ModelIdentity
+from cascade_studio.models.loading import assemble_pipelines, load_pipelines
+from cascade_studio.models.source import ModelIdentity, resolve_model
 
 PROMPT = "a red circle on a white background"
 RESULTS = Path(__file__).parent / "results"
+TRAINED_PROMPTS = ("a large red circle at the top left on a white background",
+                   "two small blue squares in the centre on a black background",
+                   "three large yellow triangles at the bottom right on a white background")
+SETTINGS = dict(prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0)
 
 
 def sync(device: torch.device) -> None:
@@ -54,16 +66,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     out = fn()
     sync(device)
     return time.perf_counter() - start, out
-
-
-def peak_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
-    """Peak memory allocated while fn runs (CUDA only)."""
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -81,109 +83,205 @@ def flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def compile_repeated_blocks(pipelines) -> None:
-    """Regional compilation: each block's forward compiled on its own, so the hundreds of repeated blocks of each
-    UNet share a few graphs (one per block type and shape) instead of one huge graph per model. The engine's
-    cancel hooks stay outside, on the blocks' eager __call__."""
-    torch._dynamo.config.cache_size_limit = 64  # shapes: levels x block types x batch sizes
-    for unet in (pipelines.prior.prior, pipelines.decoder.decoder):
-        for level in (*unet.down_blocks, *unet.up_blocks):
-            for block in level:
-                block.forward = torch.compile(block.forward, dynamic=False)
+VARIANTS = ("stock", "engine", "engine_graphs", "engine_compiled", "engine_fast")
+# What each engine variant adds, applied in this order to the same pipelines (each step undoes or extends the last).
+PREPARE: dict[str, Callable] = {
+    "engine": lambda p: None,
+    "engine_graphs": lambda p: speed.use_cuda_graphs(p),                                # eager blocks, CUDA graphs
+    "engine_compiled": lambda p: (speed.use_cuda_graphs(p, False), speed.compile_blocks(p)),  # compiled, no graphs
+    "engine_fast": lambda p: (speed.compile_blocks(p), speed.use_cuda_graphs(p)),       # both: speedup "compile"
+}
+NEEDS_CUDA = {"engine_graphs", "engine_fast"}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype, tokenizer: CLIPTokenizer, cpu_offload: bool = False):
+    parts = random_components(name, device, dtype)
+    pipelines = assemble_pipelines(**parts, tokenizer=tokenizer, scheduler=DDPMWuerstchenScheduler(),
+                                   identity=ModelIdentity(name=f"random-{name}"), device=device, dtype=dtype,
+                                   cpu_offload=cpu_offload)
+    return parts, pipelines
+
+
+def engine_runner(engine: CascadeEngine, size: int, timings: list[dict]) -> Callable[..., np.ndarray]:
+    def ours(n: int, seed: int = 0) -> np.ndarray:
+        engine._text_cache.clear()
+        engine._prior_cache.clear()  # every run pays for the whole image, as stock does
+        result = engine(engine.request(prompt=PROMPT, width=size, height=size, num_images=n, seed=seed, **SETTINGS))
+        timings.append(result.timings)
+        return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in result.images])
+    return ours
+
+
+def measure(fn: Callable[..., object], device: torch.device, runs: int, stage_timings: list[dict] | None = None) -> dict:
+    """First call (compile, capture) and steady state at batch 1 and 4, with peak memory of the steady runs."""
+    row: dict = {}
+    for n, key in ((1, "b1"), (4, "b4")):
+        row[f"first_call_{key}_s"] = timed(lambda: fn(n), device)[0]
+        free(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if stage_timings is not None:
+            stage_timings.clear()
+        row[f"{key}_s_per_image"] = statistics.median(timed(lambda: fn(n), device)[0] for _ in range(runs)) / n
+        if device.type == "cuda":
+            row[f"peak_gib_{key}"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row[f"peak_reserved_gib_{key}"] = torch.cuda.max_memory_reserved(device) / 2**30
+        if stage_timings and n == 1:
+            row |= {f"{stage}_s": statistics.median(t[stage] for t in stage_timings) for stage in ("prior", "decoder")}
+    return row
 
 
 def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, runs: int, peak_tflops: float,
-                tokenizer: CLIPTokenizer, compile_blocks: bool = False) -> dict:
+                tokenizer: CLIPTokenizer, variants: list[str], save: Callable[[dict], None]) -> dict:
     t = time.perf_counter()
-    parts = random_components(name, device, dtype)
-    pipelines = assemble_pipelines(**parts, tokenizer=tokenizer, scheduler=DDPMWuerstchenScheduler(),
-                                   identity=ModelIdentity(name=f"random-{name}"), device=device, dtype=dtype)
-    build_s = time.perf_counter() - t
-    engine = CascadeEngine(pipelines)
-    settings = dict(prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0)
+    parts, pipelines = build(name, device, dtype, tokenizer)
+    report: dict = {"build_s": time.perf_counter() - t,
+                    "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}}
+    log(f"{name}: built in {report['build_s']:.1f} s")
 
     def stock_prior(n: int, seed: int = 0):
-        return pipelines.prior(prompt=PROMPT, height=size, width=size, num_inference_steps=settings["prior_steps"],
-                               guidance_scale=settings["prior_guidance"], num_images_per_prompt=n, output_type="pt",
+        return pipelines.prior(prompt=PROMPT, height=size, width=size, num_inference_steps=SETTINGS["prior_steps"],
+                               guidance_scale=SETTINGS["prior_guidance"], num_images_per_prompt=n, output_type="pt",
                                generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).image_embeddings
 
     def stock_decoder(latents: torch.Tensor, seed: int = 0):
         n = latents.shape[0]
-        return pipelines.decoder(image_embeddings=latents, prompt=PROMPT, num_inference_steps=settings["decoder_steps"],
-                                 guidance_scale=settings["decoder_guidance"], output_type="np",
+        return pipelines.decoder(image_embeddings=latents, prompt=PROMPT, num_inference_steps=SETTINGS["decoder_steps"],
+                                 guidance_scale=SETTINGS["decoder_guidance"], output_type="np",
                                  generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).images
 
     def stock(n: int, seed: int = 0):
         return stock_decoder(stock_prior(n, seed), seed)
 
-    def ours(n: int, seed: int = 0):
-        engine._text_cache.clear()
-        engine._prior_cache.clear()  # every run pays for the whole image, as stock does
-        result = engine(engine.request(prompt=PROMPT, width=size, height=size, num_images=n, seed=seed, **settings))
-        return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in result.images])
+    reference = None
+    if "stock" in variants:
+        report["stock"] = measure(stock, device, runs)
+        latents = stock_prior(1)
+        report["stock"] |= {"prior_s": statistics.median(timed(lambda: stock_prior(1), device)[0] for _ in range(runs)),
+                            "decoder_s": statistics.median(timed(lambda: stock_decoder(latents), device)[0]
+                                                           for _ in range(runs))}
+        report["flops_per_image"] = flops(lambda: stock_prior(1)) + flops(lambda: stock_decoder(latents))
+        reference = np.round(np.asarray(stock(1, seed=7)) * 255) / 255  # as the engine's PIL images are quantised
+        log(f"{name}: stock {report['stock']['b1_s_per_image']:.3f} s")
+        save(report)
 
-    def per_image(fn: Callable[[int], object], n: int) -> float:
-        return statistics.median(timed(lambda: fn(n), device)[0] for _ in range(runs)) / n
-
-    def measure(fn: Callable[[int], object]) -> dict:
-        first_s, _ = timed(lambda: fn(1), device)
-        return {"first_call_s": first_s, "b1_s": per_image(fn, 1), "b4_s_per_image": per_image(fn, 4),
-                "peak_gib_b1": peak_gib(device, lambda: fn(1)), "peak_gib_b4": peak_gib(device, lambda: fn(4))}
-
-    report: dict = {"build_s": build_s, "parameters": {k: sum(p.numel() for p in m.parameters())
-                                                        for k, m in parts.items()}}
-    report["stock"] = measure(stock)
-    prior_s = [timed(lambda: stock_prior(1), device)[0] for _ in range(runs)]
-    latents = stock_prior(1)
-    decoder_s = [timed(lambda: stock_decoder(latents), device)[0] for _ in range(runs)]
-    report["stock"] |= {"prior_s": statistics.median(prior_s), "decoder_s": statistics.median(decoder_s)}
-    report["flops_per_image"] = flops(lambda: stock_prior(1)) + flops(lambda: stock_decoder(latents))
-    reference = np.round(np.asarray(stock(1, seed=7)) * 255) / 255  # as the engine's PIL images are quantised
-
-    variants = {"engine": lambda: None}
-    if compile_blocks:
-        variants["engine_compiled"] = lambda: compile_repeated_blocks(pipelines)
-    for label, prepare in variants.items():
-        prepare()
-        report[label] = measure(ours)
-        report[label]["max_abs_diff_vs_stock"] = float(np.abs(reference - ours(1, seed=7)).max())
-    for label in ("stock", *variants):
-        report[label]["utilisation_b1"] = report["flops_per_image"] / report[label]["b1_s"] / (peak_tflops * 1e12)
-    del engine, pipelines, parts
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    engine = CascadeEngine(pipelines)
+    timings: list[dict] = []
+    ours = engine_runner(engine, size, timings)
+    for label in variants:
+        if label == "stock" or (label in NEEDS_CUDA and device.type != "cuda"):
+            continue
+        try:
+            PREPARE[label](pipelines)
+            report[label] = measure(ours, device, runs, timings)
+            first, second = ours(1, seed=7), ours(1, seed=7)
+            report[label]["same_images_twice"] = bool((first == second).all())
+            if reference is not None:
+                report[label]["max_abs_diff_vs_stock"] = float(np.abs(reference - first).max())
+            if label in ("engine_compiled", "engine_fast"):
+                report[label]["compiled_graphs"] = counters["stats"]["unique_graphs"]
+            log(f"{name}: {label} {report[label]['b1_s_per_image']:.3f} s, first call "
+                f"{report[label]['first_call_b1_s']:.1f} s")
+        except Exception as exc:  # one failing variant must not cost the GPU run the others' numbers
+            report[label] = {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:]}
+            log(f"{name}: {label} failed: {report[label]['error']}")
+            if device.type == "cuda":
+                speed.use_cuda_graphs(pipelines, False)
+        save(report)
+    if "flops_per_image" in report:
+        for label in VARIANTS:
+            if "b1_s_per_image" in report.get(label, {}):
+                report[label]["utilisation_b1"] = report["flops_per_image"] / report[label]["b1_s_per_image"] / (
+                    peak_tflops * 1e12)
     return report
 
 
+def check_trained_weights(device: torch.device, dtype: torch.dtype) -> dict:
+    """The bundled demo model (trained weights) run eager and with each speed-up, same requests: how far the
+    speed-ups move pixels. Random weights cannot say: untrained UNets amplify any rounding difference over 30 steps."""
+    pipelines = load_pipelines(resolve_model("demo"), device, dtype)
+    engine = CascadeEngine(pipelines)
+
+    def images() -> np.ndarray:
+        out = []
+        for seed, prompt in enumerate(TRAINED_PROMPTS):
+            engine._text_cache.clear()
+            engine._prior_cache.clear()
+            out += [np.asarray(i, dtype=np.int16) for i in engine(engine.request(prompt=prompt, seed=seed, num_images=2)).images]
+        return np.stack(out)
+
+    eager = images()
+    report: dict = {"images": len(eager), "size": list(eager.shape[1:3])}
+    for label in ("engine_graphs", "engine_compiled", "engine_fast"):
+        if label in NEEDS_CUDA and device.type != "cuda":
+            continue
+        PREPARE[label](pipelines)
+        diff = np.abs(images() - eager)
+        report[label] = {"max_abs_diff_255": int(diff.max()), "mean_abs_diff_255": float(diff.mean()),
+                         "pixels_off_by_more_than_2": float((diff > 2).mean())}
+        log(f"demo model: {label} {report[label]}")
+    return report
+
+
+def bench_low_memory(name: str, device: torch.device, dtype: torch.dtype, size: int, tokenizer: CLIPTokenizer) -> dict:
+    """The engine with model CPU offload (one model on the GPU at a time): time and peak GPU memory at batch 1."""
+    _, pipelines = build(name, device, dtype, tokenizer, cpu_offload=True)
+    free(device)
+    ours = engine_runner(CascadeEngine(pipelines), size, [])
+    first_s, _ = timed(lambda: ours(1), device)
+    torch.cuda.reset_peak_memory_stats(device)
+    seconds, _ = timed(lambda: ours(1), device)
+    row = {"first_call_b1_s": first_s, "b1_s_per_image": seconds,
+           "peak_gib_b1": torch.cuda.max_memory_allocated(device) / 2**30,
+           "peak_reserved_gib_b1": torch.cuda.max_memory_reserved(device) / 2**30}
+    del pipelines
+    free(device)
+    return row
+
+
 def plot(result: dict, path: Path) -> None:
-    """Seconds per image, stock vs engine, at batch 1 and 4; drawn with PIL to avoid a plotting dependency."""
-    rows = [(f"{m} {b} {label}", r[label][key]) for m, r in result["models"].items()
-            for b, key in (("b1", "b1_s"), ("b4", "b4_s_per_image"))
-            for label in ("stock", "engine", "engine_compiled") if label in r]
-    top = max(v for _, v in rows) or 1.0
-    w, bar, pad = 640, 22, 8
+    """Seconds per image for every variant, at batch 1 and 4; drawn with PIL to avoid a plotting dependency."""
+    rows = [(f"{m} b{b} {label}", r[label][f"b{b}_s_per_image"]) for m, r in result["models"].items()
+            for b in (1, 4) for label in VARIANTS if f"b{b}_s_per_image" in r.get(label, {})]
+    top = max((v for _, v in rows), default=1.0)
+    w, bar, pad, left = 720, 20, 6, 230
     image = Image.new("RGB", (w, 40 + len(rows) * (bar + pad)), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((pad, 10), f"seconds per image, {result['device']}, {result['size']}px", fill="black")
+    draw.text((pad, 10), f"seconds per image, {result['device']}, {result['size']}px, {result['settings']}", fill="black")
+    colours = {"stock": (40, 80, 220), "engine": (220, 120, 40), "engine_graphs": (160, 60, 160),
+               "engine_compiled": (120, 160, 40), "engine_fast": (40, 160, 80)}
     for k, (label, value) in enumerate(rows):
         y = 40 + k * (bar + pad)
-        length = int((w - 260) * value / top)
-        colour = (40, 80, 220) if "stock" in label else (40, 160, 80) if "compiled" in label else (220, 120, 40)
-        draw.rectangle((180, y, 180 + length, y + bar), fill=colour)
-        draw.text((pad, y + 5), label, fill="black")
-        draw.text((186 + length, y + 5), f"{value:.3f} s", fill="black")
+        length = int((w - left - 70) * value / top)
+        draw.rectangle((left, y, left + length, y + bar), fill=colours[label.split()[-1]])
+        draw.text((pad, y + 4), label, fill="black")
+        draw.text((left + 6 + length, y + 4), f"{value:.3f} s", fill="black")
     image.save(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (a smoke test)")
-    parser.add_argument("--models", nargs="+", choices=("full", "lite"), default=["full", "lite"])
+    parser.add_argument("--models", nargs="*", choices=("full", "lite"), default=["full", "lite"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="rows to time, in this order (graph variants need CUDA)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time full with CPU offload and its peak GPU memory (CUDA)")
+    parser.add_argument("--trained", action=argparse.BooleanOptionalAction, default=True,
+                        help="also compare each speed-up's pixels with eager on the trained demo model")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (--tiny)")
-    parser.add_argument("--compile", action="store_true", help="also time the engine with regional torch.compile")
     args = parser.parse_args()
     if args.tiny:
         torch.set_num_threads(args.threads)
@@ -201,25 +299,43 @@ def main() -> None:
         "device": device_name, "dtype": str(dtype).removeprefix("torch."), "size": size, "runs": args.runs,
         "matmul_peak_tflops": peak, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "cascade_studio": __version__,
-        "when": time.strftime("%Y-%m-%d %H:%M"), "settings": "prior 20 steps CFG 4, decoder 10 steps, one prompt",
-        "models": {name: bench_model(name, device, dtype, size, args.runs, peak, tokenizer, args.compile)
-                   for name in models},
+        "when": time.strftime("%Y-%m-%d %H:%M"), "settings": "prior 20 steps CFG 4, decoder 10 steps",
+        "models": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_speed-" + ("tiny-cpu" if args.tiny else device_name.replace(" ", "_"))
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / f"{stem}.png")
+    stem = args.out / ("gpu_speed-" + ("tiny-cpu" if args.tiny else device_name.replace(" ", "_")))
+
+    def save(report: dict | None = None, name: str | None = None) -> None:
+        if name is not None:
+            result["models"][name] = report
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
+    if args.low_memory and device.type == "cuda":  # first, while nothing else holds GPU memory
+        try:
+            result["low_memory_full"] = bench_low_memory("full", device, dtype, size, tokenizer)
+        except Exception as exc:
+            result["low_memory_full"] = {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:]}
+        log(f"low memory: {result['low_memory_full']}")
+        save()
+    if args.trained:
+        result["trained_weights"] = check_trained_weights(device, dtype)
+        save()
+    for name in models:
+        result["models"][name] = bench_model(name, device, dtype, size, args.runs, peak, tokenizer, args.variants,
+                                              lambda report, name=name: save(report, name))
+        free(device)  # the model just timed is gone with bench_model's frame
+    save()
+    plot(result, stem.with_suffix(".png"))
     for name, r in result["models"].items():
-        print(f"{name}: stock {r['stock']['b1_s']:.3f} s (prior {r['stock']['prior_s']:.3f}, decoder "
-              f"{r['stock']['decoder_s']:.3f}), b4 {r['stock']['b4_s_per_image']:.3f} s/image; engine "
-              f"{r['engine']['b1_s']:.3f} s, b4 {r['engine']['b4_s_per_image']:.3f} s/image; first call stock "
-              f"{r['stock']['first_call_s']:.1f} s; utilisation {r['stock']['utilisation_b1']:.1%}; engine vs stock "
-              f"max diff {r['engine']['max_abs_diff_vs_stock']:.3g}")
-        if "engine_compiled" in r:
-            c = r["engine_compiled"]
-            print(f"  compiled: {c['b1_s']:.3f} s, b4 {c['b4_s_per_image']:.3f} s/image, first call (compile) "
-                  f"{c['first_call_s']:.1f} s, max diff vs stock {c['max_abs_diff_vs_stock']:.3g}")
-    print(f"-> {args.out / stem}.json")
+        for label in VARIANTS:
+            row = r.get(label, {})
+            if "error" in row:
+                print(f"{name} {label}: failed: {row['error'][-300:]}")
+            elif row:
+                print(f"{name} {label}: b1 {row['b1_s_per_image']:.3f} s, b4 {row['b4_s_per_image']:.3f} s/image, "
+                      f"first call {row['first_call_b1_s']:.1f} s, peak {row.get('peak_gib_b1', 0):.1f} GiB, "
+                      f"diff vs stock {row.get('max_abs_diff_vs_stock', 0):.3g}")
+    print(f"-> {stem}.json")
 
 
 if __name__ == "__main__":

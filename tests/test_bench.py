@@ -29,18 +29,22 @@ def test_official_architectures_have_the_released_parameter_counts():
 
 
 def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--runs", "1", "--compile",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=480,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--runs", "1",
+                           "--variants", "stock", "engine", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=480, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_speed-tiny-cpu.json").read_text())
     assert report["device"].startswith("cpu") and report["diffusers"] and report["matmul_peak_tflops"] > 0
     tiny = report["models"]["tiny"]
-    for label in ("stock", "engine", "engine_compiled"):
+    for label in ("stock", "engine"):
         row = tiny[label]
-        assert row["b1_s"] > 0 and row["b4_s_per_image"] > 0 and row["first_call_s"] > 0 and row["utilisation_b1"] > 0
+        assert row["b1_s_per_image"] > 0 and row["b4_s_per_image"] > 0 and row["first_call_b1_s"] > 0
+        assert row["utilisation_b1"] > 0
     assert tiny["stock"]["prior_s"] > 0 and tiny["stock"]["decoder_s"] > 0 and tiny["flops_per_image"] > 0
     assert tiny["engine"]["max_abs_diff_vs_stock"] == 0  # same seed, same images: the engine adds no drift
-    # Regionally compiled blocks reorder float arithmetic: a pixel may move by a level or two of 255, no more.
-    assert tiny["engine_compiled"]["max_abs_diff_vs_stock"] <= 2 / 255 + 1e-6
+    assert tiny["engine"]["same_images_twice"]
+    # The trained demo model, eager vs compiled blocks (fp32 on the CPU): compiled blocks reorder float arithmetic,
+    # so a pixel may move by a level or two of 255, no more; the tolerance the README states.
+    trained = report["trained_weights"]
+    assert trained["images"] == 6 and trained["engine_compiled"]["max_abs_diff_255"] <= 2
     assert (tmp_path / "gpu_speed-tiny-cpu.png").stat().st_size > 0

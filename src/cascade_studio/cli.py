@@ -267,6 +267,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--cpu-offload", dest="cpu_offload", action="store_true", default=None,
                    help="keep models in RAM and move each to the GPU when used (small GPUs)")
+    p.add_argument("--speedup", choices=["auto", "off", "graphs", "compile"],
+                   help="graphs: CUDA graphs, same pixels; compile: also compiled blocks, faster after a ~1 min "
+                        "warm-up (default auto: graphs on CUDA without offload)")
     p.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
     p.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads for torch")
 

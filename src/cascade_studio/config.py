@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda > mps > cpu), or a torch device such as cuda:1.")
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     cpu_offload: bool = Field(False, description="Keep models on the CPU and move each to the GPU when used.")
+    speedup: Literal["auto", "off", "graphs", "compile"] = Field(
+        "auto",
+        description="graphs: replay each denoising step as a CUDA graph (same pixels as eager); compile: compiled "
+        "UNet blocks too (faster, first image waits ~1 min, pixels move slightly); auto: graphs on CUDA without "
+        "offload, else off. See engine/speed.py and bench/gpu_speed.py.",
+    )
     output_dir: Path = Path("outputs")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; None keeps torch's choice.")
     history_db: Path | None = Field(None, description="SQLite history; default: <output_dir>/history.sqlite.")

@@ -1,11 +1,13 @@
 """Hugging Face Space: `cascade-studio space export DIR` writes a folder a Gradio Space runs as is.
 
 On ZeroGPU hardware (the `spaces` package importable), each engine call is wrapped in `spaces.GPU` with a
-duration computed from the request; elsewhere nothing changes.
+duration computed from the request, and the `auto` speed-up is off (see create_space_app); elsewhere nothing
+changes.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -69,6 +71,9 @@ def with_zerogpu(engine: CascadeEngine):
 
 def create_space_app(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings()
+    if "SPACES_ZERO_GPU" in os.environ and settings.speedup == "auto":
+        # Each ZeroGPU call runs in a short-lived process: a CUDA graph captured in one would not reach the next.
+        settings = settings.model_copy(update={"speedup": "off"})
     queue = open_queue(settings, with_zerogpu(CascadeEngine.from_settings(settings)))
     demo = build_app(Studio(queue, queue.store))
     demo.queue(max_size=queue.max_queued * 2, default_concurrency_limit=queue.max_queued + 1)

@@ -7,7 +7,8 @@ What it adds to calling the two pipelines directly:
 - negative embeddings passed explicitly, so decoder guidance > 1 works with precomputed embeddings;
 - progress with optional previews, per-stage timings, and cancellation that takes effect inside a step (each
   block of the two UNets and of Stage A's decoder checks the token), so a slow step does not delay Cancel;
-- prompts longer than CLIP's window reported with the words that are cut.
+- prompts longer than CLIP's window reported with the words that are cut;
+- on CUDA, each denoising step replayed as a CUDA graph, optionally with compiled blocks (speed.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from ..models.source import ModelIdentity, resolve_model
 from .cache import LRUCache
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
 from .request import GenerationRequest, make_request
+from .speed import Speedup, optimize, resolve_speedup
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -59,7 +65,8 @@ class PromptReport:
 class CascadeEngine:
     """Runs requests on one loaded model. Thread-safe: calls are serialised."""
 
-    def __init__(self, pipelines: CascadePipelines, *, text_cache_size: int = 32, prior_cache_size: int = 8):
+    def __init__(self, pipelines: CascadePipelines, *, speedup: Speedup = "off", text_cache_size: int = 32,
+                 prior_cache_size: int = 8):
         self.pipelines = pipelines
         self._text_cache: LRUCache[Embeddings] = LRUCache(text_cache_size)
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
@@ -70,9 +77,11 @@ class CascadeEngine:
                        *decoder.decoder.down_blocks, *decoder.decoder.up_blocks, decoder.vqgan.up_blocks):
             for block in blocks:
                 block.register_forward_pre_hook(self._check_cancel)
+        self.speedups = optimize(pipelines, speedup)  # see engine/speed.py
 
     def _check_cancel(self, module, args) -> None:
-        if self._cancel is not None and self._cancel.cancelled:
+        # Never while a CUDA graph is being captured: an exception there would leave the capture half done.
+        if self._cancel is not None and self._cancel.cancelled and not _capturing():
             raise GenerationCancelled
 
     @classmethod
@@ -82,7 +91,8 @@ class CascadeEngine:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         source = resolve_model(settings.model, revision=settings.revision, cache_dir=settings.cache_dir)
-        return cls(load_pipelines(source, device, dtype, cpu_offload=settings.cpu_offload))
+        speedup = resolve_speedup(settings.speedup, device, settings.cpu_offload)
+        return cls(load_pipelines(source, device, dtype, cpu_offload=settings.cpu_offload), speedup=speedup)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -91,7 +101,8 @@ class CascadeEngine:
     def describe(self) -> dict[str, str]:
         """What runs where, for health checks and banners."""
         p = self.pipelines
-        return {"model": self.identity.name, "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch.")}
+        return {"model": self.identity.name, "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+                "speedups": ", ".join(self.speedups) or "none"}
 
     def request(self, **fields) -> GenerationRequest:
         """A validated request in which unset fields take this model's defaults (the demo model: 128x128)."""

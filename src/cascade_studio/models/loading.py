@@ -46,6 +46,7 @@ class CascadePipelines:
     dtype: torch.dtype
     previewer: Previewer | None = None
     defaults: dict = field(default_factory=dict)
+    cpu_offload: bool = False
 
 
 def _variant(folder: Path) -> str | None:
@@ -117,4 +118,4 @@ def assemble_pipelines(
             pipe.to(device)
     if previewer is not None:
         previewer = previewer.to(device).eval()
-    return CascadePipelines(prior_pipe, decoder_pipe, identity, device, dtype, previewer, defaults or {})
+    return CascadePipelines(prior_pipe, decoder_pipe, identity, device, dtype, previewer, defaults or {}, cpu_offload)

@@ -202,13 +202,24 @@ def cmd_space_export(args: argparse.Namespace) -> int:
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from .models.device import resolve_device
-    from .train.run import TrainConfig, train_demo
+    from .train.run import TrainConfig, add_decoder_text, train_demo
 
     if args.scale <= 0 or args.threads < 1:
         raise UsageError("scale: must be above 0; threads: must be at least 1")
     device = str(resolve_device(args.device))  # a clear message when the device is not there
     _quiet_libraries()
-    train_demo(Path(args.out), TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device))
+    cfg = TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device)
+    if args.from_model is None:
+        train_demo(Path(args.out), cfg)
+        return 0
+    if not (Path(args.from_model) / "cascade_studio.json").is_file():
+        raise UsageError(f"from: {args.from_model} is not a model folder written by train-demo")
+    if Path(args.out).exists():
+        raise UsageError(f"out: {args.out} exists; --from writes a new folder")
+    try:
+        add_decoder_text(Path(args.from_model), Path(args.out), cfg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -326,12 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("dir")
     se.set_defaults(func=cmd_space_export)
 
-    t = sub.add_parser("train-demo", help="train the demo model from scratch (about 65 min on 2 CPU cores)")
+    t = sub.add_parser("train-demo", help="train the demo model from scratch (about 80-85 min on 2 CPU cores)")
     t.add_argument("--out", required=True, help="folder to write the model into")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
     t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
+    t.add_argument("--from", dest="from_model", metavar="DIR",
+                   help="only train the decoder with text (Stage B text) on the model in DIR, written before that "
+                        "stage existed; DIR stays as it is")
     t.set_defaults(func=cmd_train_demo)
 
     e = sub.add_parser("eval-demo", help="score prompt adherence on held-out and training scene prompts")

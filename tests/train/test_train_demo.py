@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
+from diffusers import StableCascadeUNet
+
+from cascade_studio.cli import main
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.train.run import TrainConfig, train_demo
 
 
-def test_train_demo_writes_a_loadable_model(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "demo"
     logs: list[str] = []
-    cfg = TrainConfig(steps_a=2, steps_b=2, steps_c=2, steps_previewer=2, decoder_scenes=16, prior_scenes=16)
-    report = train_demo(out, cfg, log=logs.append)
-    assert {"stage A", "stage B", "stage C", "previewer"} <= set(report["final_losses"])
+    cfg = TrainConfig(steps_a=2, steps_b=2, steps_b_text=2, steps_c=2, steps_previewer=2, decoder_scenes=16,
+                      prior_scenes=16)
+    return out, train_demo(out, cfg, log=logs.append), logs
+
+
+def test_train_demo_writes_a_loadable_model(trained):
+    out, report, logs = trained
+    assert {"stage A", "stage B", "stage C", "stage B text", "previewer"} <= set(report["final_losses"])
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
+    assert any(line.startswith("stage B text step 2/2 loss") for line in logs)
     assert (out / "loss.png").is_file()
     assert (out / "image_encoder" / "config.json").is_file()  # for `eval-demo --stage decoder`
     card = json.loads((out / "cascade_studio.json").read_text())
@@ -27,3 +39,32 @@ def test_train_demo_writes_a_loadable_model(tmp_path):
     assert engine.pipelines.previewer is not None
     result = engine(engine.request(prompt="a red circle on a white background", seed=0, prior_steps=2, decoder_steps=2))
     assert result.images[0].size == (128, 128) and result.model.name == "cascade-studio-demo"
+
+
+def _mapper_weight(folder):
+    return StableCascadeUNet.from_pretrained(folder / "decoder").clip_txt_pooled_mapper.weight
+
+
+def test_from_adds_the_text_stage_to_a_model_trained_without_it(trained, tmp_path, capsys):
+    # A model as the recipe left it before "stage B text" existed: no such stage on its card, the decoder's
+    # pooled-text mapper at zero (text ignored).
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(trained[0], old)
+    card = json.loads((old / "cascade_studio.json").read_text())
+    for key in ("seconds", "losses", "final_losses"):
+        del card[key]["stage B text"]
+    (old / "cascade_studio.json").write_text(json.dumps(card))
+    decoder = StableCascadeUNet.from_pretrained(old / "decoder")
+    decoder.clip_txt_pooled_mapper.weight.data.zero_()
+    decoder.save_pretrained(old / "decoder")
+
+    assert main(["train-demo", "--from", str(old), "--out", str(new), "--scale", "0.0002"]) == 0
+    assert "stage B text" in json.loads((new / "cascade_studio.json").read_text())["final_losses"]
+    assert _mapper_weight(new).abs().sum() > 0  # the decoder now reads the caption
+    assert _mapper_weight(old).abs().sum() == 0  # the source folder is left as it was
+    engine = CascadeEngine.from_settings(Settings(model=str(new), device="cpu"))
+    assert engine(engine.request(prompt="two blue squares", seed=1, prior_steps=2, decoder_steps=2)).images
+
+    capsys.readouterr()
+    assert main(["train-demo", "--from", str(new), "--out", str(tmp_path / "again")]) == 2
+    assert "already has a decoder trained with text" in capsys.readouterr().err

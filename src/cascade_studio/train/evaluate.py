@@ -35,7 +35,8 @@ def evaluate(engine, *, n: int = 60, seed: int = 0, **settings) -> dict:
 def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_steps: int | None = None,
                      decoder_guidance: float | None = None) -> dict:
     """The decoder alone, on the same scenes: each scene's true Stage C latent (from the image encoder the decoder
-    was trained with) is decoded and scored. What the decoder misses here, the whole model cannot show either."""
+    was trained with) is decoded with the scene's caption and scored. What the decoder misses here, the whole model
+    cannot show either."""
     d = engine.request(prompt="")
     settings = {"decoder_steps": d.decoder_steps if decoder_steps is None else decoder_steps,
                 "decoder_guidance": d.decoder_guidance if decoder_guidance is None else decoder_guidance}
@@ -46,7 +47,8 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
     def decode(scene: Scene, image_seed: int) -> Image.Image:
         latent = encoder(encoder_view(_pixels(scene, d.width, image_seed).to(pipelines.device)))
         return pipelines.decoder(
-            image_embeddings=latent.to(pipelines.dtype), prompt="", num_inference_steps=settings["decoder_steps"],
+            image_embeddings=latent.to(pipelines.dtype), prompt=scene.prompt(),
+            num_inference_steps=settings["decoder_steps"],
             guidance_scale=settings["decoder_guidance"], generator=torch.Generator().manual_seed(image_seed),
             output_type="pil",
         ).images[0]

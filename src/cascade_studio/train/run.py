@@ -3,6 +3,7 @@
     cascade-studio train-demo --out demo-model             # the shipped recipe
     cascade-studio train-demo --out quick --scale 0.05     # a smoke test in a couple of minutes
 
+`--from DIR` runs only the last decoder stage (Stage B text) on a model trained before that stage existed.
 `--scale` multiplies every stage's step count: above 1 for better weights; `--device cuda` trains on a GPU (all
 random numbers still come from CPU generators, so a seed picks the same data and noise on every device).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     steps_a: int = 1000
     steps_b: int = 4500
+    steps_b_text: int = 2500
     steps_c: int = 5000
     steps_previewer: int = 400
     decoder_scenes: int = 10000
@@ -115,11 +118,10 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     seconds["stage A"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    latents_b, small_b, masks_b, scale = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
-    vqgan.register_to_config(scale_factor=scale)  # the pipeline multiplies latents by it before decoding
+    data_b = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
+    vqgan.register_to_config(scale_factor=data_b.scale)  # the pipeline multiplies latents by it before decoding
     encoder, decoder = stages.ImageEncoder().to(cfg.device), StableCascadeUNet(**DEMO_DECODER).to(cfg.device)
-    losses["stage B"] = stages.train_stage_b(decoder, encoder, latents_b, small_b, masks_b, cfg.steps(cfg.steps_b),
-                                             rng, gen, log)
+    losses["stage B"] = stages.train_stage_b(decoder, encoder, data_b, cfg.steps(cfg.steps_b), rng, gen, log)
     seconds["stage B"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -130,6 +132,11 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     losses["stage C"], ema_prior, ema_text = stages.train_stage_c(
         prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c)
     seconds["stage C"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    losses["stage B text"] = stages.train_decoder_text(decoder, encoder, ema_text.model, tokenizer, data_b,
+                                                       cfg.steps(cfg.steps_b_text), rng, gen, log)
+    seconds["stage B text"] = time.perf_counter() - t
 
     t = time.perf_counter()
     previewer = Previewer(in_channels=16, hidden_channels=32, upsamples=4).to(cfg.device)
@@ -148,9 +155,43 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     report = {
         "name": "cascade-studio-demo", "defaults": DEMO_DEFAULTS, "config": asdict(cfg), "seconds": seconds,
         "final_losses": {k: v[-1] for k, v in losses.items()}, "losses": losses, "parameters": params,
-        "latent_scale": scale, "device": cfg.device, "threads": cfg.threads, "torch": torch.__version__,
+        "latent_scale": data_b.scale, "device": cfg.device, "threads": cfg.threads, "torch": torch.__version__,
         "machine": platform.machine(), "cascade_studio": __version__,
     }
     (out / "cascade_studio.json").write_text(json.dumps(report, indent=1))
     log(f"trained in {seconds['total'] / 60:.1f} min; {sum(params.values()) / 1e6:.2f} M parameters -> {out}")
     return report
+
+
+def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
+    """Run only "stage B text" on a model trained before that stage existed: the other components are kept as they
+    are, so the prior's latents keep their meaning. Writes a complete model folder to `out`."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    src, out = Path(src), Path(out)
+    card = json.loads((src / "cascade_studio.json").read_text())
+    if "stage B text" in card["seconds"]:
+        raise ValueError(f"from: {src} already has a decoder trained with text")
+    shutil.copytree(src, out)
+    t = time.perf_counter()
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    vqgan = PaellaVQModel.from_pretrained(out / "vqgan").to(cfg.device)
+    decoder = StableCascadeUNet.from_pretrained(out / "decoder").to(cfg.device)
+    encoder = stages.ImageEncoder.from_pretrained(out / "image_encoder").to(cfg.device)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
+    data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)
+    losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, cfg.steps(cfg.steps_b_text),
+                                       rng, gen, log)
+    decoder.eval().cpu().save_pretrained(out / "decoder")
+    seconds = time.perf_counter() - t
+    card["seconds"]["stage B text"] = seconds
+    card["seconds"]["total"] += seconds
+    card["losses"]["stage B text"] = losses
+    card["final_losses"]["stage B text"] = losses[-1]
+    card["config"]["steps_b_text"] = cfg.steps(cfg.steps_b_text)
+    card["stage_b_text_added_later"] = "by `cascade-studio train-demo --from`, on the stages trained before"
+    (out / "cascade_studio.json").write_text(json.dumps(card, indent=1))
+    plot_losses(card["losses"], out / "loss.png")
+    log(f"stage B text in {seconds / 60:.1f} min -> {out}")
+    return card

@@ -5,10 +5,12 @@ Recipe (see ../../../../shared/notes/demo-model-calibration.md for what failed b
 - Stage A (PaellaVQModel) is a plain autoencoder: the pipeline decodes unquantised latents;
 - Stage B (decoder) learns jointly with a small image encoder, the stand-in for EfficientNet, whose output ends
   in a non-affine BatchNorm so that Stage C latents have unit variance; its loss weighs the positions that show a
-  shape 11x (with a plain mean it learnt backgrounds only); the decoder ignores text (its pooled-text mapper is
+  shape 11x (with a plain mean it learnt backgrounds only); here the decoder ignores text (its pooled-text mapper is
   frozen at zero), so it does not depend on a text encoder that is trained later;
 - Stage C (prior) learns on precomputed image-encoder latents, so its steps touch no pixels; its text encoder is
-  trained with it, helped by a small auxiliary loss that reads the caption's attributes off the pooled embedding.
+  trained with it, helped by a small auxiliary loss that reads the caption's attributes off the pooled embedding;
+- Stage B text: the decoder trained further with C's pooled text (both encoders frozen), so it can draw the count
+  and shape that a 3x3 latent cannot hold.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -174,26 +177,35 @@ def foreground(images: torch.Tensor, scenes: list[Scene], side: int) -> torch.Te
     return F.adaptive_max_pool2d(differs, side).to(torch.uint8)
 
 
+@dataclass
+class DecoderData:
+    """Scenes encoded once for Stage B, so its steps are cheap."""
+
+    latents: torch.Tensor  # Stage A latents divided by `scale` (unit variance)
+    small: torch.Tensor  # the image encoder's view, uint8
+    masks: torch.Tensor  # 1 where a latent position shows a shape
+    scenes: list[Scene]  # for captions
+    scale: float
+
+
 @torch.no_grad()
-def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """n scenes as (Stage A latents scaled to unit variance, the image encoder's view, the latents' foreground
-    mask), encoded once: cheap steps."""
-    latents, small, masks = [], [], []
+def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log, scale: float | None = None) -> DecoderData:
+    """n scenes for the decoder; `scale` defaults to the latents' own std (a trained model keeps its own)."""
+    latents, small, masks, all_scenes = [], [], [], []
     for i in range(0, n, 64):
         images, scenes = scene_images(rng, min(64, n - i))
         latents.append(vqgan.encode(images.to(device_of(vqgan))).latents.cpu())
         small.append((encoder_view(images) * 255).round().to(torch.uint8))
         masks.append(foreground(images, scenes, latents[-1].shape[-1]))
+        all_scenes += scenes
     latents_t = torch.cat(latents)
-    scale = float(latents_t.std())
-    log(f"encoded {n} scenes for the decoder; Stage A latent std {scale:.3f}")
-    return latents_t / scale, torch.cat(small), torch.cat(masks), scale
+    scale = float(latents_t.std()) if scale is None else scale
+    log(f"encoded {n} scenes for the decoder; Stage A latent std {float(latents_t.std()):.3f}")
+    return DecoderData(latents_t / scale, torch.cat(small), torch.cat(masks), all_scenes, scale)
 
 
-def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tensor, small: torch.Tensor,
-                  masks: torch.Tensor, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
-                  batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
+def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, steps: int, rng: random.Random,
+                  gen: torch.Generator, log: Log, batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
     """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents. Shapes cover a few percent of
     the latent, so a plain mean lets the decoder learn the background and little else: positions showing a shape
     weigh 1 + foreground_weight."""
@@ -207,19 +219,63 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, latents: torch.Tens
     no_text = torch.zeros(batch, 1, mapper.in_features, device=device)
 
     def step(_: int) -> float:
-        idx = [rng.randrange(len(latents)) for _ in range(batch)]
-        effnet = encoder(small[idx].to(device).float() / 255)
-        jitter = torch.rand(batch, 1, 1, 1, generator=gen) * 0.15 * torch.randn(effnet.shape, generator=gen)
-        keep = torch.rand(batch, 1, 1, 1, generator=gen) > 0.1  # unconditional 10%: decoder CFG
-        effnet = (effnet + jitter.to(device)) * keep.to(device)
+        idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
+        effnet, keep = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
         t = sample_t(batch, gen, high_noise_share=0.25)
-        weight = 1 + foreground_weight * masks[idx].to(device).float()
+        weight = 1 + foreground_weight * data.masks[idx].to(device).float()
         loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample,
-                      latents[idx].to(device), t, gen, weight)
+                      data.latents[idx].to(device), t, gen, weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 
     return _loop("stage B", steps, step, log, every=max(1, steps // 20))
+
+
+def _noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jitter (std up to 0.15) so the decoder tolerates the prior's errors; 10% zeroed: the unconditional branch
+    of decoder guidance. Returns the latents and which rows kept their conditioning."""
+    batch = effnet.shape[0]
+    jitter = torch.rand(batch, 1, 1, 1, generator=gen) * 0.15 * torch.randn(effnet.shape, generator=gen)
+    keep = (torch.rand(batch, 1, 1, 1, generator=gen) > 0.1).to(effnet.device)
+    return (effnet + jitter.to(effnet.device)) * keep, keep.flatten()
+
+
+def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: nn.Module, tokenizer,
+                       data: DecoderData, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
+                       batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
+    """Stage B again, now also reading the caption, as the official decoder does through its pooled-text mapper.
+
+    Runs after Stage C because it needs C's text encoder (frozen here, like the image encoder, so the prior's
+    latents keep their meaning). The Stage C latent is 3x3: it places a group but cannot say how many shapes it
+    holds or which shape they are, and the text-blind decoder drew such groups as one blob. The mapper starts at
+    zero, so training starts from the text-blind decoder. Rows whose image latent is dropped (the unconditional
+    branch of guidance) get the empty caption, as the pipeline's negative prompt; 10% more drop the caption alone.
+    """
+    mapper = decoder.clip_txt_pooled_mapper
+    mapper.weight.requires_grad_(True)
+    encoder.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    sched = schedule(opt, steps, 3e-4)
+    device = device_of(decoder)
+
+    def step(_: int) -> float:
+        idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
+        with torch.no_grad():
+            effnet, keep = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
+            texts = [caption(data.scenes[i], rng) if k and rng.random() > 0.1 else "" for i, k in zip(idx, keep)]
+            tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt").to(device)
+            pooled = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds.unsqueeze(1)
+        t = sample_t(batch, gen, high_noise_share=0.25)
+        weight = 1 + foreground_weight * data.masks[idx].to(device).float()
+        loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=pooled, effnet=effnet).sample,
+                      data.latents[idx].to(device), t, gen, weight)
+        optimise(opt, sched, loss, clip=params)
+        return loss.item()
+
+    return _loop("stage B text", steps, step, log, every=max(1, steps // 20))
 
 
 @torch.no_grad()

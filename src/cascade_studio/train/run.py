@@ -22,6 +22,7 @@ import torch
 from diffusers import StableCascadeUNet
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .. import __version__
@@ -177,7 +178,10 @@ def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
     t = time.perf_counter()
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     vqgan = PaellaVQModel.from_pretrained(out / "vqgan").to(cfg.device)
-    decoder = StableCascadeUNet.from_pretrained(out / "decoder").to(cfg.device)
+    # Built from its config and weights, not from_pretrained, whose saved config would record this machine's path.
+    decoder = StableCascadeUNet.from_config(StableCascadeUNet.load_config(out / "decoder"))
+    decoder.load_state_dict(load_file(out / "decoder" / "diffusion_pytorch_model.safetensors"))
+    decoder = decoder.to(cfg.device)
     encoder = stages.ImageEncoder.from_pretrained(out / "image_encoder").to(cfg.device)
     text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
     data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)

@@ -220,15 +220,22 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, 
 
     def step(_: int) -> float:
         idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
-        effnet, keep = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
-        t = sample_t(batch, gen, high_noise_share=0.25)
-        weight = 1 + foreground_weight * data.masks[idx].to(device).float()
-        loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=no_text, effnet=effnet).sample,
-                      data.latents[idx].to(device), t, gen, weight)
+        effnet, _ = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
+        loss = _decoder_loss(decoder, data, idx, effnet, no_text, gen, foreground_weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 
     return _loop("stage B", steps, step, log, every=max(1, steps // 20))
+
+
+def _decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet: torch.Tensor, pooled: torch.Tensor,
+                  gen: torch.Generator, foreground_weight: float) -> torch.Tensor:
+    """v-loss on the chosen scenes; positions that show a shape weigh 1 + foreground_weight."""
+    device = effnet.device
+    t = sample_t(len(idx), gen, high_noise_share=0.25)
+    weight = 1 + foreground_weight * data.masks[idx].to(device).float()
+    return v_loss(lambda x, r: decoder(x, r, clip_text_pooled=pooled, effnet=effnet).sample,
+                  data.latents[idx].to(device), t, gen, weight)
 
 
 def _noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,10 +275,7 @@ def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: 
             tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                                return_tensors="pt").to(device)
             pooled = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds.unsqueeze(1)
-        t = sample_t(batch, gen, high_noise_share=0.25)
-        weight = 1 + foreground_weight * data.masks[idx].to(device).float()
-        loss = v_loss(lambda x, r: decoder(x, r, clip_text_pooled=pooled, effnet=effnet).sample,
-                      data.latents[idx].to(device), t, gen, weight)
+        loss = _decoder_loss(decoder, data, idx, effnet, pooled, gen, foreground_weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 

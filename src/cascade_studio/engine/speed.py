@@ -7,7 +7,7 @@ stock diffusers 2.7 s; CUDA graphs 1.2 s with pixels identical to eager; compile
   instead of thousands: at batch 1 both UNets are launch-bound (eager Python issues ~200 block calls per step).
   The graph runs the same kernels as eager, so the pixels are the same bits.
 - `compile_blocks` compiles each block's forward on its own (regional compilation; a whole-UNet compile of the
-  prior had not finished after six minutes). The repeated blocks share 28 graphs across both UNets. Inductor fuses
+  prior had not finished after six minutes). The full model's blocks compile to 28 graphs (batch 1 and 4). Inductor fuses
   LayerNorm / GELU / GlobalResponseNorm / modulation, which rounds bf16 once where eager rounds after every op:
   pixels of the trained demo model move by 0.5/255 on average. Without CUDA graphs it is slower than eager on a GPU
   (its guards and wrappers add host time to a launch-bound loop), so on CUDA it always comes with graphs.

@@ -15,7 +15,8 @@ Per row: first call at batch 1 and 4 (compile, capture), steady seconds per imag
 time, peak GPU memory, FLOP utilisation against a measured bf16 matmul, the largest pixel difference from stock
 for the same seed, and whether a repeated request gives the same pixels. Then the full model with CPU offload
 (the low-memory mode): time and peak GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so
-a run cut short keeps what it measured) and .png; compare numbers only within one file.
+a run cut short keeps what it measured) and .png; compare numbers only within one file. `--profile` also writes
+a kernel table of one batch-1 image of the last row, for the next thing to speed up.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def measure(fn: Callable[..., object], device: torch.device, runs: int, stage_ti
 
 
 def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, runs: int, peak_tflops: float,
-                tokenizer: CLIPTokenizer, variants: list[str], save: Callable[[dict], None]) -> dict:
+                tokenizer: CLIPTokenizer, variants: list[str], save: Callable[[dict], None],
+                profile: Path | None = None) -> dict:
     t = time.perf_counter()
     parts, pipelines = build(name, device, dtype, tokenizer)
     report: dict = {"build_s": time.perf_counter() - t,
@@ -198,12 +200,27 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
             if device.type == "cuda":
                 speed.use_cuda_graphs(pipelines, False)
         save(report)
+    if profile is not None:
+        write_profile(ours, device, profile)
     if "flops_per_image" in report:
         for label in VARIANTS:
             if "b1_s_per_image" in report.get(label, {}):
                 report[label]["utilisation_b1"] = report["flops_per_image"] / report[label]["b1_s_per_image"] / (
                     peak_tflops * 1e12)
     return report
+
+
+def write_profile(ours: Callable[..., np.ndarray], device: torch.device, path: Path) -> None:
+    """Where one batch-1 image of the last row spends its time, by kernel: what to speed up next."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        ours(1)
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80))
+    log(f"profile -> {path}")
 
 
 def check_trained_weights(device: torch.device, dtype: torch.dtype) -> dict:
@@ -280,6 +297,8 @@ def main() -> None:
                         help="also time full with CPU offload and its peak GPU memory (CUDA)")
     parser.add_argument("--trained", action=argparse.BooleanOptionalAction, default=True,
                         help="also compare each speed-up's pixels with eager on the trained demo model")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write each model's kernel profile of one batch-1 image of the last row (.txt)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (--tiny)")
     args = parser.parse_args()
@@ -321,8 +340,9 @@ def main() -> None:
         result["trained_weights"] = check_trained_weights(device, dtype)
         save()
     for name in models:
+        profile = stem.with_name(f"{stem.name}-profile-{name}.txt") if args.profile else None
         result["models"][name] = bench_model(name, device, dtype, size, args.runs, peak, tokenizer, args.variants,
-                                              lambda report, name=name: save(report, name))
+                                              lambda report, name=name: save(report, name), profile)
         free(device)  # the model just timed is gone with bench_model's frame
     save()
     plot(result, stem.with_suffix(".png"))

@@ -30,7 +30,7 @@ def test_official_architectures_have_the_released_parameter_counts():
 
 def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--runs", "1",
-                           "--variants", "stock", "engine", "--out", str(tmp_path)], capture_output=True, text=True,
+                           "--variants", "stock", "engine", "--profile", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=480, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_speed-tiny-cpu.json").read_text())
@@ -48,3 +48,4 @@ def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     trained = report["trained_weights"]
     assert trained["images"] == 6 and trained["engine_compiled"]["max_abs_diff_255"] <= 2
     assert (tmp_path / "gpu_speed-tiny-cpu.png").stat().st_size > 0
+    assert "aten::" in (tmp_path / "gpu_speed-tiny-cpu-profile-tiny.txt").read_text()  # the kernel table

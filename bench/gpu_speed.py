@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTokenizer
 
 from cascade_studio import __version__
-from cascade_studio.engine import CascadeEngine, speed
+from cascade_studio.engine import CascadeEngine, GenerationResult, speed
 from cascade_studio.models.architectures import BASE_WORDS, random_components, write_word_tokenizer
 from cascade_studio.models.loading import assemble_pipelines, load_pipelines
 from cascade_studio.models.source import ModelIdentity, resolve_model
@@ -113,17 +113,27 @@ def build(name: str, device: torch.device, dtype: torch.dtype, tokenizer: CLIPTo
     return parts, pipelines
 
 
+def error_text(exc: Exception) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()[-2000:]
+
+
+def uncached(engine: CascadeEngine, **fields) -> GenerationResult:
+    """One request with the engine's caches emptied first: every run pays for the whole image, as stock does."""
+    engine._text_cache.clear()
+    engine._prior_cache.clear()
+    return engine(engine.request(**fields))
+
+
 def engine_runner(engine: CascadeEngine, size: int, timings: list[dict]) -> Callable[..., np.ndarray]:
     def ours(n: int, seed: int = 0) -> np.ndarray:
-        engine._text_cache.clear()
-        engine._prior_cache.clear()  # every run pays for the whole image, as stock does
-        result = engine(engine.request(prompt=PROMPT, width=size, height=size, num_images=n, seed=seed, **SETTINGS))
+        result = uncached(engine, prompt=PROMPT, width=size, height=size, num_images=n, seed=seed, **SETTINGS)
         timings.append(result.timings)
         return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in result.images])
     return ours
 
 
-def measure(fn: Callable[..., object], device: torch.device, runs: int, stage_timings: list[dict] | None = None) -> dict:
+def measure(fn: Callable[..., object], device: torch.device, runs: int,
+            stage_timings: list[dict] | None = None) -> dict:
     """First call (compile, capture) and steady state at batch 1 and 4, with peak memory of the steady runs."""
     row: dict = {}
     for n, key in ((1, "b1"), (4, "b4")):
@@ -195,7 +205,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
             log(f"{name}: {label} {report[label]['b1_s_per_image']:.3f} s, first call "
                 f"{report[label]['first_call_b1_s']:.1f} s")
         except Exception as exc:  # one failing variant must not cost the GPU run the others' numbers
-            report[label] = {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:]}
+            report[label] = {"error": error_text(exc)}
             log(f"{name}: {label} failed: {report[label]['error']}")
             if device.type == "cuda":
                 speed.use_cuda_graphs(pipelines, False)
@@ -232,9 +242,8 @@ def check_trained_weights(device: torch.device, dtype: torch.dtype) -> dict:
     def images() -> np.ndarray:
         out = []
         for seed, prompt in enumerate(TRAINED_PROMPTS):
-            engine._text_cache.clear()
-            engine._prior_cache.clear()
-            out += [np.asarray(i, dtype=np.int16) for i in engine(engine.request(prompt=prompt, seed=seed, num_images=2)).images]
+            batch = uncached(engine, prompt=prompt, seed=seed, num_images=2).images
+            out += [np.asarray(image, dtype=np.int16) for image in batch]
         return np.stack(out)
 
     eager = images()
@@ -274,7 +283,8 @@ def plot(result: dict, path: Path) -> None:
     w, bar, pad, left = 720, 20, 6, 230
     image = Image.new("RGB", (w, 40 + len(rows) * (bar + pad)), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((pad, 10), f"seconds per image, {result['device']}, {result['size']}px, {result['settings']}", fill="black")
+    title = f"seconds per image, {result['device']}, {result['size']}px, {result['settings']}"
+    draw.text((pad, 10), title, fill="black")
     colours = {"stock": (40, 80, 220), "engine": (220, 120, 40), "engine_graphs": (160, 60, 160),
                "engine_compiled": (120, 160, 40), "engine_fast": (40, 160, 80)}
     for k, (label, value) in enumerate(rows):
@@ -333,7 +343,7 @@ def main() -> None:
         try:
             result["low_memory_full"] = bench_low_memory("full", device, dtype, size, tokenizer)
         except Exception as exc:
-            result["low_memory_full"] = {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:]}
+            result["low_memory_full"] = {"error": error_text(exc)}
         log(f"low memory: {result['low_memory_full']}")
         save()
     if args.trained:

@@ -272,9 +272,7 @@ def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: 
         with torch.no_grad():
             effnet, keep = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
             texts = [caption(data.scenes[i], rng) if k and rng.random() > 0.1 else "" for i, k in zip(idx, keep)]
-            tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                               return_tensors="pt").to(device)
-            pooled = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds.unsqueeze(1)
+            pooled = encode_captions(text_encoder, tokenizer, texts)[1].unsqueeze(1)
         loss = _decoder_loss(decoder, data, idx, effnet, pooled, gen, foreground_weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
@@ -293,6 +291,15 @@ def encode_dataset(encoder: ImageEncoder, n: int, rng: random.Random, log: Log) 
         scenes += batch_scenes
     log(f"encoded {n} scenes for the prior")
     return torch.cat(latents), scenes
+
+
+def encode_captions(text_encoder: nn.Module, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states and pooled embedding of captions padded to the tokenizer's length: what the pipelines
+    feed the prior (both) and the decoder (the pooled one)."""
+    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt").to(device_of(text_encoder))
+    out = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
+    return out.hidden_states[-1], out.text_embeds
 
 
 # Attributes the text encoder's pooled output is taught to carry (auxiliary heads, dropped after training).
@@ -328,10 +335,7 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
     def step(_: int) -> float:
         idx = [rng.randrange(len(scenes)) for _ in range(batch)]
         texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").to(device)
-        out = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
-        hidden, pooled = out.hidden_states[-1], out.text_embeds  # what the prior pipeline feeds the prior
+        hidden, pooled = encode_captions(text_encoder, tokenizer, texts)
         t = sample_t(batch, gen, high_noise_share=0.5)
         loss = v_loss(lambda x, r: prior(x, r, clip_text_pooled=pooled.unsqueeze(1), clip_text=hidden,
                                          clip_img=no_image).sample, latents[idx].to(device), t, gen)

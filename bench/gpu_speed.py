@@ -88,9 +88,9 @@ VARIANTS = ("stock", "engine", "engine_graphs", "engine_compiled", "engine_fast"
 # What each engine variant adds, applied in this order to the same pipelines (each step undoes or extends the last).
 PREPARE: dict[str, Callable] = {
     "engine": lambda p: None,
-    "engine_graphs": lambda p: speed.use_cuda_graphs(p),                                # eager blocks, CUDA graphs
+    "engine_graphs": lambda p: speed.optimize(p, "graphs"),       # the engine's --speedup graphs (default on CUDA)
     "engine_compiled": lambda p: (speed.use_cuda_graphs(p, False), speed.compile_blocks(p)),  # compiled, no graphs
-    "engine_fast": lambda p: (speed.compile_blocks(p), speed.use_cuda_graphs(p)),       # both: speedup "compile"
+    "engine_fast": lambda p: speed.optimize(p, "compile"),        # the engine's --speedup compile
 }
 NEEDS_CUDA = {"engine_graphs", "engine_fast"}
 

@@ -76,6 +76,14 @@ def test_the_position_follows_the_prompt(demo, seed):
     assert left < 128 / 3 < 2 * 128 / 3 < right, (left, right)
 
 
+@pytest.mark.parametrize("prompt, count", [("a large yellow circle in the centre on a black background", 1),
+                                           ("two small red squares on the left on a white background", 2),
+                                           ("three small yellow circles in the centre on a black background", 3)])
+def test_the_number_of_shapes_follows_the_prompt(demo, prompt, count):
+    found = [analyze(demo(demo.request(prompt=prompt, seed=seed)).images[0]).count for seed in range(4)]
+    assert found.count(count) >= 3, found
+
+
 def test_cli_defaults_to_the_demo_model_offline(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}
     proc = subprocess.run([CLI, "generate", "a yellow circle on a purple background", "--seed", "3", "--out",
@@ -101,7 +109,8 @@ def eval_demo(tmp_path: Path, stage: str, n: int) -> tuple[str, dict]:
 def test_eval_demo_scores_the_decoder_alone(tmp_path):
     """From each scene's true latent (the shipped image encoder), the decoder draws at least the right background."""
     printed, report = eval_demo(tmp_path, "decoder", n=4)
-    assert "decoder alone" in printed
+    assert "decoder alone" in printed and "naming another shape in the caption moves" in printed
+    assert 0 <= report["shape_word_effect"] < 1
     assert all(split["rates"]["background"] >= 0.75 for split in report["splits"].values()), report["splits"]
 
 
@@ -112,3 +121,8 @@ def test_eval_demo_scores_stage_a_alone(tmp_path):
     assert "Stage A alone" in printed and report["settings"] == {}
     for split in report["splits"].values():
         assert split["rates"]["background"] == 1 and split["rates"]["position"] == 1, split["rates"]
+        # Shape hits per asked shape: their mean, weighted by how often each was asked, is the shape rate.
+        asked = {s: sum(f" {s}" in r["prompt"] for r in split["samples"]) for s in split["shape_rates"]}
+        weighted = sum(split["shape_rates"][s] * k for s, k in asked.items()) / sum(asked.values())
+        assert weighted == pytest.approx(split["rates"]["shape"]), split
+    assert "shape right, held-out: " in printed

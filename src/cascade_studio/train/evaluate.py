@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from statistics import mean
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from .analyze import ATTRIBUTES, analyze, score
-from .scenes import Scene, render, sample_scene
+from .scenes import SHAPES, Scene, render, sample_scene
 from .stages import encoder_view
 
 SPLITS = {"held-out": True, "training": False}
@@ -42,19 +43,23 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
                 "decoder_guidance": d.decoder_guidance if decoder_guidance is None else decoder_guidance}
     pipelines = engine.pipelines
     encoder = encoder.to(pipelines.device).eval()
+    word_effects: list[float] = []
 
     @torch.no_grad()
     def decode(scene: Scene, image_seed: int) -> Image.Image:
-        latent = encoder(encoder_view(_pixels(scene, d.width, image_seed).to(pipelines.device)))
-        return pipelines.decoder(
-            image_embeddings=latent.to(pipelines.dtype), prompt=scene.prompt(),
-            num_inference_steps=settings["decoder_steps"],
+        latent = encoder(encoder_view(_pixels(scene, d.width, image_seed).to(pipelines.device))).to(pipelines.dtype)
+        images = [pipelines.decoder(
+            image_embeddings=latent, prompt=s.prompt(), num_inference_steps=settings["decoder_steps"],
             guidance_scale=settings["decoder_guidance"], generator=torch.Generator().manual_seed(image_seed),
             output_type="pil",
-        ).images[0]
+        ).images[0] for s in (scene, replace(scene, shape=SHAPES[(SHAPES.index(scene.shape) + 1) % len(SHAPES)]))]
+        word_effects.append(float(np.abs(np.asarray(images[0], float) - np.asarray(images[1], float)).mean() / 255))
+        return images[0]
 
     report = {"model": engine.identity.name, "stage": "decoder", "n": n, "seed": seed, "settings": settings}
-    return report | {"splits": _score_splits(decode, n, seed)}
+    report |= {"splits": _score_splits(decode, n, seed)}
+    # How much the caption steers the decoder: the same latent and seed, the caption naming another shape.
+    return report | {"shape_word_effect": mean(word_effects)}
 
 
 def evaluate_vqgan(engine, *, n: int = 60, seed: int = 0) -> dict:
@@ -85,15 +90,17 @@ def _score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed:
     splits = {}
     for split, held_out in SPLITS.items():
         rng = random.Random(f"{seed}-{split}")
+        scenes = [sample_scene(rng, held_out=held_out) for _ in range(n)]
         rows = []
-        for i in range(n):
-            scene = sample_scene(rng, held_out=held_out)
+        for i, scene in enumerate(scenes):
             image = make_image(scene, seed * 100_000 + i)
             rows.append({"prompt": scene.prompt(), "seed": seed * 100_000 + i, "hits": score(scene, analyze(image)),
                          "image": image})
         rates = {a: mean(r["hits"][a] for r in rows) for a in ATTRIBUTES}
         rates["all"] = mean(all(r["hits"].values()) for r in rows)
-        splits[split] = {"rates": rates, "samples": rows}
+        # Per asked shape: a model that draws every shape round scores about the share of circles asked for.
+        asked = {shape: [r["hits"]["shape"] for r, sc in zip(rows, scenes) if sc.shape == shape] for shape in SHAPES}
+        splits[split] = {"rates": rates, "shape_rates": {k: mean(v) for k, v in asked.items() if v}, "samples": rows}
     return splits
 
 
@@ -105,6 +112,12 @@ def table(report: dict) -> str:
              head]
     for split, data in report["splits"].items():
         lines.append(f"{split:<10}" + "".join(f"{data['rates'][a]:>10.0%} " for a in (*ATTRIBUTES, "all")))
+    for split, data in report["splits"].items():
+        lines.append(f"shape right, {split}: " + ", ".join(f"{shape} {rate:.0%}" for shape, rate in
+                                                           data["shape_rates"].items()))
+    if "shape_word_effect" in report:
+        lines.append(f"naming another shape in the caption moves the decoder's pixels by "
+                     f"{report['shape_word_effect']:.2%} on average")
     return "\n".join(lines)
 
 
@@ -122,7 +135,8 @@ def json_ready(report: dict) -> dict:
     """The report without image objects."""
     out = {k: v for k, v in report.items() if k != "splits"}
     out["splits"] = {
-        split: {"rates": d["rates"], "samples": [{k: v for k, v in s.items() if k != "image"} for s in d["samples"]]}
+        split: {"rates": d["rates"], "shape_rates": d["shape_rates"],
+                "samples": [{k: v for k, v in s.items() if k != "image"} for s in d["samples"]]}
         for split, d in report["splits"].items()
     }
     return out

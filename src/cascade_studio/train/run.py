@@ -194,7 +194,8 @@ def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
     card["losses"]["stage B text"] = losses
     card["final_losses"]["stage B text"] = losses[-1]
     card["config"]["steps_b_text"] = cfg.steps(cfg.steps_b_text)
-    card["stage_b_text_added_later"] = "by `cascade-studio train-demo --from`, on the stages trained before"
+    card["stage_b_text_added_later"] = {"by": "cascade-studio train-demo --from, on the stages trained before",
+                                        "scale": cfg.scale, "decoder_scenes": cfg.steps(cfg.decoder_scenes)}
     (out / "cascade_studio.json").write_text(json.dumps(card, indent=1))
     plot_losses(card["losses"], out / "loss.png")
     log(f"stage B text in {seconds / 60:.1f} min -> {out}")

@@ -111,6 +111,9 @@ def test_eval_demo_scores_the_decoder_alone(tmp_path):
     printed, report = eval_demo(tmp_path, "decoder", n=4)
     assert "decoder alone" in printed and "naming another shape in the caption moves" in printed
     assert 0 <= report["shape_word_effect"] < 1
+    assert "a linear probe reads the shape off the Stage C latent" in printed
+    assert set(report["shape_probe"]) == {"held-out", "training"}
+    assert all(0 <= rate <= 1 for rate in report["shape_probe"].values())
     assert all(split["rates"]["background"] >= 0.75 for split in report["splits"].values()), report["splits"]
 
 

@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--grid", help="write a contact sheet of held-out samples here")
     e.add_argument("--stage", choices=("all", "decoder", "vqgan"), default="all",
-                   help="all: text to image (default); decoder: the decoder alone, from each scene's true latent; "
+                   help="all: text to image (default); decoder: the decoder alone, from each scene's true latent "
+                        "(and how well a linear probe reads the shape off that latent); "
                         "vqgan: Stage A alone, each scene encoded and decoded (the ceiling for the others)")
     for name in ("prior-steps", "decoder-steps"):
         e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int)

@@ -2,7 +2,8 @@
 
     cascade-studio eval-demo                   # the shipped demo model, held-out and training combinations
     cascade-studio eval-demo --model DIR --n 100 --json eval.json --grid samples.png
-    cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes
+    cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes,
+                                               # and a linear probe: how well that latent tells the shapes apart
     cascade-studio eval-demo --stage vqgan     # Stage A alone: the same scenes encoded and decoded
 """
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from .analyze import ATTRIBUTES, analyze, score
 from .scenes import SHAPES, Scene, render, sample_scene
-from .stages import encoder_view
+from .stages import SIDE, encoder_view
 
 SPLITS = {"held-out": True, "training": False}
 
@@ -59,7 +60,36 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
     report = {"model": engine.identity.name, "stage": "decoder", "n": n, "seed": seed, "settings": settings}
     report |= {"splits": _score_splits(decode, n, seed)}
     # How much the caption steers the decoder: the same latent and seed, the caption naming another shape.
-    return report | {"shape_word_effect": mean(word_effects)}
+    return report | {"shape_word_effect": mean(word_effects), "shape_probe": shape_probe(encoder, seed=seed)}
+
+
+@torch.no_grad()
+def _encoded(encoder, scenes: list[Scene], rng: random.Random) -> torch.Tensor:
+    device = next(encoder.parameters()).device
+    pixels = torch.cat([_pixels(s, SIDE, rng.randrange(2**31)) for s in scenes]).to(device)
+    return torch.cat([encoder(encoder_view(pixels[i:i + 256])).flatten(1).float().cpu()
+                      for i in range(0, len(scenes), 256)])
+
+
+def shape_probe(encoder, *, n: int = 3000, seed: int = 0) -> dict[str, float]:
+    """How well a linear read-out (logistic regression, fitted on n training scenes) tells the shape from the Stage C
+    latent of fresh scenes, per split. The decoder can draw only the shapes this latent tells apart."""
+    rng = random.Random(f"{seed}-probe")
+    fit = [sample_scene(rng) for _ in range(n)]
+    x, y = _encoded(encoder, fit, rng), torch.tensor([SHAPES.index(s.shape) for s in fit])
+    weight = torch.zeros(x.shape[1], len(SHAPES), requires_grad=True)  # zeros: the fit is convex and deterministic
+    bias = torch.zeros(len(SHAPES), requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(x @ weight + bias, y).backward()
+        opt.step()
+    rates = {}
+    for split, held_out in SPLITS.items():
+        scenes = [sample_scene(rng, held_out=held_out) for _ in range(1000)]
+        guess = (_encoded(encoder, scenes, rng) @ weight + bias).argmax(1)
+        rates[split] = float((guess == torch.tensor([SHAPES.index(s.shape) for s in scenes])).float().mean())
+    return rates
 
 
 def evaluate_vqgan(engine, *, n: int = 60, seed: int = 0) -> dict:
@@ -118,6 +148,9 @@ def table(report: dict) -> str:
     if "shape_word_effect" in report:
         lines.append(f"naming another shape in the caption moves the decoder's pixels by "
                      f"{report['shape_word_effect']:.2%} on average")
+    if "shape_probe" in report:
+        lines.append("a linear probe reads the shape off the Stage C latent for " + ", ".join(
+            f"{rate:.0%} of {split} scenes" for split, rate in report["shape_probe"].items()))
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .analyze import ATTRIBUTES, analyze, score
 from .scenes import SHAPES, Scene, render, sample_scene
-from .stages import SIDE, encoder_view
+from .stages import SIDE, device_of, encoder_view
 
 SPLITS = {"held-out": True, "training": False}
 
@@ -65,15 +65,15 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
 
 @torch.no_grad()
 def _encoded(encoder, scenes: list[Scene], rng: random.Random) -> torch.Tensor:
-    device = next(encoder.parameters()).device
-    pixels = torch.cat([_pixels(s, SIDE, rng.randrange(2**31)) for s in scenes]).to(device)
+    pixels = torch.cat([_pixels(s, SIDE, rng.randrange(2**31)) for s in scenes]).to(device_of(encoder))
     return torch.cat([encoder(encoder_view(pixels[i:i + 256])).flatten(1).float().cpu()
                       for i in range(0, len(scenes), 256)])
 
 
 def shape_probe(encoder, *, n: int = 3000, seed: int = 0) -> dict[str, float]:
     """How well a linear read-out (logistic regression, fitted on n training scenes) tells the shape from the Stage C
-    latent of fresh scenes, per split. The decoder can draw only the shapes this latent tells apart."""
+    latent of fresh scenes, per split: how plainly the latent says which shape to draw (a decoder that barely reads
+    its caption has nothing else to go on)."""
     rng = random.Random(f"{seed}-probe")
     fit = [sample_scene(rng) for _ in range(n)]
     x, y = _encoded(encoder, fit, rng), torch.tensor([SHAPES.index(s.shape) for s in fit])

@@ -64,10 +64,12 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seed: int = 0, decoder_ste
 
 
 @torch.no_grad()
-def _encoded(encoder, scenes: list[Scene], rng: random.Random) -> torch.Tensor:
+def _encoded(encoder, scenes: list[Scene], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes' flattened Stage C latents and their shapes as class indices."""
     pixels = torch.cat([_pixels(s, SIDE, rng.randrange(2**31)) for s in scenes]).to(device_of(encoder))
-    return torch.cat([encoder(encoder_view(pixels[i:i + 256])).flatten(1).float().cpu()
-                      for i in range(0, len(scenes), 256)])
+    latents = torch.cat([encoder(encoder_view(pixels[i:i + 256])).flatten(1).float().cpu()
+                         for i in range(0, len(scenes), 256)])
+    return latents, torch.tensor([SHAPES.index(s.shape) for s in scenes])
 
 
 def shape_probe(encoder, *, n: int = 3000, seed: int = 0) -> dict[str, float]:
@@ -75,8 +77,7 @@ def shape_probe(encoder, *, n: int = 3000, seed: int = 0) -> dict[str, float]:
     latent of fresh scenes, per split: how plainly the latent says which shape to draw (a decoder that barely reads
     its caption has nothing else to go on)."""
     rng = random.Random(f"{seed}-probe")
-    fit = [sample_scene(rng) for _ in range(n)]
-    x, y = _encoded(encoder, fit, rng), torch.tensor([SHAPES.index(s.shape) for s in fit])
+    x, y = _encoded(encoder, [sample_scene(rng) for _ in range(n)], rng)
     weight = torch.zeros(x.shape[1], len(SHAPES), requires_grad=True)  # zeros: the fit is convex and deterministic
     bias = torch.zeros(len(SHAPES), requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=1e-2)
@@ -86,9 +87,8 @@ def shape_probe(encoder, *, n: int = 3000, seed: int = 0) -> dict[str, float]:
         opt.step()
     rates = {}
     for split, held_out in SPLITS.items():
-        scenes = [sample_scene(rng, held_out=held_out) for _ in range(1000)]
-        guess = (_encoded(encoder, scenes, rng) @ weight + bias).argmax(1)
-        rates[split] = float((guess == torch.tensor([SHAPES.index(s.shape) for s in scenes])).float().mean())
+        x, y = _encoded(encoder, [sample_scene(rng, held_out=held_out) for _ in range(1000)], rng)
+        rates[split] = float(((x @ weight + bias).argmax(1) == y).float().mean())
     return rates
 
 

@@ -11,17 +11,20 @@ download the real ones. Rows, applied in turn to the same pipelines (engine/spee
   engine_graphs    + each denoising step replayed as a CUDA graph (eager blocks)
   engine_compiled  + the UNets' repeated blocks compiled (regional torch.compile), no graphs
   engine_fast      compiled blocks and CUDA graphs: `--speedup compile` (engine_graphs is `graphs`, the default)
+  engine_graphs_cl, engine_fast_cl   the same with channels-last (NHWC) weights and convolutions
+  engine_static_cl channels-last, blocks compiled for static shapes (a graph per block shape), CUDA graphs
 Per row: first call at batch 1 and 4 (compile, capture), steady seconds per image at batch 1 and 4, per-stage
 time, peak GPU memory, FLOP utilisation against a measured bf16 matmul, the largest pixel difference from stock
 for the same seed, and whether a repeated request gives the same pixels. Then the full model with CPU offload
 (the low-memory mode): time and peak GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so
 a run cut short keeps what it measured) and .png; compare numbers only within one file. `--profile` also writes
-a kernel table of one batch-1 image of the last row, for the next thing to speed up.
+the kernel time of one batch-1 image of the last row per model and by kernel, for the next thing to speed up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -84,15 +87,27 @@ def flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-VARIANTS = ("stock", "engine", "engine_graphs", "engine_compiled", "engine_fast")
-# What each engine variant adds, applied in this order to the same pipelines (each step undoes or extends the last).
+def reset(pipelines) -> None:
+    """Back to eager: no graphs, no compiled blocks, weights in the default memory format."""
+    speed.use_cuda_graphs(pipelines, False)
+    speed.compile_blocks(pipelines, False)
+    speed.use_channels_last(pipelines, False)
+
+
+# What each engine variant runs, set up from eager on the same pipelines (compiled graphs stay in dynamo's cache).
 PREPARE: dict[str, Callable] = {
-    "engine": lambda p: None,
-    "engine_graphs": lambda p: speed.optimize(p, "graphs"),       # the engine's --speedup graphs (default on CUDA)
-    "engine_compiled": lambda p: (speed.use_cuda_graphs(p, False), speed.compile_blocks(p)),  # compiled, no graphs
-    "engine_fast": lambda p: speed.optimize(p, "compile"),        # the engine's --speedup compile
+    "engine": reset,
+    "engine_graphs": lambda p: (reset(p), speed.optimize(p, "graphs")),  # --speedup graphs (the default on CUDA)
+    "engine_compiled": lambda p: (reset(p), speed.compile_blocks(p)),       # compiled blocks, no graphs
+    "engine_fast": lambda p: (reset(p), speed.optimize(p, "compile")),     # --speedup compile
+    "engine_graphs_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.optimize(p, "graphs")),
+    "engine_fast_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.optimize(p, "compile")),
+    "engine_static_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.compile_blocks(p, dynamic=False),
+                                   speed.use_cuda_graphs(p)),
 }
-NEEDS_CUDA = {"engine_graphs", "engine_fast"}
+VARIANTS = ("stock", *PREPARE)
+NEEDS_CUDA = {"engine_graphs", "engine_fast",
+              "engine_graphs_cl", "engine_fast_cl", "engine_static_cl"}
 
 
 def log(message: str) -> None:
@@ -148,7 +163,8 @@ def measure(fn: Callable[..., object], device: torch.device, runs: int,
             row[f"peak_gib_{key}"] = torch.cuda.max_memory_allocated(device) / 2**30
             row[f"peak_reserved_gib_{key}"] = torch.cuda.max_memory_reserved(device) / 2**30
         if stage_timings and n == 1:
-            row |= {f"{stage}_s": statistics.median(t[stage] for t in stage_timings) for stage in ("prior", "decoder")}
+            row |= {f"{stage}_s": statistics.median(t[stage] for t in stage_timings)
+                    for stage in ("text", "prior", "decoder")}
     return row
 
 
@@ -200,8 +216,8 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
             report[label]["same_images_twice"] = bool((first == second).all())
             if reference is not None:
                 report[label]["max_abs_diff_vs_stock"] = float(np.abs(reference - first).max())
-            if label in ("engine_compiled", "engine_fast"):
-                report[label]["compiled_graphs"] = counters["stats"]["unique_graphs"]
+            if "compiled" in label or "fast" in label or "static" in label:
+                report[label]["compiled_graphs"] = counters["stats"]["unique_graphs"]  # this process so far
             log(f"{name}: {label} {report[label]['b1_s_per_image']:.3f} s, first call "
                 f"{report[label]['first_call_b1_s']:.1f} s")
         except Exception as exc:  # one failing variant must not cost the GPU run the others' numbers
@@ -211,7 +227,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
                 speed.use_cuda_graphs(pipelines, False)
         save(report)
     if profile is not None:
-        write_profile(ours, device, profile)
+        write_profile(ours, pipelines, device, profile)
     if "flops_per_image" in report:
         for label in VARIANTS:
             if "b1_s_per_image" in report.get(label, {}):
@@ -220,16 +236,70 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
     return report
 
 
-def write_profile(ours: Callable[..., np.ndarray], device: torch.device, path: Path) -> None:
-    """Where one batch-1 image of the last row spends its time, by kernel: what to speed up next."""
+# What one image passes through, with the method the pipelines call on each: the profile's per-part rows.
+PARTS = {"text_encoder": (lambda p: p.prior.text_encoder, "forward"),
+         "prior_unet": (lambda p: p.prior.prior, "forward"), "prior_scheduler": (lambda p: p.prior.scheduler, "step"),
+         "decoder_unet": (lambda p: p.decoder.decoder, "forward"),
+         "decoder_scheduler": (lambda p: p.decoder.scheduler, "step"),
+         "stage_a": (lambda p: p.decoder.vqgan, "decode")}
+
+
+@contextlib.contextmanager
+def wrapped(pipelines, wrap: Callable[[Callable, str], Callable]):
+    """Each part's method replaced by wrap(method, label) on the instance, and restored after (a CUDA graph
+    installed on the instance included)."""
+    saved = {label: vars(get(pipelines)).get(method) for label, (get, method) in PARTS.items()}
+    for label, (get, method) in PARTS.items():
+        setattr(get(pipelines), method, wrap(getattr(get(pipelines), method), label))
+    try:
+        yield
+    finally:
+        for label, (get, method) in PARTS.items():
+            vars(get(pipelines)).pop(method)
+            if saved[label] is not None:
+                setattr(get(pipelines), method, saved[label])
+
+
+def write_profile(ours: Callable[..., np.ndarray], pipelines, device: torch.device, path: Path) -> None:
+    """Where one batch-1 image of the last row spends its time, for the next thing to speed up: wall time per part
+    (synchronised before and after each call, as the row runs), then kernel time per part and by kernel. Kernels
+    are profiled with CUDA graphs removed, so that each is launched under its part's label; a graph replays the
+    same kernels without the launch gaps."""
+    seconds: dict[str, float] = dict.fromkeys(PARTS, 0.0)
+
+    def timer(method: Callable, label: str) -> Callable:
+        def call(*args, **kwargs):
+            t, out = timed(lambda: method(*args, **kwargs), device)
+            seconds[label] += t
+            return out
+        return call
+
+    with wrapped(pipelines, timer):
+        total, _ = timed(lambda: ours(1), device)
+    lines = [f"one image: {total * 1e3:.1f} ms wall, parts below {sum(seconds.values()) * 1e3:.1f} ms",
+             *(f"{label:<18} {s * 1e3:9.2f} ms wall" for label, s in seconds.items())]
+
+    def label(method: Callable, name: str) -> Callable:
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return method(*args, **kwargs)
+        return call
+
+    speed.use_cuda_graphs(pipelines, False)
+    ours(1)  # not profiled: the first eager call may still compile
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with wrapped(pipelines, label), torch.profiler.profile(activities=activities) as prof:
         ours(1)
         sync(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80))
+    events = prof.key_averages()
+    total_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    lines += [f"{e.key:<18} {getattr(e, total_key) / 1e3:9.2f} ms {device.type} kernels, {e.count} calls"
+              for e in events if e.key in PARTS and e.device_type.name == "CPU"]  # not the GPU-side annotation rows
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=60, max_name_column_width=100)
+    path.write_text("per part:\n" + "\n".join(lines) + "\n\nby kernel:\n" + table)
     log(f"profile -> {path}")
 
 
@@ -285,8 +355,8 @@ def plot(result: dict, path: Path) -> None:
     draw = ImageDraw.Draw(image)
     title = f"seconds per image, {result['device']}, {result['size']}px, {result['settings']}"
     draw.text((pad, 10), title, fill="black")
-    colours = {"stock": (40, 80, 220), "engine": (220, 120, 40), "engine_graphs": (160, 60, 160),
-               "engine_compiled": (120, 160, 40), "engine_fast": (40, 160, 80)}
+    colours = dict(zip(VARIANTS, [(40, 80, 220), (220, 120, 40), (160, 60, 160), (120, 160, 40), (40, 160, 80),
+                                  (200, 60, 60), (60, 160, 200), (120, 120, 120)]))
     for k, (label, value) in enumerate(rows):
         y = 40 + k * (bar + pad)
         length = int((w - left - 70) * value / top)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,4 +49,8 @@ def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     trained = report["trained_weights"]
     assert trained["images"] == 6 and trained["engine_compiled"]["max_abs_diff_255"] <= 2
     assert (tmp_path / "gpu_speed-tiny-cpu.png").stat().st_size > 0
-    assert "aten::" in (tmp_path / "gpu_speed-tiny-cpu-profile-tiny.txt").read_text()  # the kernel table
+    profile = (tmp_path / "gpu_speed-tiny-cpu-profile-tiny.txt").read_text()
+    assert "aten::" in profile  # the kernel table
+    parts = dict(re.findall(r"^(\w+) +([\d.]+) ms wall$", profile, re.MULTILINE))  # wall time per part of one image
+    assert set(parts) == {"text_encoder", "prior_unet", "prior_scheduler", "decoder_unet", "decoder_scheduler",
+                          "stage_a"} and float(parts["prior_unet"]) > 0

@@ -30,20 +30,59 @@ from ..models.loading import CascadePipelines
 from .cache import LRUCache
 
 Speedup = Literal["off", "graphs", "compile"]
+_compiled_dynamic: bool | None = None  # how blocks were last compiled in this process: dynamo's caches are global
 
 
 def _unets(pipelines: CascadePipelines) -> tuple[torch.nn.Module, torch.nn.Module]:
     return pipelines.prior.prior, pipelines.decoder.decoder
 
 
-def compile_blocks(pipelines: CascadePipelines) -> None:
-    """Regional compilation of the prior's and decoder's blocks and of Stage A's residual blocks."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+def keep_scheduler_on_device(pipelines: CascadePipelines) -> None:
+    """Move the Würstchen schedulers' two constants to the model's device, where diffusers copies them at every step.
+
+    On a GPU that copy blocks the host until the step's UNet has finished, so the next host work (drawing the step's
+    noise from the CPU generators: about 7 ms for a 1024² decoder latent) ran while the GPU idled, about 70 ms an
+    image (bench/results/gpu_speed-NVIDIA_H200-parts-profile-*.txt). Same values, computed on the same device."""
+    for scheduler in (pipelines.prior.scheduler, pipelines.decoder.scheduler):
+        for name in ("s", "_init_alpha_cumprod"):
+            value = getattr(scheduler, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(scheduler, name, value.to(pipelines.device))
+
+
+def _compilable_blocks(pipelines: CascadePipelines) -> list[torch.nn.Module]:
     blocks = [block for unet in _unets(pipelines) for level in (*unet.down_blocks, *unet.up_blocks) for block in level]
-    blocks += [block for block in pipelines.decoder.vqgan.up_blocks if isinstance(block, MixingResidualBlock)]
+    return blocks + [block for block in pipelines.decoder.vqgan.up_blocks if isinstance(block, MixingResidualBlock)]
+
+
+def compile_blocks(pipelines: CascadePipelines, enabled: bool = True, dynamic: bool = True) -> None:
+    """Regional compilation of the prior's and decoder's blocks and of Stage A's residual blocks (or its removal).
+
+    dynamic=False compiles one graph per block shape (more graphs, longer cold start) so that Inductor can pick
+    kernels for the exact sizes; switching between the two clears dynamo's caches, which would reuse the other's
+    graphs."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+    blocks = _compilable_blocks(pipelines)
     for block in blocks:
-        if "forward" not in vars(block):  # compiling twice would wrap the compiled function again
-            block.forward = torch.compile(block.forward, dynamic=True)
+        vars(block).pop("forward", None)
+    if not enabled:
+        return
+    global _compiled_dynamic
+    if _compiled_dynamic not in (None, dynamic):
+        torch._dynamo.reset()
+    _compiled_dynamic = dynamic
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=dynamic)
+
+
+def use_channels_last(pipelines: CascadePipelines, enabled: bool = True) -> None:
+    """Store both UNets' and Stage A's weights channels-last (NHWC), so that their convolutions run NHWC (every
+    block permutes to channels-last for its LayerNorm and MLP anyway). Not part of a speed-up mode: on the H200 it
+    took full at batch 1 from 1.21 to 1.16 s with graphs and left compile at 0.97 s, for 0.13 GiB more memory
+    (bench/results/gpu_speed-NVIDIA_H200-channels-last*.json); bench/gpu_speed.py keeps measuring it."""
+    form = torch.channels_last if enabled else torch.contiguous_format
+    for module in (*_unets(pipelines), pipelines.decoder.vqgan):
+        module.to(memory_format=form)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
-from cascade_studio.train.scenes import PALETTE
+from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES
 from tests.test_cli import CLI
 
 PROMPTS = [  # (prompt, background): a training and a held-out colour-shape pair
@@ -128,4 +128,6 @@ def test_eval_demo_scores_stage_a_alone(tmp_path):
         asked = {s: sum(f" {s}" in r["prompt"] for r in split["samples"]) for s in split["shape_rates"]}
         weighted = sum(split["shape_rates"][s] * k for s, k in asked.items()) / sum(asked.values())
         assert weighted == pytest.approx(split["rates"]["shape"]), split
-    assert "shape right, held-out: " in printed
+    assert "shape right, held-out: " in printed and "  by size: " in printed
+    for split in report["splits"].values():  # each size and shape asked, named as the table prints it
+        assert set(split["shape_size_rates"]) <= {f"{size} {shape}" for size in SIZES for shape in SHAPES}, split

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .analyze import ATTRIBUTES, analyze, score
-from .scenes import SHAPES, Scene, render, sample_scene
+from .scenes import SHAPES, SIZES, Scene, render, sample_scene
 from .stages import SIDE, device_of, encoder_view
 
 SPLITS = {"held-out": True, "training": False}
@@ -115,6 +115,18 @@ def _pixels(scene: Scene, side: int, image_seed: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
 
+# Shape hits per asked shape (a model that draws every shape round scores about the share of circles asked for),
+# and per size and shape: a small shape spans few Stage A latent positions, so its corners are the first to go.
+BY_SHAPE = {shape: (lambda sc, k=shape: sc.shape == k) for shape in SHAPES}
+BY_SIZE = {f"{size} {shape}": (lambda sc, k=(size, shape): (sc.size, sc.shape) == k) for shape in SHAPES
+           for size in SIZES}
+
+
+def _shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callable[[Scene], bool]]) -> dict:
+    hits = {name: [r["hits"]["shape"] for r, sc in zip(rows, scenes) if keep(sc)] for name, keep in groups.items()}
+    return {name: mean(h) for name, h in hits.items() if h}
+
+
 def _score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed: int) -> dict:
     """The same n scenes per split for every seed, whatever makes the images."""
     splits = {}
@@ -128,9 +140,8 @@ def _score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed:
                          "image": image})
         rates = {a: mean(r["hits"][a] for r in rows) for a in ATTRIBUTES}
         rates["all"] = mean(all(r["hits"].values()) for r in rows)
-        # Per asked shape: a model that draws every shape round scores about the share of circles asked for.
-        asked = {shape: [r["hits"]["shape"] for r, sc in zip(rows, scenes) if sc.shape == shape] for shape in SHAPES}
-        splits[split] = {"rates": rates, "shape_rates": {k: mean(v) for k, v in asked.items() if v}, "samples": rows}
+        splits[split] = {"rates": rates, "shape_rates": _shape_rates(rows, scenes, BY_SHAPE),
+                         "shape_size_rates": _shape_rates(rows, scenes, BY_SIZE), "samples": rows}
     return splits
 
 
@@ -145,6 +156,7 @@ def table(report: dict) -> str:
     for split, data in report["splits"].items():
         lines.append(f"shape right, {split}: " + ", ".join(f"{shape} {rate:.0%}" for shape, rate in
                                                            data["shape_rates"].items()))
+        lines.append("  by size: " + ", ".join(f"{k} {rate:.0%}" for k, rate in data["shape_size_rates"].items()))
     if "shape_word_effect" in report:
         lines.append(f"naming another shape in the caption moves the decoder's pixels by "
                      f"{report['shape_word_effect']:.2%} on average")
@@ -168,7 +180,7 @@ def json_ready(report: dict) -> dict:
     """The report without image objects."""
     out = {k: v for k, v in report.items() if k != "splits"}
     out["splits"] = {
-        split: {"rates": d["rates"], "shape_rates": d["shape_rates"],
+        split: {"rates": d["rates"], "shape_rates": d["shape_rates"], "shape_size_rates": d["shape_size_rates"],
                 "samples": [{k: v for k, v in s.items() if k != "image"} for s in d["samples"]]}
         for split, d in report["splits"].items()
     }

@@ -18,7 +18,7 @@ time, peak GPU memory, FLOP utilisation against a measured bf16 matmul, the larg
 for the same seed, and whether a repeated request gives the same pixels. Then the full model with CPU offload
 (the low-memory mode): time and peak GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so
 a run cut short keeps what it measured) and .png; compare numbers only within one file. `--profile` also writes
-the kernel time of one batch-1 image of the last row per model and by kernel, for the next thing to speed up.
+the wall and kernel time of one batch-1 image of the last row, per part and by kernel: the next thing to speed up.
 """
 
 from __future__ import annotations

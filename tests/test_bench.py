@@ -54,3 +54,18 @@ def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     parts = dict(re.findall(r"^(\w+) +([\d.]+) ms wall$", profile, re.MULTILINE))  # wall time per part of one image
     assert set(parts) == {"text_encoder", "prior_unet", "prior_scheduler", "decoder_unet", "decoder_scheduler",
                           "stage_a"} and float(parts["prior_unet"]) > 0
+
+
+def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):
+    """The diagnostic the model card cites runs on the shipped demo model and reports every t0 asked for."""
+    out = tmp_path / "denoise.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decoder_denoise.py"), "--n", "4", "--t0", "0.05", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["t0"]) == {"0.05", "1.0"}
+    for levels in report["t0"].values():
+        assert set(levels) == {"held-out", "training"}
+        assert all(0 <= d["shape"] <= 1 for d in levels.values())
+    assert "t0 0.05" in proc.stdout and "t0 1.0" in proc.stdout

@@ -15,14 +15,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.models.source import resolve_model
-from cascade_studio.train.evaluate import scene_pixels, score_splits
+from cascade_studio.train.evaluate import decoded_image, scene_pixels, score_splits
 from cascade_studio.train.scenes import Scene
 from cascade_studio.train.stages import ImageEncoder, alpha_cumprod, encode_captions, encoder_view
 
@@ -54,8 +53,7 @@ def main() -> None:
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pooled = encode_captions(pipe.text_encoder, pipe.tokenizer, [scene.prompt()])[1].unsqueeze(1)
         v = pipe.decoder(x_t, t, clip_text_pooled=pooled, effnet=encoder(encoder_view(pixels))).sample
-        out = pipe.vqgan.decode((a.sqrt() * x_t - (1 - a).sqrt() * v) * scale).sample.clamp(0, 1)[0].permute(1, 2, 0)
-        return Image.fromarray((out.numpy() * 255).round().astype(np.uint8))
+        return decoded_image(pipe.vqgan, (a.sqrt() * x_t - (1 - a).sqrt() * v) * scale)
 
     report = {"model": engine.identity.name, "n": args.n, "seed": args.seed, "t0": {}}
     for t0 in args.t0:

@@ -114,11 +114,16 @@ def evaluate_vqgan(engine, *, n: int = 60, seed: int = 0) -> dict:
     @torch.no_grad()
     def roundtrip(scene: Scene, image_seed: int) -> Image.Image:
         pixels = scene_pixels(scene, side, image_seed).to(pipelines.device, pipelines.dtype)
-        out = vqgan.decode(vqgan.encode(pixels).latents).sample.clamp(0, 1)[0].permute(1, 2, 0)
-        return Image.fromarray((out.float().cpu().numpy() * 255).round().astype(np.uint8))
+        return decoded_image(vqgan, vqgan.encode(pixels).latents)
 
     report = {"model": engine.identity.name, "stage": "vqgan", "n": n, "seed": seed, "settings": {}}
     return report | {"splits": score_splits(roundtrip, n, seed)}
+
+
+def decoded_image(vqgan, latents: torch.Tensor) -> Image.Image:
+    """Stage A's picture of one (1 x C x H x W) latent, unquantised, as the decoder pipeline makes it."""
+    out = vqgan.decode(latents).sample.clamp(0, 1)[0].permute(1, 2, 0)
+    return Image.fromarray((out.float().cpu().numpy() * 255).round().astype(np.uint8))
 
 
 def scene_pixels(scene: Scene, side: int, image_seed: int) -> torch.Tensor:

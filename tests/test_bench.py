@@ -69,3 +69,17 @@ def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):
         assert set(levels) == {"held-out", "training"}
         assert all(0 <= d["shape"] <= 1 for d in levels.values())
     assert "t0 0.05" in proc.stdout and "t0 1.0" in proc.stdout
+
+
+def test_decoder_oracle_trains_and_scores_the_asked_shapes(tmp_path):
+    """The oracle-code diagnostic the model card cites trains a decoder and scores only the shapes it was asked for."""
+    out = tmp_path / "oracle.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decoder_oracle.py"), "--shapes", "square", "--steps",
+                           "3", "--scenes", "64", "--n", "3", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["shapes"] == ["square"] and report["steps"] == 3 and len(report["losses"]) == 3
+    assert set(report["shape_right"]) <= {"small square", "large square"}
+    assert set(report["rates"]) == {"background", "colour", "position", "count", "shape"}
+    assert "shape right: " in proc.stdout

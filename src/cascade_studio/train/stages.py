@@ -140,7 +140,8 @@ def scene_images(rng: random.Random, n: int, side: int = SIDE) -> tuple[torch.Te
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), scenes
 
 
-def _loop(name: str, steps: int, step_fn: Callable[[int], float], log: Log, every: int) -> list[float]:
+def run_steps(name: str, steps: int, step_fn: Callable[[int], float], log: Log, every: int) -> list[float]:
+    """Call step_fn(step) `steps` times; log and return the mean loss of every `every` steps (the loss curve)."""
     losses, start, window = [], time.perf_counter(), []
     for step in range(steps):
         window.append(step_fn(step))
@@ -168,7 +169,7 @@ def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.G
         optimise(opt, sched, loss)
         return loss.item()
 
-    return _loop("stage A", steps, step, log, every=max(1, steps // 20))
+    return run_steps("stage A", steps, step, log, every=max(1, steps // 20))
 
 
 def foreground(images: torch.Tensor, scenes: list[Scene], side: int) -> torch.Tensor:
@@ -209,7 +210,7 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, 
                   gen: torch.Generator, log: Log, batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
     """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents. Shapes cover a few percent of
     the latent, so a plain mean lets the decoder learn the background and little else: positions in and around a
-    shape weigh 1 + foreground_weight (see `_decoder_loss`)."""
+    shape weigh 1 + foreground_weight (see `decoder_loss`)."""
     mapper = decoder.clip_txt_pooled_mapper
     mapper.weight.data.zero_()
     mapper.weight.requires_grad_(False)
@@ -221,16 +222,16 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, 
 
     def step(_: int) -> float:
         idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
-        effnet, _ = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
-        loss = _decoder_loss(decoder, data, idx, effnet, no_text, gen, foreground_weight)
+        effnet, _ = noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
+        loss = decoder_loss(decoder, data, idx, effnet, no_text, gen, foreground_weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 
-    return _loop("stage B", steps, step, log, every=max(1, steps // 20))
+    return run_steps("stage B", steps, step, log, every=max(1, steps // 20))
 
 
-def _decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet: torch.Tensor, pooled: torch.Tensor,
-                  gen: torch.Generator, foreground_weight: float, margin: int = 2) -> torch.Tensor:
+def decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet: torch.Tensor, pooled: torch.Tensor,
+                 gen: torch.Generator, foreground_weight: float, margin: int = 2) -> torch.Tensor:
     """v-loss on the chosen scenes; positions that show a shape, or lie within `margin` positions of one, weigh
     1 + foreground_weight. The margin keeps the weight even across a shape's edge: weighting the shape alone makes
     the best guess, wherever the decoder is unsure, "shape", and it drew every shape as a swollen round blob."""
@@ -242,7 +243,7 @@ def _decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet:
                   data.latents[idx].to(device), t, gen, weight)
 
 
-def _noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Jitter (std up to 0.15) so the decoder tolerates the prior's errors; 10% zeroed: the unconditional branch
     of decoder guidance. Returns the latents and which rows kept their conditioning."""
     batch = effnet.shape[0]
@@ -275,14 +276,14 @@ def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: 
     def step(_: int) -> float:
         idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
         with torch.no_grad():
-            effnet, keep = _noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
+            effnet, keep = noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
             texts = [caption(data.scenes[i], rng) if k and rng.random() > 0.1 else "" for i, k in zip(idx, keep)]
             pooled = encode_captions(text_encoder, tokenizer, texts)[1].unsqueeze(1)
-        loss = _decoder_loss(decoder, data, idx, effnet, pooled, gen, foreground_weight)
+        loss = decoder_loss(decoder, data, idx, effnet, pooled, gen, foreground_weight)
         optimise(opt, sched, loss, clip=params)
         return loss.item()
 
-    return _loop("stage B text", steps, step, log, every=max(1, steps // 20))
+    return run_steps("stage B text", steps, step, log, every=max(1, steps // 20))
 
 
 @torch.no_grad()
@@ -352,7 +353,7 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
         ema_text.update(text_encoder)
         return loss.item()
 
-    return _loop("stage C", steps, step, log, every=max(1, steps // 40)), ema_prior, ema_text
+    return run_steps("stage C", steps, step, log, every=max(1, steps // 40)), ema_prior, ema_text
 
 
 def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng: random.Random, log: Log,
@@ -371,5 +372,5 @@ def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng
         optimise(opt, sched, loss)
         return loss.item()
 
-    return _loop("previewer", steps, step, log, every=max(1, steps // 10))
+    return run_steps("previewer", steps, step, log, every=max(1, steps // 10))
 

@@ -26,6 +26,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.train import stages
 from cascade_studio.train.analyze import ATTRIBUTES, analyze, score
+from cascade_studio.train.evaluate import BY_SIZE, shape_rates
 from cascade_studio.train.run import DEMO_DECODER
 from cascade_studio.train.scenes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, sample_scene
 
@@ -100,8 +101,7 @@ def main() -> None:
                          generator=torch.Generator().manual_seed(i), output_type="pil").images[0]
             hits.append(score(scene, analyze(image)))
     rates = {a: mean(h[a] for h in hits) for a in ATTRIBUTES}
-    by_kind = {f"{size} {shape}": mean(h["shape"] for h, s in zip(hits, scenes) if (s.size, s.shape) == (size, shape))
-               for shape in args.shapes for size in SIZES if any((s.size, s.shape) == (size, shape) for s in scenes)}
+    by_kind = shape_rates([{"hits": h} for h in hits], scenes, BY_SIZE)
     print(f"{args.steps} steps ({minutes:.1f} min), final loss {losses[-1]:.4f}; {args.n} scenes: "
           + ", ".join(f"{a} {r:.0%}" for a, r in rates.items()))
     print("shape right: " + ", ".join(f"{k} {r:.0%}" for k, r in by_kind.items()))

@@ -139,7 +139,8 @@ BY_SIZE = {f"{size} {shape}": (lambda sc, k=(size, shape): (sc.size, sc.shape) =
            for size in SIZES}
 
 
-def _shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callable[[Scene], bool]]) -> dict:
+def shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callable[[Scene], bool]]) -> dict:
+    """Per group of scenes, the share of rows whose shape was right; groups with no scene are left out."""
     hits = {name: [r["hits"]["shape"] for r, sc in zip(rows, scenes) if keep(sc)] for name, keep in groups.items()}
     return {name: mean(h) for name, h in hits.items() if h}
 
@@ -157,8 +158,8 @@ def score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seed: 
                          "image": image})
         rates = {a: mean(r["hits"][a] for r in rows) for a in ATTRIBUTES}
         rates["all"] = mean(all(r["hits"].values()) for r in rows)
-        splits[split] = {"rates": rates, "shape_rates": _shape_rates(rows, scenes, BY_SHAPE),
-                         "shape_size_rates": _shape_rates(rows, scenes, BY_SIZE), "samples": rows}
+        splits[split] = {"rates": rates, "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
+                         "shape_size_rates": shape_rates(rows, scenes, BY_SIZE), "samples": rows}
     return splits
 
 

@@ -216,10 +216,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"from: {args.from_model} is not a model folder written by train-demo")
     if Path(args.out).exists():
         raise UsageError(f"out: {args.out} exists; --from writes a new folder")
-    try:
-        add_decoder_text(Path(args.from_model), Path(args.out), cfg)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    add_decoder_text(Path(args.from_model), Path(args.out), cfg)
     return 0
 
 
@@ -344,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
     t.add_argument("--from", dest="from_model", metavar="DIR",
-                   help="only train the decoder with text (Stage B text) on the model in DIR, written before that "
-                        "stage existed; DIR stays as it is")
+                   help="only train the decoder with text (Stage B text) on the model in DIR: adds the stage, or "
+                        "trains on from where it stopped (another --seed gives fresh scenes); DIR stays as it is")
     t.set_defaults(func=cmd_train_demo)
 
     e = sub.add_parser("eval-demo", help="score prompt adherence on held-out and training scene prompts")

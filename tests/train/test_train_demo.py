@@ -6,7 +6,9 @@ import json
 import shutil
 
 import pytest
+import torch
 from diffusers import StableCascadeUNet
+from safetensors.torch import load_file
 
 from cascade_studio.cli import main
 from cascade_studio.config import Settings
@@ -45,7 +47,7 @@ def _mapper_weight(folder):
     return StableCascadeUNet.from_pretrained(folder / "decoder").clip_txt_pooled_mapper.weight
 
 
-def test_from_adds_the_text_stage_to_a_model_trained_without_it(trained, tmp_path, capsys):
+def test_from_adds_the_text_stage_to_a_model_trained_without_it(trained, tmp_path):
     # A model as the recipe left it before "stage B text" existed: no such stage on its card, the decoder's
     # pooled-text mapper at zero (text ignored).
     old, new = tmp_path / "old", tmp_path / "new"
@@ -65,6 +67,24 @@ def test_from_adds_the_text_stage_to_a_model_trained_without_it(trained, tmp_pat
     engine = CascadeEngine.from_settings(Settings(model=str(new), device="cpu"))
     assert engine(engine.request(prompt="two blue squares", seed=1, prior_steps=2, decoder_steps=2)).images
 
-    capsys.readouterr()
-    assert main(["train-demo", "--from", str(new), "--out", str(tmp_path / "again")]) == 2
-    assert "already has a decoder trained with text" in capsys.readouterr().err
+
+def _decoder_weights(folder):
+    return load_file(folder / "decoder" / "diffusion_pytorch_model.safetensors")
+
+
+def test_from_trains_a_text_trained_decoder_on_and_sums_its_steps(trained, tmp_path):
+    src, again = trained[0], tmp_path / "again"
+    before, old = json.loads((src / "cascade_studio.json").read_text()), _decoder_weights(src)
+    assert main(["train-demo", "--from", str(src), "--out", str(again), "--seed", "1", "--scale", "0.0004"]) == 0
+    card = json.loads((again / "cascade_studio.json").read_text())
+    assert card["config"]["steps_b_text"] == before["config"]["steps_b_text"] + 2  # 2,500 x 0.0004 more steps
+    assert len(card["losses"]["stage B text"]) == len(before["losses"]["stage B text"]) + 2
+    assert card["stage_b_text_added_later"][-1] | {"seconds": 0} == {
+        "by": "cascade-studio train-demo --from", "continued": True, "seed": 1, "scale": 0.0004, "steps": 2,
+        "decoder_scenes": 4, "seconds": 0, "device": "cpu", "threads": 2}
+    new = _decoder_weights(again)
+    assert any(not torch.equal(old[k], new[k]) for k in old)  # the decoder trained on
+    assert all(torch.equal(old[k], w) for k, w in _decoder_weights(src).items())  # the source is left as it was
+    for part in ("prior", "vqgan", "text_encoder", "image_encoder", "previewer"):  # the other stages are kept
+        for file in (src / part).iterdir():
+            assert (again / part / file.name).read_bytes() == file.read_bytes()

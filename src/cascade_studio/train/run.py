@@ -3,7 +3,8 @@
     cascade-studio train-demo --out demo-model             # the shipped recipe
     cascade-studio train-demo --out quick --scale 0.05     # a smoke test in a couple of minutes
 
-`--from DIR` runs only the last decoder stage (Stage B text) on a model trained before that stage existed.
+`--from DIR` runs only the last decoder stage (Stage B text) on a trained model: it adds the stage to a model trained
+before the stage existed, or trains the decoder on from where it stopped (give another --seed for fresh scenes).
 `--scale` multiplies every stage's step count: above 1 for better weights; `--device cuda` trains on a GPU (all
 random numbers still come from CPU generators, so a seed picks the same data and noise on every device).
 """
@@ -165,15 +166,15 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
 
 
 def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
-    """Run only "stage B text" on a model trained before that stage existed: the other components are kept as they
-    are, so the prior's latents keep their meaning. Writes a complete model folder to `out`."""
+    """Run only "stage B text" on a trained model: on one trained before that stage existed it adds the stage, on
+    one that has it the decoder trains on from where it stopped (fresh scenes with another --seed). The other
+    components are kept as they are, so the prior's latents keep their meaning. Writes a complete model folder to
+    `out`; the card sums the stage's steps and time, and lists each run."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     src, out = Path(src), Path(out)
     card = json.loads((src / "cascade_studio.json").read_text())
-    if "stage B text" in card["seconds"]:
-        raise ValueError(f"from: {src} already has a decoder trained with text")
     shutil.copytree(src, out)
     t = time.perf_counter()
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
@@ -185,17 +186,23 @@ def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
     encoder = stages.ImageEncoder.from_pretrained(out / "image_encoder").to(cfg.device)
     text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
     data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)
-    losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, cfg.steps(cfg.steps_b_text),
-                                       rng, gen, log)
+    steps = cfg.steps(cfg.steps_b_text)
+    losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, steps, rng, gen, log)
     decoder.eval().cpu().save_pretrained(out / "decoder")
     seconds = time.perf_counter() - t
-    card["seconds"]["stage B text"] = seconds
+
+    had = "stage B text" in card["seconds"]
+    card["seconds"]["stage B text"] = card["seconds"].get("stage B text", 0.0) + seconds
     card["seconds"]["total"] += seconds
-    card["losses"]["stage B text"] = losses
+    card["losses"]["stage B text"] = card["losses"].get("stage B text", []) + losses
     card["final_losses"]["stage B text"] = losses[-1]
-    card["config"]["steps_b_text"] = cfg.steps(cfg.steps_b_text)
-    card["stage_b_text_added_later"] = {"by": "cascade-studio train-demo --from, on the stages trained before",
-                                        "scale": cfg.scale, "decoder_scenes": cfg.steps(cfg.decoder_scenes)}
+    card["config"]["steps_b_text"] = (card["config"]["steps_b_text"] if had else 0) + steps
+    runs = card.get("stage_b_text_added_later", [])
+    runs = [runs] if isinstance(runs, dict) else runs  # cards written before runs were listed held one
+    card["stage_b_text_added_later"] = runs + [{
+        "by": "cascade-studio train-demo --from", "continued": had, "seed": cfg.seed, "scale": cfg.scale,
+        "steps": steps, "decoder_scenes": cfg.steps(cfg.decoder_scenes), "seconds": seconds, "device": cfg.device,
+        "threads": cfg.threads}]
     (out / "cascade_studio.json").write_text(json.dumps(card, indent=1))
     plot_losses(card["losses"], out / "loss.png")
     log(f"stage B text in {seconds / 60:.1f} min -> {out}")

@@ -68,9 +68,7 @@ def main() -> None:
     keep = [i for i, s in enumerate(data.scenes) if s.shape in args.shapes]
     codes = torch.stack([oracle_code(s) for s in data.scenes])
     decoder = StableCascadeUNet(**DEMO_DECODER)
-    mapper = decoder.clip_txt_pooled_mapper  # text-blind, as in stage B
-    mapper.weight.data.zero_()
-    mapper.weight.requires_grad_(False)
+    mapper = stages.text_blind(decoder)  # as in stage B
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     sched = stages.schedule(opt, args.steps, 1e-3)

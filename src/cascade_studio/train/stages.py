@@ -211,9 +211,7 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, 
     """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents. Shapes cover a few percent of
     the latent, so a plain mean lets the decoder learn the background and little else: positions in and around a
     shape weigh 1 + foreground_weight (see `decoder_loss`)."""
-    mapper = decoder.clip_txt_pooled_mapper
-    mapper.weight.data.zero_()
-    mapper.weight.requires_grad_(False)
+    mapper = text_blind(decoder)
     params = [p for p in decoder.parameters() if p.requires_grad] + list(encoder.parameters())
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     sched = schedule(opt, steps, 1e-3)
@@ -228,6 +226,15 @@ def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, 
         return loss.item()
 
     return run_steps("stage B", steps, step, log, every=max(1, steps // 20))
+
+
+def text_blind(decoder: nn.Module) -> nn.Module:
+    """Freeze the decoder's pooled-text mapper at zero, so it draws from the image latent alone; returns the mapper
+    (stage B text later unfreezes it and starts from this text-blind decoder)."""
+    mapper = decoder.clip_txt_pooled_mapper
+    mapper.weight.data.zero_()
+    mapper.weight.requires_grad_(False)
+    return mapper
 
 
 def decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet: torch.Tensor, pooled: torch.Tensor,

@@ -206,9 +206,11 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
     if args.scale <= 0 or args.threads < 1:
         raise UsageError("scale: must be above 0; threads: must be at least 1")
+    if not 0 < args.text_lr <= 0.01:
+        raise UsageError(f"text-lr: must be above 0 and at most 0.01 (got {args.text_lr})")
     device = str(resolve_device(args.device))  # a clear message when the device is not there
     _quiet_libraries()
-    cfg = TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device)
+    cfg = TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device, lr_b_text=args.text_lr)
     if args.from_model is None:
         train_demo(Path(args.out), cfg)
         return 0
@@ -340,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
     t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
+    t.add_argument("--text-lr", type=float, default=3e-4,
+                   help="peak learning rate of the decoder's text stage, Stage B text (default %(default)s)")
     t.add_argument("--from", dest="from_model", metavar="DIR",
                    help="only train the decoder with text (Stage B text) on the model in DIR: adds the stage, or "
                         "trains on from where it stopped (another --seed gives fresh scenes); DIR stays as it is")

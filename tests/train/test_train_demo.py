@@ -75,13 +75,14 @@ def _decoder_weights(folder):
 def test_from_trains_a_text_trained_decoder_on_and_sums_its_steps(trained, tmp_path):
     src, again = trained[0], tmp_path / "again"
     before, old = json.loads((src / "cascade_studio.json").read_text()), _decoder_weights(src)
-    assert main(["train-demo", "--from", str(src), "--out", str(again), "--seed", "1", "--scale", "0.0004"]) == 0
+    assert main(["train-demo", "--from", str(src), "--out", str(again), "--seed", "1", "--scale", "0.0004",
+                 "--text-lr", "1e-4"]) == 0
     card = json.loads((again / "cascade_studio.json").read_text())
     assert card["config"]["steps_b_text"] == before["config"]["steps_b_text"] + 2  # 2,500 x 0.0004 more steps
     assert len(card["losses"]["stage B text"]) == len(before["losses"]["stage B text"]) + 2
     assert card["stage_b_text_added_later"][-1] | {"seconds": 0} == {
         "by": "cascade-studio train-demo --from", "continued": True, "seed": 1, "scale": 0.0004, "steps": 2,
-        "decoder_scenes": 4, "seconds": 0, "device": "cpu", "threads": 2}
+        "lr": 1e-4, "decoder_scenes": 4, "seconds": 0, "device": "cpu", "threads": 2}
     new = _decoder_weights(again)
     assert any(not torch.equal(old[k], new[k]) for k in old)  # the decoder trained on
     assert all(torch.equal(old[k], w) for k, w in _decoder_weights(src).items())  # the source is left as it was

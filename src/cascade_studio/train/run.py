@@ -64,6 +64,7 @@ class TrainConfig:
     steps_a: int = 1000
     steps_b: int = 4500
     steps_b_text: int = 2500
+    lr_b_text: float = 3e-4
     steps_c: int = 5000
     steps_previewer: int = 400
     decoder_scenes: int = 10000
@@ -137,7 +138,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
 
     t = time.perf_counter()
     losses["stage B text"] = stages.train_decoder_text(decoder, encoder, ema_text.model, tokenizer, data_b,
-                                                       cfg.steps(cfg.steps_b_text), rng, gen, log)
+                                                       cfg.steps(cfg.steps_b_text), cfg.lr_b_text, rng, gen, log)
     seconds["stage B text"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -187,7 +188,8 @@ def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
     text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
     data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)
     steps = cfg.steps(cfg.steps_b_text)
-    losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, steps, rng, gen, log)
+    losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, steps, cfg.lr_b_text, rng, gen,
+                                       log)
     decoder.eval().cpu().save_pretrained(out / "decoder")
     seconds = time.perf_counter() - t
 
@@ -201,8 +203,8 @@ def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
     runs = [runs] if isinstance(runs, dict) else runs  # cards written before runs were listed held one
     card["stage_b_text_added_later"] = runs + [{
         "by": "cascade-studio train-demo --from", "continued": had, "seed": cfg.seed, "scale": cfg.scale,
-        "steps": steps, "decoder_scenes": cfg.steps(cfg.decoder_scenes), "seconds": seconds, "device": cfg.device,
-        "threads": cfg.threads}]
+        "steps": steps, "lr": cfg.lr_b_text, "decoder_scenes": cfg.steps(cfg.decoder_scenes), "seconds": seconds,
+        "device": cfg.device, "threads": cfg.threads}]
     (out / "cascade_studio.json").write_text(json.dumps(card, indent=1))
     plot_losses(card["losses"], out / "loss.png")
     log(f"stage B text in {seconds / 60:.1f} min -> {out}")

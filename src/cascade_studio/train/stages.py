@@ -260,7 +260,7 @@ def noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tens
 
 
 def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: nn.Module, tokenizer,
-                       data: DecoderData, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
+                       data: DecoderData, steps: int, lr: float, rng: random.Random, gen: torch.Generator, log: Log,
                        batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
     """Stage B again, now also reading the caption, as the official decoder does through its pooled-text mapper.
 
@@ -277,7 +277,7 @@ def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: 
     text_encoder.eval().requires_grad_(False)
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
-    sched = schedule(opt, steps, 3e-4)
+    sched = schedule(opt, steps, lr)
     device = device_of(decoder)
 
     def step(_: int) -> float:

@@ -64,6 +64,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
         (["eval-demo", "--stage", "vqgan", "--decoder-steps", "5", "--model", "MODEL"],
          "stage: Stage A alone (vqgan) takes no sampling settings"),
         (["train-demo", "--out", "x", "--text-lr", "0"], "text-lr: must be above 0 and at most 0.01 (got 0.0)"),
+        (["train-demo", "--out", "x", "--stage", "a-decoder"], "stage: only with --from"),
     ],
 )
 def test_bad_arguments_table(args, message, tiny_model_dir, capsys):

@@ -202,7 +202,7 @@ def cmd_space_export(args: argparse.Namespace) -> int:
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from .models.device import resolve_device
-    from .train.run import TrainConfig, add_decoder_text, train_demo
+    from .train.run import TrainConfig, train_demo, train_on
 
     if args.scale <= 0 or args.threads < 1:
         raise UsageError("scale: must be above 0; threads: must be at least 1")
@@ -212,13 +212,15 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     cfg = TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device, lr_b_text=args.text_lr)
     if args.from_model is None:
+        if args.stage is not None:
+            raise UsageError("stage: only with --from (a fresh run trains every stage)")
         train_demo(Path(args.out), cfg)
         return 0
     if not (Path(args.from_model) / "cascade_studio.json").is_file():
         raise UsageError(f"from: {args.from_model} is not a model folder written by train-demo")
     if Path(args.out).exists():
         raise UsageError(f"out: {args.out} exists; --from writes a new folder")
-    add_decoder_text(Path(args.from_model), Path(args.out), cfg)
+    train_on(Path(args.from_model), Path(args.out), cfg, args.stage or "b-text")
     return 0
 
 
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("dir")
     se.set_defaults(func=cmd_space_export)
 
-    t = sub.add_parser("train-demo", help="train the demo model from scratch (about 80-85 min on 2 CPU cores)")
+    t = sub.add_parser("train-demo", help="train the demo model from scratch (80-100 min on 2 CPU cores)")
     t.add_argument("--out", required=True, help="folder to write the model into")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
@@ -345,8 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-lr", type=float, default=3e-4,
                    help="peak learning rate of the decoder's text stage, Stage B text (default %(default)s)")
     t.add_argument("--from", dest="from_model", metavar="DIR",
-                   help="only train the decoder with text (Stage B text) on the model in DIR: adds the stage, or "
-                        "trains on from where it stopped (another --seed gives fresh scenes); DIR stays as it is")
+                   help="train one stage of the model in DIR on (--stage); DIR stays as it is")
+    t.add_argument("--stage", choices=("b-text", "a-decoder"),
+                   help="with --from: b-text (default), the decoder with text (Stage B text; adds the stage, or "
+                        "trains on from where it stopped; another --seed gives fresh scenes), or a-decoder, Stage "
+                        "A's decoder half (its encoder frozen, so the latents keep their meaning)")
     t.set_defaults(func=cmd_train_demo)
 
     e = sub.add_parser("eval-demo", help="score prompt adherence on held-out and training scene prompts")

@@ -1,13 +1,15 @@
 """Score prompt adherence from pixels alone: background, shape colour, position, count and shape identity.
 
 No learned judge: the background is the colour of the frame, shapes are the connected regions that differ from
-it, a shape's identity is how much of its bounding box it fills (square 1.0, circle pi/4, triangle 1/2), and its
-position is the 3x3 grid cell of the shapes' joint centroid. On the data's own renders it scores 100%.
-"""
+it, a shape's identity is the ideal shape whose bounding-box corners are filled most like its own (a square fills
+all four, a circle little of each, a triangle the bottom two), the image's shape is the one most of its shapes
+have (a tie names none: two shapes that disagree show neither), and its position is the 3x3 grid cell of the
+shapes' joint centroid. On the data's own renders it scores 100%; on images the demo model drew, it names the
+shape a person saw in 113 of 127 (tests/train/data/labelled_shapes.json)."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,10 +58,25 @@ def _components(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
     return regions
 
 
+# How full the corners of a shape's bounding box are (the top two, the bottom two; corner patches a fifth of the
+# box's side), for the ideal shapes: a square fills all four, a circle 14% of each, a triangle (apex up) none at the
+# top and three quarters at the bottom.
+CORNER = 0.2
+_CORNERS = {"square": (1.0, 1.0), "circle": (0.14, 0.14), "triangle": (0.0, 0.75)}
+
+
 def _shape_of(region: np.ndarray) -> str:
-    ys, xs = region[:, 0], region[:, 1]
-    fill = len(region) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    """The ideal shape whose corners the region's corners are closest to. Corners, not the share of the box the
+    region fills: a drawn square with a notch in one side still has its four corners, and fills its box no more
+    than a circle does."""
+    ys, xs = region[:, 0] - region[:, 0].min(), region[:, 1] - region[:, 1].min()
+    h, w = ys.max() + 1, xs.max() + 1
+    mask = np.zeros((h, w), dtype=bool)
+    mask[ys, xs] = True
+    ph, pw = max(1, round(CORNER * h)), max(1, round(CORNER * w))
+    top = (mask[:ph, :pw].mean() + mask[:ph, -pw:].mean()) / 2
+    bottom = (mask[-ph:, :pw].mean() + mask[-ph:, -pw:].mean()) / 2
+    return min(_CORNERS, key=lambda k: (_CORNERS[k][0] - top) ** 2 + (_CORNERS[k][1] - bottom) ** 2)
 
 
 def analyze(image: Image.Image) -> Detected:
@@ -78,8 +95,9 @@ def analyze(image: Image.Image) -> Detected:
     colour = nearest_colour(arr[pixels[:, 0], pixels[:, 1]].mean(axis=0))
     cy, cx = pixels.mean(axis=0)
     cell = (min(int(cx // (side / 3)), 2), min(int(cy // (side / 3)), 2))
-    shapes = [_shape_of(r) for r in regions]
-    shape = max(set(shapes), key=shapes.count)
+    (shape, most), *others = Counter(_shape_of(r) for r in regions).most_common()
+    if others and others[0][1] == most:
+        shape = None
     return Detected(background, colour, _CELLS[cell], len(regions), shape)
 
 

@@ -3,8 +3,9 @@
     cascade-studio train-demo --out demo-model             # the shipped recipe
     cascade-studio train-demo --out quick --scale 0.05     # a smoke test in a couple of minutes
 
-`--from DIR` runs only the last decoder stage (Stage B text) on a trained model: it adds the stage to a model trained
-before the stage existed, or trains the decoder on from where it stopped (give another --seed for fresh scenes).
+`--from DIR` trains one stage of a trained model on: the decoder with text (Stage B text, the default: it adds the
+stage to a model trained before the stage existed, or trains the decoder on from where it stopped; give another
+--seed for fresh scenes), or with `--stage a-decoder` Stage A's decoder half, its encoder frozen.
 `--scale` multiplies every stage's step count: above 1 for better weights; `--device cuda` trains on a GPU (all
 random numbers still come from CPU generators, so a seed picks the same data and noise on every device).
 """
@@ -62,6 +63,7 @@ DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prio
 class TrainConfig:
     seed: int = 0
     steps_a: int = 1000
+    steps_a_decoder: int = 1000
     steps_b: int = 4500
     steps_b_text: int = 2500
     lr_b_text: float = 3e-4
@@ -146,6 +148,12 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     losses["previewer"] = stages.train_previewer(previewer, encoder, cfg.steps(cfg.steps_previewer), rng, log)
     seconds["previewer"] = time.perf_counter() - t
 
+    # Last, so that it draws no random numbers before the other stages: they are as they were without it.
+    t = time.perf_counter()
+    losses["stage A decoder"] = stages.train_stage_a(vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log,
+                                                     decoder_only=True)
+    seconds["stage A decoder"] = time.perf_counter() - t
+
     for name, model in [("prior", ema_prior.model), ("decoder", decoder), ("vqgan", vqgan),
                         ("text_encoder", ema_text.model), ("previewer", previewer), ("image_encoder", encoder)]:
         model.eval().cpu().save_pretrained(out / name)
@@ -166,11 +174,25 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     return report
 
 
-def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
-    """Run only "stage B text" on a trained model: on one trained before that stage existed it adds the stage, on
-    one that has it the decoder trains on from where it stopped (fresh scenes with another --seed). The other
-    components are kept as they are, so the prior's latents keep their meaning. Writes a complete model folder to
-    `out`; the card sums the stage's steps and time, and lists each run."""
+# `train-demo --from DIR --stage S`: the card's name for each stage and the config field that counts its steps.
+STAGES_ON = {"b-text": ("stage B text", "steps_b_text"), "a-decoder": ("stage A decoder", "steps_a_decoder")}
+
+
+def _load(cls, folder: Path):
+    """A component from its config and weights: from_pretrained would record this machine's path in the config."""
+    model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    return model
+
+
+def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=print) -> dict:
+    """Train one stage of a trained model on and write a complete model folder to `out`; `src` stays as it is.
+
+    "b-text": Stage B text. On a model trained before that stage existed it adds the stage; on one that has it the
+    decoder trains on from where it stopped (fresh scenes with another --seed). "a-decoder": Stage A's decoder half
+    alone. Either way the encoders are kept as they are, so the latents keep their meaning for every other stage.
+    The card sums the stage's steps and time, and lists each run."""
+    name, steps_key = STAGES_ON[stage]
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
@@ -178,34 +200,34 @@ def add_decoder_text(src: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
     card = json.loads((src / "cascade_studio.json").read_text())
     shutil.copytree(src, out)
     t = time.perf_counter()
-    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    vqgan = PaellaVQModel.from_pretrained(out / "vqgan").to(cfg.device)
-    # Built from its config and weights, not from_pretrained, whose saved config would record this machine's path.
-    decoder = StableCascadeUNet.from_config(StableCascadeUNet.load_config(out / "decoder"))
-    decoder.load_state_dict(load_file(out / "decoder" / "diffusion_pytorch_model.safetensors"))
-    decoder = decoder.to(cfg.device)
-    encoder = stages.ImageEncoder.from_pretrained(out / "image_encoder").to(cfg.device)
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
-    data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)
-    steps = cfg.steps(cfg.steps_b_text)
-    losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, steps, cfg.lr_b_text, rng, gen,
-                                       log)
-    decoder.eval().cpu().save_pretrained(out / "decoder")
+    vqgan = _load(PaellaVQModel, out / "vqgan").to(cfg.device)
+    if stage == "a-decoder":
+        steps, run = cfg.steps(cfg.steps_a_decoder), {}
+        losses = stages.train_stage_a(vqgan, steps, rng, gen, log, decoder_only=True)
+        vqgan.eval().cpu().save_pretrained(out / "vqgan")
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+        decoder = _load(StableCascadeUNet, out / "decoder").to(cfg.device)
+        encoder = stages.ImageEncoder.from_pretrained(out / "image_encoder").to(cfg.device)
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
+        data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)
+        steps = cfg.steps(cfg.steps_b_text)
+        run = {"lr": cfg.lr_b_text, "decoder_scenes": cfg.steps(cfg.decoder_scenes)}
+        losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, steps, cfg.lr_b_text, rng,
+                                           gen, log)
+        decoder.eval().cpu().save_pretrained(out / "decoder")
     seconds = time.perf_counter() - t
 
-    had = "stage B text" in card["seconds"]
-    card["seconds"]["stage B text"] = card["seconds"].get("stage B text", 0.0) + seconds
+    had = name in card["seconds"]
+    card["seconds"][name] = card["seconds"].get(name, 0.0) + seconds
     card["seconds"]["total"] += seconds
-    card["losses"]["stage B text"] = card["losses"].get("stage B text", []) + losses
-    card["final_losses"]["stage B text"] = losses[-1]
-    card["config"]["steps_b_text"] = (card["config"]["steps_b_text"] if had else 0) + steps
-    runs = card.get("stage_b_text_added_later", [])
-    runs = [runs] if isinstance(runs, dict) else runs  # cards written before runs were listed held one
-    card["stage_b_text_added_later"] = runs + [{
-        "by": "cascade-studio train-demo --from", "continued": had, "seed": cfg.seed, "scale": cfg.scale,
-        "steps": steps, "lr": cfg.lr_b_text, "decoder_scenes": cfg.steps(cfg.decoder_scenes), "seconds": seconds,
-        "device": cfg.device, "threads": cfg.threads}]
+    card["losses"][name] = card["losses"].get(name, []) + losses
+    card["final_losses"][name] = losses[-1]
+    card["config"][steps_key] = (card["config"].get(steps_key, 0) if had else 0) + steps
+    card["added_later"] = card.get("added_later", []) + [{
+        "by": f"cascade-studio train-demo --from --stage {stage}", "stage": name, "continued": had, "seed": cfg.seed,
+        "scale": cfg.scale, "steps": steps, **run, "seconds": seconds, "device": cfg.device, "threads": cfg.threads}]
     (out / "cascade_studio.json").write_text(json.dumps(card, indent=1))
     plot_losses(card["losses"], out / "loss.png")
-    log(f"stage B text in {seconds / 60:.1f} min -> {out}")
+    log(f"{name} in {seconds / 60:.1f} min -> {out}")
     return card

@@ -2,7 +2,8 @@
 
 Recipe (see ../../../../shared/notes/demo-model-calibration.md for what failed before and why):
 - all denoisers predict v, on the same cosine schedule the sampler uses (t ~ U(0, 1) given as timestep_ratio);
-- Stage A (PaellaVQModel) is a plain autoencoder: the pipeline decodes unquantised latents;
+- Stage A (PaellaVQModel) is a plain autoencoder: the pipeline decodes unquantised latents; its decoder half can
+  train on alone later (`train-demo --from DIR --stage a-decoder`), which leaves the latents as they were;
 - Stage B (decoder) learns jointly with a small image encoder, the stand-in for EfficientNet, whose output ends
   in a non-affine BatchNorm so that Stage C latents have unit variance; its loss weighs the positions in and
   around a shape 11x (with a plain mean it learnt backgrounds only; with shapes alone weighted, it drew swollen,
@@ -153,23 +154,37 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], float], log: Log, 
 
 
 def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
-                  batch: int = 16, crop: int = 64) -> list[float]:
-    """Autoencoder on random crops; latents get light noise so the decoder's imperfect output still decodes."""
-    opt = torch.optim.AdamW(vqgan.parameters(), weight_decay=0.0)
-    sched = schedule(opt, steps, 2e-3)
+                  batch: int = 16, crop: int = 64, decoder_only: bool = False) -> list[float]:
+    """Autoencoder on random crops; latents get light noise so the decoder's imperfect output still decodes.
+
+    `decoder_only` trains the decoder half alone, its encoder frozen: the latents, and every stage trained on them,
+    keep their meaning while the reconstructions sharpen (measured: corners and tips were what a short stage A
+    lost, and the shape scores with them)."""
+    if decoder_only:
+        vqgan.eval().requires_grad_(False)  # the encoder's BatchNorm keeps its statistics
+        parts = [vqgan.up_blocks, vqgan.out_block]
+        for part in parts:
+            part.train().requires_grad_(True)
+        params = [p for part in parts for p in part.parameters()]
+    else:
+        params = list(vqgan.parameters())
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    sched = schedule(opt, steps, 1e-3 if decoder_only else 2e-3)
     device = device_of(vqgan)
 
     def step(_: int) -> float:
         images, _ = scene_images(rng, batch)
         y, x = rng.randrange(0, SIDE - crop + 1, 8), rng.randrange(0, SIDE - crop + 1, 8)
         images = images[:, :, y : y + crop, x : x + crop].to(device)
-        h = vqgan.encode(images).latents
+        with torch.set_grad_enabled(not decoder_only):
+            h = vqgan.encode(images).latents
         h = h + 0.05 * h.detach().std() * torch.randn(h.shape, generator=gen).to(device)
         loss = F.mse_loss(vqgan.decode(h).sample, images)
         optimise(opt, sched, loss)
         return loss.item()
 
-    return run_steps("stage A", steps, step, log, every=max(1, steps // 20))
+    name = "stage A decoder" if decoder_only else "stage A"
+    return run_steps(name, steps, step, log, every=max(1, steps // 20))
 
 
 def foreground(images: torch.Tensor, scenes: list[Scene], side: int) -> torch.Tensor:

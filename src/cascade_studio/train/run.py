@@ -55,8 +55,8 @@ DEMO_PRIOR = dict(
 DEMO_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
                  max_position_embeddings=TEXT_LENGTH)
 # The folder's own settings: the size it was trained at, and the sampling settings that measured best.
-DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=4.0, decoder_steps=6,
-                     decoder_guidance=4.0)
+DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=2.0, decoder_steps=6,
+                     decoder_guidance=3.0)
 
 
 @dataclass

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from diffusers import StableCascadeUNet
+from diffusers.models.unets.unet_stable_cascade import SDCascadeResBlock
 
 from cascade_studio.models.architectures import ARCHITECTURES, random_components
 
@@ -31,8 +34,8 @@ def test_official_architectures_have_the_released_parameter_counts():
 
 def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--runs", "1",
-                           "--variants", "stock", "engine", "--profile", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=480, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+                           "--variants", "stock", "engine", "--profile", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=480, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_speed-tiny-cpu.json").read_text())
     assert report["device"].startswith("cpu") and report["diffusers"] and report["matmul_peak_tflops"] > 0
@@ -54,6 +57,54 @@ def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     parts = dict(re.findall(r"^(\w+) +([\d.]+) ms wall$", profile, re.MULTILINE))  # wall time per part of one image
     assert set(parts) == {"text_encoder", "prior_unet", "prior_scheduler", "decoder_unet", "decoder_scheduler",
                           "stage_a"} and float(parts["prior_unet"]) > 0
+
+
+def forward_inputs(name: str, batch: int) -> dict[str, torch.Tensor]:
+    if name == "prior":
+        return dict(clip_text=torch.randn(batch, 77, 1280), clip_text_pooled=torch.randn(batch, 1, 1280),
+                    clip_img=torch.randn(batch, 1, 768))
+    return dict(clip_text_pooled=torch.randn(batch, 1, 1280), effnet=torch.randn(batch, 16, 24, 24))
+
+
+@pytest.mark.parametrize("model", ["full", "lite"])
+def test_block_benchmark_sizes_each_level_as_a_real_forward_runs_it(model):
+    """gpu_blocks multiplies each level's unit by the side and count it reads off the config; a real forward of
+    the official architecture at 1024² (on the meta device: shapes, no arithmetic) must run each level's
+    ResBlocks at that side, that many times. The prior keeps 24×24 at both levels; the decoder halves."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_blocks import LATENT_SIDE, levels
+
+    for index, name in enumerate(("prior", "decoder")):
+        config, side = ARCHITECTURES[model][index], LATENT_SIDE[name]
+        with torch.device("meta"):
+            unet = StableCascadeUNet(**config).eval()
+            seen: dict[int, list[int]] = {}
+            top = len(unet.down_blocks) - 1
+            up = ((top - j, blocks) for j, blocks in enumerate(unet.up_blocks))  # up blocks run deepest first
+            for level, blocks in [*enumerate(unet.down_blocks), *up]:
+                for block in blocks:
+                    if isinstance(block, SDCascadeResBlock):
+                        block.register_forward_pre_hook(
+                            lambda module, args, level=level: seen.setdefault(level, []).append(args[0].shape[-1]))
+            with torch.no_grad():
+                unet(torch.randn(1, config["in_channels"], side, side), torch.rand(1), **forward_inputs(name, 1))
+        assert sorted(seen) == list(range(top + 1)) and all(len(set(sides)) == 1 for sides in seen.values())
+        assert [(sides[0], len(sides)) for _, sides in sorted(seen.items())] == levels(dict(unet.config), side)
+
+
+def test_tiny_block_benchmark_reports_each_level(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_blocks.py"), "--tiny", "--options", "eager",
+                           "unit", "--batches", "1", "--repeat", "1", "--runs", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "gpu_blocks-tiny-cpu.json").read_text())
+    rows = report["rows"]
+    assert [(r["unet"], r["level"]) for r in rows] == [("prior", 0), ("prior", 1), ("decoder", 0), ("decoder", 1)]
+    for row in rows:
+        assert row["eager_ms"] > 0 and row["unit_ms"] > 0 and row["gflop_per_unit"] > 0
+        assert row["eager_max_abs_diff"] == 0 and row["unit_max_abs_diff"] < 1e-4  # fp32: compiled matches eager
+    assert report["per_step_ms"]["tiny prior b1"]["eager"] == pytest.approx(
+        sum(r["eager_ms_per_step"] for r in rows[:2]))
 
 
 def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):

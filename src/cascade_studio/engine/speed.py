@@ -1,7 +1,7 @@
 """Make the two UNets fast on a GPU: CUDA graphs (the default there) and regional compilation (opt-in).
 
 Measured on one H200 (bench/gpu_speed.py, bench/results/gpu_speed-NVIDIA_H200*.json), full model, 1024², batch 1:
-stock diffusers 2.7 s; CUDA graphs 1.2 s with pixels identical to eager; compiled blocks + CUDA graphs 0.94-0.99 s.
+stock diffusers 2.7 s; CUDA graphs 1.2 s with pixels identical to eager; compiled blocks + CUDA graphs 0.91-0.99 s.
 
 - `use_cuda_graphs` replays each denoising step as one CUDA graph per input shape, so a step costs one launch
   instead of thousands: at batch 1 both UNets are launch-bound (eager Python issues ~200 block calls per step).

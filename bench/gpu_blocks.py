@@ -10,7 +10,7 @@ A UNet level repeats one unit (ResBlock, TimestepBlock and, deeper down, AttnBlo
 count, as under the engine's graphs), at batch 1 and 4 (the prior's batch doubled for classifier-free guidance),
 and multiplied by how often a step runs it. Options:
   eager     the blocks as diffusers runs them
-  blocks    each block compiled on its own: the engine's `--speedup compile` (engine/speed.py)
+  blocks    each block compiled on its own, as the engine's `--speedup compile` does (here for static shapes)
   unit      the unit's blocks compiled as one region, so that Inductor can fuse across block boundaries
   unit_max  the same with mode="max-autotune-no-cudagraphs" (Triton GEMM templates, benchmarked per shape)
 Per unit: milliseconds, FLOP and TFLOP/s, compile seconds, largest difference from eager; per level and UNet:

@@ -35,7 +35,7 @@ from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, SDCas
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascade_studio.models.architectures import random_components
-from gpu_speed import matmul_peak_tflops  # bench/ is on the path when this runs as a script
+from gpu_speed import matmul_peak_tflops, timed  # bench/ is on the path when this runs as a script
 
 RESULTS = Path(__file__).parent / "results"
 OPTIONS = ("eager", "blocks", "unit", "unit_max")
@@ -106,12 +106,7 @@ def time_unit(fn: Callable[..., torch.Tensor], args: tuple, device: torch.device
         return out
 
     if device.type != "cuda":
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            many()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3 / repeat
+        return statistics.median(timed(many, device)[0] for _ in range(runs)) * 1e3 / repeat
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up off the capture stream, as the engine's graphs do

@@ -57,7 +57,7 @@ def main() -> None:
 
     report = {"model": engine.identity.name, "n": args.n, "seed": args.seed, "t0": {}}
     for t0 in args.t0:
-        splits = score_splits(lambda scene, image_seed, t0=t0: denoised(scene, image_seed, t0), args.n, args.seed)
+        splits = score_splits(lambda scene, image_seed, t0=t0: denoised(scene, image_seed, t0), args.n, [args.seed])
         report["t0"][str(t0)] = {split: {"shape": d["rates"]["shape"], "shape_rates": d["shape_rates"]}
                                  for split, d in splits.items()}
         print(f"t0 {t0:<5}" + "".join(

@@ -63,6 +63,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
          "stage: the decoder alone takes only --decoder-steps and --decoder-guidance"),
         (["eval-demo", "--stage", "vqgan", "--decoder-steps", "5", "--model", "MODEL"],
          "stage: Stage A alone (vqgan) takes no sampling settings"),
+        (["eval-demo", "--seeds", "0", "--model", "MODEL"], "seeds: must be a whole number from 1 to 100 (got 0)"),
         (["train-demo", "--out", "x", "--text-lr", "0"], "text-lr: must be above 0 and at most 0.01 (got 0.0)"),
         (["train-demo", "--out", "x", "--stage", "a-decoder"], "stage: only with --from"),
     ],

@@ -19,6 +19,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
+from cascade_studio.train.evaluate import evaluate_vqgan, json_ready
 from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES
 from tests.test_cli import CLI
 
@@ -95,10 +96,10 @@ def test_cli_defaults_to_the_demo_model_offline(tmp_path):
     assert image.size == (128, 128) and analyze(image).background == "purple"
 
 
-def eval_demo(tmp_path: Path, stage: str, n: int) -> tuple[str, dict]:
+def eval_demo(tmp_path: Path, stage: str, n: int, *more: str) -> tuple[str, dict]:
     """Run `cascade-studio eval-demo --stage STAGE` on the shipped model: its printed table and its JSON report."""
     out = tmp_path / f"{stage}.json"
-    proc = subprocess.run([CLI, "eval-demo", "--stage", stage, "--n", str(n), "--json", str(out)],
+    proc = subprocess.run([CLI, "eval-demo", "--stage", stage, "--n", str(n), "--json", str(out), *more],
                           capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -131,3 +132,19 @@ def test_eval_demo_scores_stage_a_alone(tmp_path):
     assert "shape right, held-out: " in printed and "  by size: " in printed
     for split in report["splits"].values():  # each size and shape asked, named as the table prints it
         assert set(split["shape_size_rates"]) <= {f"{size} {shape}" for size in SIZES for shape in SHAPES}, split
+
+
+def test_eval_demo_pools_prompt_seeds(tmp_path, demo):
+    """`--seeds 2` scores seed 0's prompts and then seed 1's, exactly as two runs would, and reports the pooled
+    rates with each seed's own and the standard errors (one seed's 60 prompts are too few to judge a 70% goal)."""
+    printed, pooled = eval_demo(tmp_path, "vqgan", 3, "--seeds", "2")
+    assert pooled["seeds"] == [0, 1] and "6 scenes per split (seeds 0 to 1)" in printed
+    assert "standard error at most" in printed
+    alone = {seed: json_ready(evaluate_vqgan(demo, n=3, seeds=[seed])) for seed in (0, 1)}
+    for split, data in pooled["splits"].items():
+        runs = [alone[seed]["splits"][split] for seed in (0, 1)]
+        assert data["samples"] == runs[0]["samples"] + runs[1]["samples"]
+        assert data["seed_rates"] == {"0": runs[0]["rates"], "1": runs[1]["rates"]}
+        for attribute, rate in data["rates"].items():
+            assert rate == pytest.approx((runs[0]["rates"][attribute] + runs[1]["rates"][attribute]) / 2)
+            assert data["standard_errors"][attribute] == pytest.approx((rate * (1 - rate) / 6) ** 0.5)

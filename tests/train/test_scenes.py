@@ -16,6 +16,7 @@ from transformers import CLIPTokenizer
 from cascade_studio.models.architectures import write_word_tokenizer
 from cascade_studio.models.schedulers import VPredictionWuerstchenScheduler
 from cascade_studio.train.analyze import analyze, score
+from cascade_studio.train.evaluate import score_splits
 from cascade_studio.train.run import caption_words
 from cascade_studio.train.scenes import HELD_OUT, PALETTE, caption, render, sample_scene
 
@@ -137,3 +138,20 @@ def test_v_prediction_scheduler_equals_the_stock_step_on_the_implied_noise():
     out_v = vpred.step(v, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
     out_eps = stock.step(eps, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
     assert torch.allclose(out_v, out_eps, atol=1e-5)
+
+
+def test_rates_pool_every_prompt_of_every_seed():
+    """Pooled over prompt seeds, a rate counts the hits of all prompts, each seed keeps its own, and the standard
+    error is that of the pooled count. The images: the true scene for every third image seed, else a blank
+    background (right background, nothing else), so the rates are known in advance."""
+    def draw_some(scene, image_seed: int) -> Image.Image:
+        if image_seed % 3 == 0:  # seed 0: images 0 and 3 of 5; seed 1 (image seeds from 100,000): image 2
+            return render(scene, 128, random.Random(image_seed))
+        return Image.new("RGB", (128, 128), PALETTE[scene.background])
+
+    for data in score_splits(draw_some, 5, [0, 1]).values():
+        assert len(data["samples"]) == 10
+        assert data["rates"]["background"] == 1 and data["rates"]["colour"] == pytest.approx(0.3)
+        assert [rates["position"] for rates in data["seed_rates"].values()] == pytest.approx([0.4, 0.2])
+        assert data["standard_errors"]["colour"] == pytest.approx((0.3 * 0.7 / 10) ** 0.5)
+        assert data["standard_errors"]["background"] == 0

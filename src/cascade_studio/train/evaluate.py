@@ -166,9 +166,10 @@ def score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seeds:
             seed_scenes = [sample_scene(rng, held_out=held_out) for _ in range(n)]
             seed_rows = []
             for i, scene in enumerate(seed_scenes):
-                image = make_image(scene, seed * 100_000 + i)
-                seed_rows.append({"prompt": scene.prompt(), "seed": seed * 100_000 + i,
-                                  "hits": score(scene, analyze(image)), "image": image})
+                image_seed = seed * 100_000 + i
+                image = make_image(scene, image_seed)
+                seed_rows.append({"prompt": scene.prompt(), "seed": image_seed, "hits": score(scene, analyze(image)),
+                                  "image": image})
             by_seed[seed] = hit_rates(seed_rows)
             rows += seed_rows
             scenes += seed_scenes

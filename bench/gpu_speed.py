@@ -5,17 +5,20 @@
     python bench/gpu_speed.py --tiny                # tiny random models on the CPU: a smoke test of this script
 
 Random weights at the official sizes: speed does not depend on the weights' values, and no machine here can
-download the real ones. Rows, applied in turn to the same pipelines (engine/speed.py):
-  stock            diffusers' two pipelines called directly
+download the real ones. Rows, applied in turn to the same modules (engine/speed.py):
+  stock            diffusers' two pipelines called directly, with diffusers' scheduler
   engine           our engine, eager (what it adds: per-image seeds, caches, progress, cancel)
   engine_graphs    + each denoising step replayed as a CUDA graph (eager blocks)
   engine_compiled  + the UNets' repeated blocks compiled (regional torch.compile), no graphs
   engine_fast      compiled blocks and CUDA graphs: `--speedup compile` (engine_graphs is `graphs`, the default)
   engine_graphs_cl, engine_fast_cl   the same with channels-last (NHWC) weights and convolutions
   engine_static_cl channels-last, blocks compiled for static shapes (a graph per block shape), CUDA graphs
+  engine_fast_cl_stock_scheduler   engine_fast_cl with diffusers' scheduler, whose every step makes the host
+                   wait for the GPU; the engine's scheduler (models/schedulers.py) never does
 Per row: first call at batch 1 and 4 (compile, capture), steady seconds per image at batch 1 and 4, per-stage
 time, peak GPU memory, FLOP utilisation against a measured bf16 matmul, the largest pixel difference from stock
-for the same seed, and whether a repeated request gives the same pixels. Then the full model with CPU offload
+for the same seed, whether a repeated request gives the same pixels, and how often one image makes the host wait
+for the GPU (torch's sync debug mode). Then the full model with CPU offload
 (the low-memory mode): time and peak GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so
 a run cut short keeps what it measured) and .png; compare numbers only within one file. `--profile` also writes
 the wall and kernel time of one batch-1 image of the last row, per part and by kernel: the next thing to speed up.
@@ -32,6 +35,7 @@ import statistics
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +53,7 @@ from cascade_studio import __version__
 from cascade_studio.engine import CascadeEngine, GenerationResult, speed
 from cascade_studio.models.architectures import BASE_WORDS, random_components, write_word_tokenizer
 from cascade_studio.models.loading import assemble_pipelines, load_pipelines
+from cascade_studio.models.schedulers import WuerstchenScheduler
 from cascade_studio.models.source import ModelIdentity, resolve_model
 
 PROMPT = "a red circle on a white background"
@@ -87,11 +92,18 @@ def flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def use_scheduler(pipelines, kind: type) -> None:
+    for pipe in (pipelines.prior, pipelines.decoder):
+        pipe.scheduler = kind.from_config(pipe.scheduler.config)
+
+
 def reset(pipelines) -> None:
-    """Back to eager: no graphs, no compiled blocks, weights in the default memory format."""
+    """Back to eager: no graphs, no compiled blocks, weights in the default memory format, the engine's scheduler."""
     speed.use_cuda_graphs(pipelines, False)
     speed.compile_blocks(pipelines, False)
     speed.use_channels_last(pipelines, False)
+    if type(pipelines.prior.scheduler) is DDPMWuerstchenScheduler:  # after engine_fast_cl_stock_scheduler
+        use_scheduler(pipelines, WuerstchenScheduler)
 
 
 # What each engine variant runs, set up from eager on the same pipelines (compiled graphs stay in dynamo's cache).
@@ -104,10 +116,12 @@ PREPARE: dict[str, Callable] = {
     "engine_fast_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.optimize(p, "compile")),
     "engine_static_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.compile_blocks(p, dynamic=False),
                                    speed.use_cuda_graphs(p)),
+    "engine_fast_cl_stock_scheduler": lambda p: (PREPARE["engine_fast_cl"](p),
+                                                 use_scheduler(p, DDPMWuerstchenScheduler)),
 }
 VARIANTS = ("stock", *PREPARE)
 NEEDS_CUDA = {"engine_graphs", "engine_fast",
-              "engine_graphs_cl", "engine_fast_cl", "engine_static_cl"}
+              "engine_graphs_cl", "engine_fast_cl", "engine_static_cl", "engine_fast_cl_stock_scheduler"}
 
 
 def log(message: str) -> None:
@@ -120,12 +134,26 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def build(name: str, device: torch.device, dtype: torch.dtype, tokenizer: CLIPTokenizer, cpu_offload: bool = False):
-    parts = random_components(name, device, dtype)
-    pipelines = assemble_pipelines(**parts, tokenizer=tokenizer, scheduler=DDPMWuerstchenScheduler(),
-                                   identity=ModelIdentity(name=f"random-{name}"), device=device, dtype=dtype,
-                                   cpu_offload=cpu_offload)
-    return parts, pipelines
+def assemble(name: str, parts: dict, scheduler, tokenizer: CLIPTokenizer, device: torch.device, dtype: torch.dtype,
+             cpu_offload: bool = False):
+    return assemble_pipelines(**parts, tokenizer=tokenizer, scheduler=scheduler,
+                              identity=ModelIdentity(name=f"random-{name}"), device=device, dtype=dtype,
+                              cpu_offload=cpu_offload)
+
+
+def host_waits(fn: Callable[[], object], device: torch.device) -> int | None:
+    """How many times one call makes the host wait for the GPU: each wait leaves the GPU idle while the host then
+    prepares the next work. Counted with torch's sync debug mode, which warns at every synchronising operation."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def error_text(exc: Exception) -> str:
@@ -172,21 +200,24 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
                 tokenizer: CLIPTokenizer, variants: list[str], save: Callable[[dict], None],
                 profile: Path | None = None) -> dict:
     t = time.perf_counter()
-    parts, pipelines = build(name, device, dtype, tokenizer)
+    parts = random_components(name, device, dtype)
+    stock_pipes = assemble(name, parts, DDPMWuerstchenScheduler(), tokenizer, device, dtype)
+    pipelines = assemble(name, parts, WuerstchenScheduler(), tokenizer, device, dtype)  # the same modules
     report: dict = {"build_s": time.perf_counter() - t,
                     "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}}
     log(f"{name}: built in {report['build_s']:.1f} s")
 
     def stock_prior(n: int, seed: int = 0):
-        return pipelines.prior(prompt=PROMPT, height=size, width=size, num_inference_steps=SETTINGS["prior_steps"],
-                               guidance_scale=SETTINGS["prior_guidance"], num_images_per_prompt=n, output_type="pt",
-                               generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).image_embeddings
+        return stock_pipes.prior(prompt=PROMPT, height=size, width=size, num_inference_steps=SETTINGS["prior_steps"],
+                                 guidance_scale=SETTINGS["prior_guidance"], num_images_per_prompt=n, output_type="pt",
+                                 generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).image_embeddings
 
     def stock_decoder(latents: torch.Tensor, seed: int = 0):
         n = latents.shape[0]
-        return pipelines.decoder(image_embeddings=latents, prompt=PROMPT, num_inference_steps=SETTINGS["decoder_steps"],
-                                 guidance_scale=SETTINGS["decoder_guidance"], output_type="np",
-                                 generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).images
+        return stock_pipes.decoder(image_embeddings=latents, prompt=PROMPT,
+                                   num_inference_steps=SETTINGS["decoder_steps"],
+                                   guidance_scale=SETTINGS["decoder_guidance"], output_type="np",
+                                   generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).images
 
     def stock(n: int, seed: int = 0):
         return stock_decoder(stock_prior(n, seed), seed)
@@ -200,6 +231,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
                                                            for _ in range(runs))}
         report["flops_per_image"] = flops(lambda: stock_prior(1)) + flops(lambda: stock_decoder(latents))
         reference = np.round(np.asarray(stock(1, seed=7)) * 255) / 255  # as the engine's PIL images are quantised
+        report["stock"]["host_waits_b1"] = host_waits(lambda: stock(1), device)
         log(f"{name}: stock {report['stock']['b1_s_per_image']:.3f} s")
         save(report)
 
@@ -214,6 +246,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
             report[label] = measure(ours, device, runs, timings)
             first, second = ours(1, seed=7), ours(1, seed=7)
             report[label]["same_images_twice"] = bool((first == second).all())
+            report[label]["host_waits_b1"] = host_waits(lambda: ours(1), device)
             if reference is not None:
                 report[label]["max_abs_diff_vs_stock"] = float(np.abs(reference - first).max())
             if "compiled" in label or "fast" in label or "static" in label:
@@ -331,7 +364,8 @@ def check_trained_weights(device: torch.device, dtype: torch.dtype) -> dict:
 
 def bench_low_memory(name: str, device: torch.device, dtype: torch.dtype, size: int, tokenizer: CLIPTokenizer) -> dict:
     """The engine with model CPU offload (one model on the GPU at a time): time and peak GPU memory at batch 1."""
-    _, pipelines = build(name, device, dtype, tokenizer, cpu_offload=True)
+    parts = random_components(name, device, dtype)
+    pipelines = assemble(name, parts, WuerstchenScheduler(), tokenizer, device, dtype, cpu_offload=True)
     free(device)
     ours = engine_runner(CascadeEngine(pipelines), size, [])
     first_s, _ = timed(lambda: ours(1), device)

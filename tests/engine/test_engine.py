@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableCascadeDecoderPipeline, StableCascadePriorPipeline
+from diffusers import DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadePriorPipeline
 
 from cascade_studio.engine import CancelToken, GenerationCancelled
 from tests.conftest import small_request
@@ -78,13 +78,15 @@ def test_prior_guidance_off_and_on(engine):
 
 
 def test_matches_diffusers_pipelines_called_directly(engine):
-    """Our images equal stock StableCascadePriorPipeline + StableCascadeDecoderPipeline with the same generators."""
+    """Our images equal stock StableCascadePriorPipeline + StableCascadeDecoderPipeline, with diffusers' own
+    scheduler, for the same generators."""
     p = engine.pipelines
+    config = p.prior.scheduler.config
     prior = StableCascadePriorPipeline(tokenizer=p.prior.tokenizer, text_encoder=p.prior.text_encoder,
-                                       prior=p.prior.prior, scheduler=p.prior.scheduler)
+                                       prior=p.prior.prior, scheduler=DDPMWuerstchenScheduler.from_config(config))
     decoder = StableCascadeDecoderPipeline(decoder=p.decoder.decoder, tokenizer=p.decoder.tokenizer,
-                                           text_encoder=p.decoder.text_encoder, scheduler=p.decoder.scheduler,
-                                           vqgan=p.decoder.vqgan)
+                                           text_encoder=p.decoder.text_encoder, vqgan=p.decoder.vqgan,
+                                           scheduler=DDPMWuerstchenScheduler.from_config(config))
     for pipe in (prior, decoder):
         pipe.set_progress_bar_config(disable=True)
     req = small_request(seed=42, num_images=2, negative_prompt="blurry", prior_guidance=5.0, decoder_guidance=2.0)

@@ -13,6 +13,7 @@ from cascade_studio.engine import CascadeEngine
 from cascade_studio.models import ModelConfigError, ModelNotFoundError, load_pipelines, resolve_model
 from cascade_studio.models.device import resolve_device, resolve_dtype
 from cascade_studio.models.presets import PRESETS
+from cascade_studio.models.schedulers import WuerstchenScheduler
 from tests.conftest import small_request, write_hub_snapshot
 
 
@@ -31,6 +32,15 @@ def test_presets_load_from_the_hub_cache_with_bf16_variant(hub_cache):
 def test_one_text_encoder_is_shared(engine):
     p = engine.pipelines
     assert p.prior.text_encoder is p.decoder.text_encoder and p.prior.tokenizer is p.decoder.tokenizer
+
+
+def test_the_official_scheduler_name_loads_ours_one_per_pipeline(tiny_model_dir, engine):
+    """The official folders name diffusers' DDPMWuerstchenScheduler; we load its twin without host waits."""
+    assert json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "DDPMWuerstchenScheduler"
+    p = engine.pipelines
+    assert type(p.prior.scheduler) is WuerstchenScheduler and type(p.decoder.scheduler) is WuerstchenScheduler
+    assert p.prior.scheduler is not p.decoder.scheduler  # each keeps its own timesteps while sampling
 
 
 def test_pinned_revision(hub_cache):

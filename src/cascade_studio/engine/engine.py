@@ -8,7 +8,8 @@ What it adds to calling the two pipelines directly:
 - progress with optional previews, per-stage timings, and cancellation that takes effect inside a step (each
   block of the two UNets and of Stage A's decoder checks the token), so a slow step does not delay Cancel;
 - prompts longer than CLIP's window reported with the words that are cut;
-- on CUDA, each denoising step replayed as a CUDA graph, optionally with compiled blocks (speed.py).
+- on CUDA, each denoising step replayed as a CUDA graph, optionally with compiled blocks (speed.py), and the
+  host one step ahead of the GPU: the schedulers never wait for it (models/schedulers.py).
 """
 
 from __future__ import annotations
@@ -27,13 +28,21 @@ from ..models.source import ModelIdentity, resolve_model
 from .cache import LRUCache
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
 from .request import GenerationRequest, make_request
-from .speed import Speedup, keep_scheduler_on_device, optimize, resolve_speedup
+from .speed import Speedup, optimize, resolve_speedup
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _done(device: torch.device) -> float:
+    """The time once the device has finished what was queued. The stages never wait for the GPU on their own (see
+    models/schedulers.py), so without this wait a stage's time would be only the time it took to queue it."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass
@@ -77,7 +86,6 @@ class CascadeEngine:
                        *decoder.decoder.down_blocks, *decoder.decoder.up_blocks, decoder.vqgan.up_blocks):
             for block in blocks:
                 block.register_forward_pre_hook(self._check_cancel)
-        keep_scheduler_on_device(pipelines)
         self.speedups = optimize(pipelines, speedup)  # see engine/speed.py
 
     def _check_cancel(self, module, args) -> None:
@@ -145,7 +153,7 @@ class CascadeEngine:
             t = time.perf_counter()
             embeddings = self._encode(request.prompt, request.negative_prompt)
             self._text_cache.put(text_key, embeddings)
-            timings["text"] = time.perf_counter() - t
+            timings["text"] = _done(self.pipelines.device) - t
 
         seeds = request.image_seeds
         prior_key = (text_key, request.width, request.height, request.prior_steps, request.prior_guidance, tuple(seeds))
@@ -156,7 +164,7 @@ class CascadeEngine:
             callback = self._callback("prior", request.prior_steps, start, progress, cancel)
             latents = self._run_prior(request, embeddings, callback)
             self._prior_cache.put(prior_key, latents)
-            timings["prior"] = time.perf_counter() - t
+            timings["prior"] = _done(self.pipelines.device) - t
 
         t = time.perf_counter()
         callback = self._callback("decoder", request.decoder_steps, start, progress, cancel, prior_cached)
@@ -210,8 +218,16 @@ class CascadeEngine:
     def _callback(self, stage: Stage, total: int, start: float, progress: ProgressCallback | None, cancel: CancelToken,
                   prior_cached: bool = False):
         previewer = self.pipelines.previewer if stage == "prior" else None
+        queued: list[torch.cuda.Event] = []  # the step before this one, on CUDA
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            # Run at most one step ahead of the GPU: it always has the next step queued, so it never idles while
+            # the host prepares one, and progress and Cancel stay within a step of what the GPU is doing.
+            if self.pipelines.device.type == "cuda":
+                queued.append(torch.cuda.Event())
+                queued[-1].record()
+                if len(queued) > 1:
+                    queued.pop(0).synchronize()
             if progress is not None:
                 preview = self._preview(tensors["latents"][:1]) if previewer is not None else None
                 progress(ProgressEvent(stage, step + 1, total, time.perf_counter() - start, preview, prior_cached))

@@ -16,6 +16,8 @@ Stage = Literal["prior", "decoder"]
 class ProgressEvent:
     """One finished sampling step; `preview` is a rough RGB image of the first latent when the model has a previewer.
 
+    On a GPU the engine keeps one step queued ahead, so the event for step k can come while step k still runs.
+
     `prior_cached` is true on decoder steps when the prior's output came from the cache (only decoder settings
     changed), so a UI can say so while the decoder still runs.
     """

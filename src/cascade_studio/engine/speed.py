@@ -37,20 +37,6 @@ def _unets(pipelines: CascadePipelines) -> tuple[torch.nn.Module, torch.nn.Modul
     return pipelines.prior.prior, pipelines.decoder.decoder
 
 
-def keep_scheduler_on_device(pipelines: CascadePipelines) -> None:
-    """Move the Würstchen schedulers' two constants to the model's device, where diffusers copies them at every step.
-
-    On a GPU that copy blocks the host until the step's UNet has finished, so the next host work (drawing the step's
-    noise from the CPU generators for a 1024² decoder latent) ran while the GPU idled: the decoder's scheduler took
-    71 ms of host time an image for 0.8 ms of kernels (bench/results/gpu_speed-NVIDIA_H200-parts-profile-full.txt,
-    timed synchronised). Same values, computed on the same device."""
-    for scheduler in (pipelines.prior.scheduler, pipelines.decoder.scheduler):
-        for name in ("s", "_init_alpha_cumprod"):
-            value = getattr(scheduler, name, None)
-            if isinstance(value, torch.Tensor):
-                setattr(scheduler, name, value.to(pipelines.device))
-
-
 def _compilable_blocks(pipelines: CascadePipelines) -> list[torch.nn.Module]:
     blocks = [block for unet in _unets(pipelines) for level in (*unet.down_blocks, *unet.up_blocks) for block in level]
     return blocks + [block for block in pipelines.decoder.vqgan.up_blocks if isinstance(block, MixingResidualBlock)]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    DDPMWuerstchenScheduler,
     StableCascadeDecoderPipeline,
     StableCascadePriorPipeline,
     StableCascadeUNet,
@@ -25,12 +24,13 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelConfigError
 from .previewer import Previewer
-from .schedulers import VPredictionWuerstchenScheduler
+from .schedulers import VPredictionWuerstchenScheduler, WuerstchenScheduler
 from .source import ModelIdentity, ModelSource
 
-# Scheduler classes a model folder may name. Anything else is refused: a folder never chooses code to run.
+# Scheduler classes a model folder may name. Anything else is refused: a folder never chooses code to run. The
+# official folders name diffusers' DDPMWuerstchenScheduler; ours computes the same steps without host waits.
 SCHEDULERS: dict[str, type] = {
-    "DDPMWuerstchenScheduler": DDPMWuerstchenScheduler,
+    "DDPMWuerstchenScheduler": WuerstchenScheduler,
     "VPredictionWuerstchenScheduler": VPredictionWuerstchenScheduler,
 }
 

@@ -18,10 +18,10 @@ download the real ones. Rows, applied in turn to the same modules (engine/speed.
 Per row: first call at batch 1 and 4 (compile, capture), steady seconds per image at batch 1 and 4, per-stage
 time, peak GPU memory, FLOP utilisation against a measured bf16 matmul, the largest pixel difference from stock
 for the same seed, whether a repeated request gives the same pixels, and how often one image makes the host wait
-for the GPU (torch's sync debug mode). Then the full model with CPU offload
-(the low-memory mode): time and peak GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so
-a run cut short keeps what it measured) and .png; compare numbers only within one file. `--profile` also writes
-the wall and kernel time of one batch-1 image of the last row, per part and by kernel: the next thing to speed up.
+for the GPU (torch's sync debug mode). Then the full model with CPU offload (the low-memory mode): time and peak
+GPU memory. Writes bench/results/gpu_speed-<device>.json (after every row, so a run cut short keeps what it
+measured) and .png; compare numbers only within one file. `--profile` also writes the wall and kernel time of one
+batch-1 image of the last row, per part and by kernel: the next thing to speed up.
 """
 
 from __future__ import annotations

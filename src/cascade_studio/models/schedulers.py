@@ -19,7 +19,8 @@ class WuerstchenScheduler(DDPMWuerstchenScheduler):
     The arithmetic is diffusers', operation for operation; the tests compare the bits.
     """
 
-    def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None, device=None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, timesteps: list[float] | torch.Tensor | None = None,
+                      device: str | torch.device | None = None) -> None:
         super().set_timesteps(num_inference_steps, timesteps, device)
         self.s = self.s.to(self.timesteps.device)
         self._init_alpha_cumprod = self._init_alpha_cumprod.to(self.timesteps.device)

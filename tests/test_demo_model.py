@@ -134,7 +134,6 @@ def test_eval_demo_scores_stage_a_alone(tmp_path):
         assert set(split["shape_size_rates"]) <= {f"{size} {shape}" for size in SIZES for shape in SHAPES}, split
 
 
-
 def test_eval_demo_pools_prompt_seeds(tmp_path, demo):
     """`--seeds 2` scores seed 0's prompts and then seed 1's, exactly as two runs would, and prints the pooled table
     with the standard errors (one seed's 60 prompts are too few to judge a 70% goal)."""

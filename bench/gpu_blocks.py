@@ -11,6 +11,8 @@ count, as under the engine's graphs), at batch 1 and 4 (the prior's batch double
 and multiplied by how often a step runs it. Options:
   eager     the blocks as diffusers runs them
   blocks    each block compiled on its own, as the engine's `--speedup compile` does (here for static shapes)
+  blocks_tuned      the same with Inductor tuning its reduction and pointwise kernels (gpu_speed.TUNED_KERNELS)
+  blocks_grn_split  the same with GlobalResponseNorm's norm over the tokens summed in two stages (grn_split)
   unit      the unit's blocks compiled as one region, so that Inductor can fuse across block boundaries
   unit_max  the same with mode="max-autotune-no-cudagraphs" (Triton GEMM templates, benchmarked per shape)
 Per unit: milliseconds, FLOP and TFLOP/s, compile seconds, largest difference from eager; per level and UNet:
@@ -31,14 +33,15 @@ from pathlib import Path
 
 import torch
 from diffusers import StableCascadeUNet
-from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock, SDCascadeResBlock, SDCascadeTimestepBlock
+from diffusers.models.unets.unet_stable_cascade import (GlobalResponseNorm, SDCascadeAttnBlock, SDCascadeResBlock,
+                                                        SDCascadeTimestepBlock)
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascade_studio.models.architectures import random_components
-from gpu_speed import matmul_peak_tflops, timed  # bench/ is on the path when this runs as a script
+from gpu_speed import TUNED_KERNELS, matmul_peak_tflops, timed  # bench/ is on the path when this runs as a script
 
 RESULTS = Path(__file__).parent / "results"
-OPTIONS = ("eager", "blocks", "unit", "unit_max")
+OPTIONS = ("eager", "blocks", "blocks_tuned", "blocks_grn_split", "unit", "unit_max")
 LATENT_SIDE = {"prior": 24, "decoder": 256}  # 1024² image: Stage C 24×24, Stage B 256×256
 CLIP_TOKENS = {"prior": 77, "decoder": 0}    # text tokens beside the pooled embedding (and, in the prior, image)
 
@@ -84,12 +87,30 @@ def unit_inputs(unet: StableCascadeUNet, name: str, level: int, batch: int, hw: 
     return x.contiguous(memory_format=torch.channels_last), r_embed, clip
 
 
+def grn_split(grn: GlobalResponseNorm, x: torch.Tensor, parts: int = 8) -> torch.Tensor:
+    """diffusers' GlobalResponseNorm with the sum of squares over the tokens taken in `parts` slices first. At batch
+    1 the decoder's 32×32 level reduces 1,024 tokens for only 5,120 channels, too few rows to fill the GPU; the
+    slices give Inductor eight times as many."""
+    b, h, w, c = x.shape
+    squares = x.float().square().view(b, parts, h * w // parts, c).sum(2)
+    agg_norm = squares.sum(1).sqrt().view(b, 1, 1, c).to(x.dtype)
+    stand_div_norm = agg_norm / (agg_norm.mean(dim=-1, keepdim=True) + 1e-6)
+    return grn.gamma * (x * stand_div_norm) + grn.beta + x
+
+
 def prepare(option: str, blocks: list[torch.nn.Module]) -> Callable[..., torch.Tensor]:
-    for block in blocks:
-        vars(block).pop("forward", None)
-    if option == "blocks":
+    grns = [m for block in blocks for m in block.modules() if isinstance(m, GlobalResponseNorm)]
+    for module in [*blocks, *grns]:
+        vars(module).pop("forward", None)
+    if option != "eager":
+        torch._dynamo.reset()  # each option compiles afresh, not reusing graphs another option left in the cache
+    if option == "blocks_grn_split":
+        for grn in grns:
+            grn.forward = lambda x, grn=grn: grn_split(grn, x)
+    if option.startswith("blocks"):
+        options = TUNED_KERNELS if option == "blocks_tuned" else None
         for block in blocks:
-            block.forward = torch.compile(block.forward, dynamic=False)
+            block.forward = torch.compile(block.forward, dynamic=False, options=options)
     if option == "unit":
         return torch.compile(run_unit, dynamic=False)
     if option == "unit_max":

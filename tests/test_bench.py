@@ -59,6 +59,18 @@ def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
                           "stage_a"} and float(parts["prior_unet"]) > 0
 
 
+def test_plot_draws_a_bar_for_every_variant(tmp_path):
+    """The plot is the last thing a GPU run writes: a row it cannot draw would lose the run's summary."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_speed import VARIANTS, plot
+
+    rows = {label: {"b1_s_per_image": 1.0 + k, "b4_s_per_image": 0.5 + k} for k, label in enumerate(VARIANTS)}
+    plot({"device": "test", "size": 1024, "settings": "s", "models": {"full": rows}}, tmp_path / "plot.png")
+    assert Image.open(tmp_path / "plot.png").height == 40 + 2 * len(VARIANTS) * 26  # a 20 px bar + 6 px gap each
+
+
 def forward_inputs(name: str, batch: int) -> dict[str, torch.Tensor]:
     if name == "prior":
         return dict(clip_text=torch.randn(batch, 77, 1280), clip_text_pooled=torch.randn(batch, 1, 1280),
@@ -94,7 +106,7 @@ def test_block_benchmark_sizes_each_level_as_a_real_forward_runs_it(model):
 
 def test_tiny_block_benchmark_reports_each_level(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_blocks.py"), "--tiny", "--options", "eager",
-                           "unit", "--batches", "1", "--repeat", "1", "--runs", "1", "--out", str(tmp_path)],
+                           "unit", "blocks_grn_split", "--batches", "1", "--repeat", "1", "--runs", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_blocks-tiny-cpu.json").read_text())
@@ -103,6 +115,7 @@ def test_tiny_block_benchmark_reports_each_level(tmp_path):
     for row in rows:
         assert row["eager_ms"] > 0 and row["unit_ms"] > 0 and row["gflop_per_unit"] > 0
         assert row["eager_max_abs_diff"] == 0 and row["unit_max_abs_diff"] < 1e-4  # fp32: compiled matches eager
+        assert row["blocks_grn_split_max_abs_diff"] < 1e-4  # the two-stage norm sums the same squares
     assert report["per_step_ms"]["tiny prior b1"]["eager"] == pytest.approx(
         sum(r["eager_ms_per_step"] for r in rows[:2]))
 

@@ -7,10 +7,11 @@ stock diffusers 2.7 s; CUDA graphs 1.2 s with pixels identical to eager; compile
   instead of thousands: at batch 1 both UNets are launch-bound (eager Python issues ~200 block calls per step).
   The graph runs the same kernels as eager, so the pixels are the same bits.
 - `compile_blocks` compiles each block's forward on its own (regional compilation; a whole-UNet compile of the
-  prior had not finished after six minutes). The full model's blocks compile to 28 graphs (batch 1 and 4). Inductor fuses
-  LayerNorm / GELU / GlobalResponseNorm / modulation, which rounds bf16 once where eager rounds after every op:
-  pixels of the trained demo model move by 0.5/255 on average. Without CUDA graphs it is slower than eager on a GPU
-  (its guards and wrappers add host time to a launch-bound loop), so on CUDA it always comes with graphs.
+  prior had not finished after six minutes). The full model's blocks compile to 28 graphs (batch 1 and 4).
+  Inductor fuses LayerNorm / GELU / GlobalResponseNorm / modulation, which rounds bf16 once where eager rounds
+  after every op: pixels of the trained demo model move by 0.5/255 on average. Without CUDA graphs it is slower
+  than eager on a GPU (its guards and wrappers add host time to a launch-bound loop), so on CUDA it always comes
+  with graphs.
 
 The engine's cancel hooks stay on the blocks' eager `__call__`, so under CUDA graphs cancellation takes effect at
 the end of a step instead of inside it.
@@ -30,7 +31,7 @@ from ..models.loading import CascadePipelines
 from .cache import LRUCache
 
 Speedup = Literal["off", "graphs", "compile"]
-_compiled_dynamic: bool | None = None  # how blocks were last compiled in this process: dynamo's caches are global
+_compiled_with: tuple | None = None  # how blocks were last compiled in this process: dynamo's caches are global
 
 
 def _unets(pipelines: CascadePipelines) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -42,24 +43,26 @@ def _compilable_blocks(pipelines: CascadePipelines) -> list[torch.nn.Module]:
     return blocks + [block for block in pipelines.decoder.vqgan.up_blocks if isinstance(block, MixingResidualBlock)]
 
 
-def compile_blocks(pipelines: CascadePipelines, enabled: bool = True, dynamic: bool = True) -> None:
+def compile_blocks(pipelines: CascadePipelines, enabled: bool = True, dynamic: bool = True,
+                   options: dict[str, bool] | None = None) -> None:
     """Regional compilation of the prior's and decoder's blocks and of Stage A's residual blocks (or its removal).
 
     dynamic=False compiles one graph per block shape (more graphs, longer cold start) so that Inductor can pick
-    kernels for the exact sizes; switching between the two clears dynamo's caches, which would reuse the other's
-    graphs."""
+    kernels for the exact sizes; `options` are Inductor settings (torch.compile's), such as tuning its kernels on
+    this GPU. Changing either clears dynamo's caches, which would reuse graphs compiled the other way."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     blocks = _compilable_blocks(pipelines)
     for block in blocks:
         vars(block).pop("forward", None)
     if not enabled:
         return
-    global _compiled_dynamic
-    if _compiled_dynamic not in (None, dynamic):
+    global _compiled_with
+    settings = (dynamic, sorted((options or {}).items()))
+    if _compiled_with not in (None, settings):
         torch._dynamo.reset()
-    _compiled_dynamic = dynamic
+    _compiled_with = settings
     for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=dynamic)
+        block.forward = torch.compile(block.forward, dynamic=dynamic, options=options)
 
 
 def use_channels_last(pipelines: CascadePipelines, enabled: bool = True) -> None:

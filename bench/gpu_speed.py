@@ -398,7 +398,7 @@ def plot(result: dict, path: Path) -> None:
     title = f"seconds per image, {result['device']}, {result['size']}px, {result['settings']}"
     draw.text((pad, 10), title, fill="black")
     palette = [(40, 80, 220), (220, 120, 40), (160, 60, 160), (120, 160, 40), (40, 160, 80), (200, 60, 60),
-               (60, 160, 200), (120, 120, 120)]
+               (60, 160, 200), (120, 120, 120), (180, 140, 0), (0, 120, 120)]
     colours = {label: palette[k % len(palette)] for k, label in enumerate(VARIANTS)}
     for k, (label, value) in enumerate(rows):
         y = 40 + k * (bar + pad)

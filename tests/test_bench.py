@@ -106,7 +106,8 @@ def test_block_benchmark_sizes_each_level_as_a_real_forward_runs_it(model):
 
 def test_tiny_block_benchmark_reports_each_level(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_blocks.py"), "--tiny", "--options", "eager",
-                           "unit", "blocks_grn_split", "--batches", "1", "--repeat", "1", "--runs", "1", "--out", str(tmp_path)],
+                           "unit", "blocks_grn_split", "--batches", "1", "--repeat", "1", "--runs", "1",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_blocks-tiny-cpu.json").read_text())

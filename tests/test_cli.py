@@ -55,6 +55,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
          "speedup: 'graphs' needs a CUDA device; on this device choose off or compile"),
         (["generate"], "the following arguments are required: prompt"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+        (["--port", "abc"], "argument --port: invalid int value: 'abc'"),  # options alone mean serve
         (["info", "/no/such.png"], "image: /no/such.png is not a file"),
         (["download", "huge"], "argument preset: invalid choice: 'huge'"),
         (["eval-demo", "--stage", "decoder", "--model", "MODEL"],

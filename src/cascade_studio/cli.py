@@ -385,8 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve", *argv]  # `cascade-studio --port 7861` serves, as plain `cascade-studio` does
     try:
-        args = parser.parse_args(["serve"] if argv is None and len(sys.argv) == 1 or argv == [] else argv)
+        args = parser.parse_args(argv)
         return args.func(args)
     except (UsageError, RequestError, ModelConfigError) as exc:
         print(f"cascade-studio: error: {exc}", file=sys.stderr)

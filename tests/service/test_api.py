@@ -116,9 +116,10 @@ BAD = [
     ("image id not hex", "GET", "/v1/images/ZZZZ.png", None, 404, "image: no image"),
     ("cancel bad id", "DELETE", "/v1/generations/%00", None, 404, "is not a generation id"),
     ("events bad id", "GET", "/v1/generations/" + "g" * 32 + "/events", None, 404, "is not a generation id"),
-    ("history limit 0", "GET", "/v1/history?limit=0", None, 422, "limit"),
-    ("history limit huge", "GET", "/v1/history?limit=100000", None, 422, "limit"),
-    ("history offset text", "GET", "/v1/history?offset=x", None, 422, "offset"),
+    ("history limit 0", "GET", "/v1/history?limit=0", None, 422,
+     "limit: must be a whole number from 1 to 100 (got '0')"),
+    ("history limit huge", "GET", "/v1/history?limit=100000", None, 422, "limit: must be a whole number from 1 to 100"),
+    ("history offset text", "GET", "/v1/history?offset=x", None, 422, "offset: must be a whole number from 0 to"),
 ]
 
 

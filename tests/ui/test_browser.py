@@ -62,6 +62,21 @@ def generate(page, until: str = "Done") -> str:
     return page.locator("#status").inner_text()
 
 
+def whole_images_in_view(page, elem_id: str) -> bool:
+    """Every image of the gallery is shown whole: inside the gallery's box (no scrolling to see it) and not cropped
+    (object-fit contain, or a box of the image's own shape)."""
+    return page.evaluate("""(id) => {
+        const box = document.getElementById(id).getBoundingClientRect();
+        const imgs = [...document.querySelectorAll('#' + id + ' img')];
+        return imgs.length > 0 && imgs.every(i => {
+            const b = i.getBoundingClientRect();
+            const uncropped = getComputedStyle(i).objectFit === 'contain'
+                || Math.abs(b.width / b.height - i.naturalWidth / i.naturalHeight) < 0.02;
+            return uncropped && b.top >= box.top && b.bottom <= box.bottom && b.left >= box.left && b.right <= box.right;
+        });
+    }""", elem_id)
+
+
 def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
@@ -79,6 +94,7 @@ def test_generate_tune_compare(page):
     gallery_text = page.locator("#gallery").inner_text()
     assert f"seed {seeds[0]}" in gallery_text and f"seed {seeds[1]}" in gallery_text
     assert page.locator("#seed input").input_value() == str(seeds[0])  # the seed used is shown
+    assert whole_images_in_view(page, "gallery")
     shot(page, "1-generated")
 
     # Keep the seed, change only a decoder setting: the prior comes from the cache.
@@ -129,4 +145,6 @@ def test_cancel_a_running_job(studio_url, page):
     fresh.locator("#size input").click()
     fresh.get_by_role("option", name=re.compile("this model's size")).click()
     assert "Done" in generate(fresh)
+    fresh.wait_for_function("document.querySelectorAll('#gallery img').length === 1")
+    assert whole_images_in_view(fresh, "gallery")  # a lone image once filled the width and was cropped
     fresh.close()

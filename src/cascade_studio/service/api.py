@@ -28,6 +28,7 @@ from .queue import ClientLimitReached, Job, JobQueue, QueueFull
 
 MAX_BODY = 64 * 1024  # bytes; a prompt is at most 2000 characters, so any larger body is not a request of ours
 ID = re.compile(r"^[0-9a-f]{32}$")
+PAGING = {"limit": (1, 100), "offset": (0, 10**9)}  # /v1/history's query parameters: allowed ranges
 
 
 def _problem(status: int, messages: list[str], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -48,7 +49,13 @@ def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        return _problem(422, [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()])
+        def message(e: dict) -> str:
+            field = ".".join(str(p) for p in e["loc"][1:]) or "body"
+            if e["loc"][0] == "query" and field in PAGING:  # pydantic's text names only the bound that was missed
+                low, high = PAGING[field]
+                return f"{field}: must be a whole number from {low} to {high} (got {e['input']!r})"
+            return f"{field}: {e['msg']}"
+        return _problem(422, [message(e) for e in exc.errors()])
 
     def authorised(request: Request) -> str:
         """The caller's identity for the per-client cap: its token, else its address."""
@@ -128,7 +135,8 @@ def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
         return FileResponse(store.image_file(record), media_type="image/png")
 
     @app.get("/v1/history")
-    def history(limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0, le=10**9),
+    def history(limit: int = Query(20, ge=PAGING["limit"][0], le=PAGING["limit"][1]),
+                offset: int = Query(0, ge=PAGING["offset"][0], le=PAGING["offset"][1]),
                 _: str = Depends(authorised)) -> dict[str, Any]:
         jobs = store.list_jobs(limit=limit, offset=offset)
         return {"total": store.count_jobs(), "limit": limit, "offset": offset,

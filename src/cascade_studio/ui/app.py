@@ -45,6 +45,11 @@ def _errors(fn):
     return call
 
 
+def _columns(n: int) -> int:
+    """Gallery columns for n images: 1-2 large side by side, 3-8 in at most two rows; all in view at once."""
+    return 2 if n <= 2 else 4
+
+
 def build_app(studio: Studio) -> gr.Blocks:
     store, queue = studio.store, studio.queue
     sizes = studio.size_choices()
@@ -92,7 +97,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 status = gr.Markdown("Ready.", elem_id="status")
                 preview = gr.Image(label="Live preview of the prior", type="pil", height=180, interactive=False,
                                    visible=has_preview, elem_id="preview")
-                gallery = gr.Gallery(label="Images", columns=4, height=400, elem_id="gallery")
+                # Whole images: a lone image once filled the width and was cropped to the box's height.
+                gallery = gr.Gallery(label="Images", columns=4, height=400, object_fit="contain", fit_columns=False,
+                                     elem_id="gallery")
                 details = gr.Markdown("Select an image to see its settings.", elem_id="details")
                 use = gr.Button("Use these settings", size="sm", elem_id="use-settings")
 
@@ -119,7 +126,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 png = gr.File(label="Drop a PNG made here (or by A1111) to restore its settings", file_types=[".png"])
                 png_text = gr.Markdown("")
             with gr.Tab("History", elem_id="tab-history"):
-                history = gr.Gallery(label="Past generations (newest first)", columns=8, height=360, elem_id="history")
+                history = gr.Gallery(label="Past generations (newest first)", columns=8, height=360,
+                                     object_fit="contain", fit_columns=False, elem_id="history")
                 refresh = gr.Button("Refresh", size="sm")
 
         form = [prompt, negative, size, width, height, seed, randomize, prior_steps, prior_guidance, decoder_steps,
@@ -159,7 +167,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             choices = h.history_choices(store)
             # The last update carries the status too: without it the page sometimes stayed on "Decoder step 3/3"
             # although the stream had yielded "Done" just before (2 browser-test runs in 5, and once in CI).
-            out = {status: h.status_text(studio, job), gallery: h.gallery_items(store, record.images), last_key: key,
+            images = h.gallery_items(store, record.images)
+            out = {status: h.status_text(studio, job), last_key: key,
+                   gallery: gr.update(value=images, columns=_columns(len(images))),
                    history: items, history_keys: keys, job_state: None, details: h.image_details(record, 0), selected: key,
                    pick_a: gr.update(choices=choices, value=previous), pick_b: gr.update(choices=choices, value=key)}
             if previous:  # A/B: this tab's previous image against the new one

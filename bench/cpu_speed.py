@@ -50,20 +50,30 @@ def main() -> None:
         return statistics.median(r[key] for r in rows)
 
     result = {
-        "model": engine.identity.name, "settings": base.model_dump(exclude={"prompt", "seed"}), "runs": args.runs,
-        "threads": args.threads, "one_image_s": median(full, "total"),
+        "model": engine.identity.name,
+        "settings": base.model_dump(exclude={"prompt", "seed"}),
+        "runs": args.runs,
+        "threads": args.threads,
+        "one_image_s": median(full, "total"),
         "stages_s": {k: median(full, k) for k in ("text", "prior", "decoder")},
         "decoder_only_rerun_s": median(tuned, "total"),
         "rerun_speedup": median(full, "total") / median(tuned, "total"),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "cascade_studio": __version__, "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cascade_studio": __version__,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
     }
     print(f"{result['model']} on {args.threads} CPU threads, median of {args.runs}:")
-    print(f"  one image at default settings: {result['one_image_s']:.3f} s "
-          f"(text {result['stages_s']['text']:.3f}, prior {result['stages_s']['prior']:.3f}, "
-          f"decoder {result['stages_s']['decoder']:.3f})")
-    print(f"  re-run changing only decoder settings: {result['decoder_only_rerun_s']:.3f} s "
-          f"({result['rerun_speedup']:.1f}x faster: prior cached)")
+    print(
+        f"  one image at default settings: {result['one_image_s']:.3f} s "
+        f"(text {result['stages_s']['text']:.3f}, prior {result['stages_s']['prior']:.3f}, "
+        f"decoder {result['stages_s']['decoder']:.3f})"
+    )
+    print(
+        f"  re-run changing only decoder settings: {result['decoder_only_rerun_s']:.3f} s "
+        f"({result['rerun_speedup']:.1f}x faster: prior cached)"
+    )
     out = Path(__file__).parent / "results" / f"cpu_speed-{result['model']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -58,12 +58,19 @@ def main() -> None:
     report = {"model": engine.identity.name, "n": args.n, "seed": args.seed, "t0": {}}
     for t0 in args.t0:
         splits = score_splits(lambda scene, image_seed, t0=t0: denoised(scene, image_seed, t0), args.n, [args.seed])
-        report["t0"][str(t0)] = {split: {"shape": d["rates"]["shape"], "shape_rates": d["shape_rates"]}
-                                 for split, d in splits.items()}
-        print(f"t0 {t0:<5}" + "".join(
-            f"  {split}: shape {d['rates']['shape']:.0%} ("
-            + ", ".join(f"{k} {r:.0%}" for k, r in d["shape_rates"].items()) + ")" for split, d in splits.items()),
-            flush=True)
+        report["t0"][str(t0)] = {
+            split: {"shape": d["rates"]["shape"], "shape_rates": d["shape_rates"]} for split, d in splits.items()
+        }
+        print(
+            f"t0 {t0:<5}"
+            + "".join(
+                f"  {split}: shape {d['rates']['shape']:.0%} ("
+                + ", ".join(f"{k} {r:.0%}" for k, r in d["shape_rates"].items())
+                + ")"
+                for split, d in splits.items()
+            ),
+            flush=True,
+        )
     out = args.out or Path(__file__).parent / "results" / f"decoder_denoise-{engine.identity.name}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

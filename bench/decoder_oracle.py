@@ -40,8 +40,12 @@ def oracle_code(scene: Scene) -> torch.Tensor:
     col, row = POSITIONS[scene.position]
     code[COLOURS.index(scene.background)] = 3
     code[:, row, col] = 0
-    for channel in (COLOURS.index(scene.colour), 8 + SHAPES.index(scene.shape), 11 + SIZES.index(scene.size),
-                    13 + scene.count - 1):
+    for channel in (
+        COLOURS.index(scene.colour),
+        8 + SHAPES.index(scene.shape),
+        11 + SIZES.index(scene.size),
+        13 + scene.count - 1,
+    ):
         code[channel, row, col] = 3
     return code
 
@@ -94,19 +98,36 @@ def main() -> None:
     hits = []
     with torch.no_grad():
         for i, scene in enumerate(scenes):
-            image = pipe(image_embeddings=oracle_code(scene)[None], prompt=scene.prompt(),
-                         num_inference_steps=defaults.decoder_steps, guidance_scale=defaults.decoder_guidance,
-                         generator=torch.Generator().manual_seed(i), output_type="pil").images[0]
+            image = pipe(
+                image_embeddings=oracle_code(scene)[None],
+                prompt=scene.prompt(),
+                num_inference_steps=defaults.decoder_steps,
+                guidance_scale=defaults.decoder_guidance,
+                generator=torch.Generator().manual_seed(i),
+                output_type="pil",
+            ).images[0]
             hits.append(score(scene, analyze(image)))
     rates = {a: mean(h[a] for h in hits) for a in ATTRIBUTES}
     by_kind = shape_rates([{"hits": h} for h in hits], scenes, BY_SIZE)
-    print(f"{args.steps} steps ({minutes:.1f} min), final loss {losses[-1]:.4f}; {args.n} scenes: "
-          + ", ".join(f"{a} {r:.0%}" for a, r in rates.items()))
+    print(
+        f"{args.steps} steps ({minutes:.1f} min), final loss {losses[-1]:.4f}; {args.n} scenes: "
+        + ", ".join(f"{a} {r:.0%}" for a, r in rates.items())
+    )
     print("shape right: " + ", ".join(f"{k} {r:.0%}" for k, r in by_kind.items()))
-    report = {"model": engine.identity.name, "shapes": args.shapes, "steps": args.steps, "scenes": args.scenes,
-              "n": args.n, "seed": args.seed, "threads": args.threads, "minutes": minutes, "losses": losses,
-              "rates": rates, "shape_right": by_kind,
-              "sampling": {"decoder_steps": defaults.decoder_steps, "decoder_guidance": defaults.decoder_guidance}}
+    report = {
+        "model": engine.identity.name,
+        "shapes": args.shapes,
+        "steps": args.steps,
+        "scenes": args.scenes,
+        "n": args.n,
+        "seed": args.seed,
+        "threads": args.threads,
+        "minutes": minutes,
+        "losses": losses,
+        "rates": rates,
+        "shape_right": by_kind,
+        "sampling": {"decoder_steps": defaults.decoder_steps, "decoder_guidance": defaults.decoder_guidance},
+    }
     out = args.out or Path(__file__).parent / "results" / f"decoder_oracle-{'-'.join(args.shapes)}-{args.steps}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

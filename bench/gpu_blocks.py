@@ -33,17 +33,21 @@ from pathlib import Path
 
 import torch
 from diffusers import StableCascadeUNet
-from diffusers.models.unets.unet_stable_cascade import (GlobalResponseNorm, SDCascadeAttnBlock, SDCascadeResBlock,
-                                                        SDCascadeTimestepBlock)
+from diffusers.models.unets.unet_stable_cascade import (
+    GlobalResponseNorm,
+    SDCascadeAttnBlock,
+    SDCascadeResBlock,
+    SDCascadeTimestepBlock,
+)
+from gpu_speed import TUNED_KERNELS, matmul_peak_tflops, timed  # bench/ is on the path when this runs as a script
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascade_studio.models.architectures import random_components
-from gpu_speed import TUNED_KERNELS, matmul_peak_tflops, timed  # bench/ is on the path when this runs as a script
 
 RESULTS = Path(__file__).parent / "results"
 OPTIONS = ("eager", "blocks", "blocks_tuned", "blocks_grn_split", "unit", "unit_max")
 LATENT_SIDE = {"prior": 24, "decoder": 256}  # 1024² image: Stage C 24×24, Stage B 256×256
-CLIP_TOKENS = {"prior": 77, "decoder": 0}    # text tokens beside the pooled embedding (and, in the prior, image)
+CLIP_TOKENS = {"prior": 77, "decoder": 0}  # text tokens beside the pooled embedding (and, in the prior, image)
 
 
 def run_unit(blocks: list[torch.nn.Module], x: torch.Tensor, r_embed: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
@@ -67,8 +71,11 @@ def levels(config: dict, side: int) -> list[tuple[int, int]]:
     switch = config.get("switch_level")
     for i in range(1, len(config["block_out_channels"])):
         sides.append(sides[-1] // 2 if switch is None or switch[i - 1] else sides[-1])
-    down, up, repeats = (config["down_num_layers_per_block"], config["up_num_layers_per_block"][::-1],
-                         config["up_blocks_repeat_mappers"][::-1])
+    down, up, repeats = (
+        config["down_num_layers_per_block"],
+        config["up_num_layers_per_block"][::-1],
+        config["up_blocks_repeat_mappers"][::-1],
+    )
     return [(s, d + u * r) for s, d, u, r in zip(sides, down, up, repeats)]
 
 
@@ -76,13 +83,23 @@ def unit_inputs(unet: StableCascadeUNet, name: str, level: int, batch: int, hw: 
     config = unet.config
     device, dtype = unet.device, unet.dtype
     x = torch.randn(batch, config.block_out_channels[level], hw, hw, device=device, dtype=dtype)
-    r_embed = torch.randn(batch, config.timestep_ratio_embedding_dim * (1 + len(config.timestep_conditioning_type)),
-                          device=device, dtype=dtype)
+    r_embed = torch.randn(
+        batch,
+        config.timestep_ratio_embedding_dim * (1 + len(config.timestep_conditioning_type)),
+        device=device,
+        dtype=dtype,
+    )
     pooled = torch.randn(batch, 1, config.clip_text_pooled_in_channels, device=device, dtype=dtype)
-    text = (torch.randn(batch, CLIP_TOKENS[name], config.clip_text_in_channels, device=device, dtype=dtype)
-            if config.clip_text_in_channels else None)
-    image = (torch.randn(batch, 1, config.clip_image_in_channels, device=device, dtype=dtype)
-             if config.clip_image_in_channels else None)
+    text = (
+        torch.randn(batch, CLIP_TOKENS[name], config.clip_text_in_channels, device=device, dtype=dtype)
+        if config.clip_text_in_channels
+        else None
+    )
+    image = (
+        torch.randn(batch, 1, config.clip_image_in_channels, device=device, dtype=dtype)
+        if config.clip_image_in_channels
+        else None
+    )
     clip = unet.get_clip_embeddings(clip_txt_pooled=pooled, clip_txt=text, clip_img=image)
     return x.contiguous(memory_format=torch.channels_last), r_embed, clip
 
@@ -120,6 +137,7 @@ def prepare(option: str, blocks: list[torch.nn.Module]) -> Callable[..., torch.T
 
 def time_unit(fn: Callable[..., torch.Tensor], args: tuple, device: torch.device, repeat: int, runs: int) -> float:
     """Milliseconds per unit call: a CUDA graph of `repeat` calls replayed `runs` times (CPU: plain calls)."""
+
     def many() -> torch.Tensor:
         out = args[0]
         for _ in range(repeat):
@@ -149,8 +167,18 @@ def time_unit(fn: Callable[..., torch.Tensor], args: tuple, device: torch.device
     return statistics.median(times) / repeat
 
 
-def bench_unet(name: str, unet: StableCascadeUNet, options: list[str], batches: list[int], side: int, repeat: int,
-               runs: int, peak_tflops: float, save: Callable[[], None], rows: list[dict]) -> None:
+def bench_unet(
+    name: str,
+    unet: StableCascadeUNet,
+    options: list[str],
+    batches: list[int],
+    side: int,
+    repeat: int,
+    runs: int,
+    peak_tflops: float,
+    save: Callable[[], None],
+    rows: list[dict],
+) -> None:
     for level, (hw, count) in enumerate(levels(unet.config, side)):
         n_types = len(unet.config.block_types_per_layer[level])
         blocks = list(unet.down_blocks[level])[:n_types]
@@ -159,9 +187,16 @@ def bench_unet(name: str, unet: StableCascadeUNet, options: list[str], batches: 
             args = unit_inputs(unet, name, level, images, hw)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 reference = run_unit(blocks, *args)
-            row = {"unet": name, "level": level, "batch": batch, "unet_batch": images, "units_per_step": count,
-                   "tokens": args[0].shape[-1] * args[0].shape[-2], "channels": args[0].shape[1],
-                   "gflop_per_unit": counter.get_total_flops() / 1e9}
+            row = {
+                "unet": name,
+                "level": level,
+                "batch": batch,
+                "unet_batch": images,
+                "units_per_step": count,
+                "tokens": args[0].shape[-1] * args[0].shape[-2],
+                "channels": args[0].shape[1],
+                "gflop_per_unit": counter.get_total_flops() / 1e9,
+            }
             for option in options:
                 fn = prepare(option, blocks)
                 try:
@@ -172,7 +207,13 @@ def bench_unet(name: str, unet: StableCascadeUNet, options: list[str], batches: 
                     row[f"{option}_compile_s"] = time.perf_counter() - start
                     row[f"{option}_max_abs_diff"] = float((out - reference).abs().max())  # vs eager, same inputs
                     with torch.no_grad():
-                        ms = time_unit(lambda x, r, c: fn(blocks, x, r, c), args, args[0].device, repeat, runs)
+                        ms = time_unit(
+                            lambda x, r, c, fn=fn, blocks=blocks: fn(blocks, x, r, c),
+                            args,
+                            args[0].device,
+                            repeat,
+                            runs,
+                        )
                     row[f"{option}_ms"] = ms
                     row[f"{option}_tflops"] = row["gflop_per_unit"] / ms
                     row[f"{option}_ms_per_step"] = ms * count
@@ -181,8 +222,14 @@ def bench_unet(name: str, unet: StableCascadeUNet, options: list[str], batches: 
                 prepare("eager", blocks)
             row["peak_fraction"] = {o: row[f"{o}_tflops"] / peak_tflops for o in options if f"{o}_tflops" in row}
             rows.append(row)
-            print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                           if k != "peak_fraction" and not k.endswith("_error")), flush=True)
+            print(
+                " ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in row.items()
+                    if k != "peak_fraction" and not k.endswith("_error")
+                ),
+                flush=True,
+            )
             save()
 
 
@@ -210,9 +257,17 @@ def main() -> None:
     peak = matmul_peak_tflops(device, dtype)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     rows: list[dict] = []
-    result = {"device": device_name, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-              "matmul_peak_tflops": peak, "when": time.strftime("%Y-%m-%d %H:%M"), "repeat": args.repeat,
-              "runs": args.runs, "rows": rows, "per_step_ms": {}}
+    result = {
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "matmul_peak_tflops": peak,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "repeat": args.repeat,
+        "runs": args.runs,
+        "rows": rows,
+        "per_step_ms": {},
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("gpu_blocks-" + ("tiny-cpu" if args.tiny else device_name.replace(" ", "_")) + ".json")
 
@@ -228,8 +283,10 @@ def main() -> None:
             for batch in args.batches:
                 mine = [r for r in rows[start:] if r["batch"] == batch]
                 result["per_step_ms"][f"{model} {name} b{batch}"] = {
-                    o: sum(r[f"{o}_ms_per_step"] for r in mine) for o in args.options
-                    if all(f"{o}_ms_per_step" in r for r in mine)}
+                    o: sum(r[f"{o}_ms_per_step"] for r in mine)
+                    for o in args.options
+                    if all(f"{o}_ms_per_step" in r for r in mine)
+                }
             save()
             torch._dynamo.reset()
         del unets

@@ -60,9 +60,11 @@ from cascade_studio.models.source import ModelIdentity, resolve_model
 
 PROMPT = "a red circle on a white background"
 RESULTS = Path(__file__).parent / "results"
-TRAINED_PROMPTS = ("a large red circle at the top left on a white background",
-                   "two small blue squares in the centre on a black background",
-                   "three large yellow triangles at the bottom right on a white background")
+TRAINED_PROMPTS = (
+    "a large red circle at the top left on a white background",
+    "two small blue squares in the centre on a black background",
+    "three large yellow triangles at the bottom right on a white background",
+)
 SETTINGS = dict(prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0)
 # Inductor settings for engine_tuned_cl: benchmark block sizes and warps of every reduction and pointwise kernel,
 # then search around the best. On the H200 the compiled blocks' GELU + GlobalResponseNorm reductions read their
@@ -116,20 +118,37 @@ def reset(pipelines) -> None:
 PREPARE: dict[str, Callable] = {
     "engine": reset,
     "engine_graphs": lambda p: (reset(p), speed.optimize(p, "graphs")),  # --speedup graphs (the default on CUDA)
-    "engine_compiled": lambda p: (reset(p), speed.compile_blocks(p)),       # compiled blocks, no graphs
-    "engine_fast": lambda p: (reset(p), speed.optimize(p, "compile")),     # --speedup compile
+    "engine_compiled": lambda p: (reset(p), speed.compile_blocks(p)),  # compiled blocks, no graphs
+    "engine_fast": lambda p: (reset(p), speed.optimize(p, "compile")),  # --speedup compile
     "engine_graphs_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.optimize(p, "graphs")),
     "engine_fast_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.optimize(p, "compile")),
-    "engine_static_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.compile_blocks(p, dynamic=False),
-                                   speed.use_cuda_graphs(p)),
-    "engine_fast_cl_stock_scheduler": lambda p: (PREPARE["engine_fast_cl"](p),
-                                                 use_scheduler(p, DDPMWuerstchenScheduler)),
-    "engine_tuned_cl": lambda p: (reset(p), speed.use_channels_last(p), speed.compile_blocks(p, options=TUNED_KERNELS),
-                                  speed.use_cuda_graphs(p)),
+    "engine_static_cl": lambda p: (
+        reset(p),
+        speed.use_channels_last(p),
+        speed.compile_blocks(p, dynamic=False),
+        speed.use_cuda_graphs(p),
+    ),
+    "engine_fast_cl_stock_scheduler": lambda p: (
+        PREPARE["engine_fast_cl"](p),
+        use_scheduler(p, DDPMWuerstchenScheduler),
+    ),
+    "engine_tuned_cl": lambda p: (
+        reset(p),
+        speed.use_channels_last(p),
+        speed.compile_blocks(p, options=TUNED_KERNELS),
+        speed.use_cuda_graphs(p),
+    ),
 }
 VARIANTS = ("stock", *PREPARE)
-NEEDS_CUDA = {"engine_graphs", "engine_fast", "engine_graphs_cl", "engine_fast_cl", "engine_static_cl",
-              "engine_fast_cl_stock_scheduler", "engine_tuned_cl"}
+NEEDS_CUDA = {
+    "engine_graphs",
+    "engine_fast",
+    "engine_graphs_cl",
+    "engine_fast_cl",
+    "engine_static_cl",
+    "engine_fast_cl_stock_scheduler",
+    "engine_tuned_cl",
+}
 
 
 def log(message: str) -> None:
@@ -142,11 +161,24 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def assemble(name: str, parts: dict, scheduler, tokenizer: CLIPTokenizer, device: torch.device, dtype: torch.dtype,
-             cpu_offload: bool = False):
-    return assemble_pipelines(**parts, tokenizer=tokenizer, scheduler=scheduler,
-                              identity=ModelIdentity(name=f"random-{name}"), device=device, dtype=dtype,
-                              cpu_offload=cpu_offload)
+def assemble(
+    name: str,
+    parts: dict,
+    scheduler,
+    tokenizer: CLIPTokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    cpu_offload: bool = False,
+):
+    return assemble_pipelines(
+        **parts,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        identity=ModelIdentity(name=f"random-{name}"),
+        device=device,
+        dtype=dtype,
+        cpu_offload=cpu_offload,
+    )
 
 
 def host_waits(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -180,52 +212,78 @@ def engine_runner(engine: CascadeEngine, size: int, timings: list[dict]) -> Call
         result = uncached(engine, prompt=PROMPT, width=size, height=size, num_images=n, seed=seed, **SETTINGS)
         timings.append(result.timings)
         return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in result.images])
+
     return ours
 
 
-def measure(fn: Callable[..., object], device: torch.device, runs: int,
-            stage_timings: list[dict] | None = None) -> dict:
+def measure(
+    fn: Callable[..., object], device: torch.device, runs: int, stage_timings: list[dict] | None = None
+) -> dict:
     """First call (compile, capture) and steady state at batch 1 and 4, with peak memory of the steady runs."""
     row: dict = {}
     for n, key in ((1, "b1"), (4, "b4")):
-        row[f"first_call_{key}_s"] = timed(lambda: fn(n), device)[0]
+        row[f"first_call_{key}_s"] = timed(lambda n=n: fn(n), device)[0]
         free(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if stage_timings is not None:
             stage_timings.clear()
-        row[f"{key}_s_per_image"] = statistics.median(timed(lambda: fn(n), device)[0] for _ in range(runs)) / n
+        row[f"{key}_s_per_image"] = statistics.median(timed(lambda n=n: fn(n), device)[0] for _ in range(runs)) / n
         if device.type == "cuda":
             row[f"peak_gib_{key}"] = torch.cuda.max_memory_allocated(device) / 2**30
             row[f"peak_reserved_gib_{key}"] = torch.cuda.max_memory_reserved(device) / 2**30
         if stage_timings and n == 1:
-            row |= {f"{stage}_s": statistics.median(t[stage] for t in stage_timings)
-                    for stage in ("text", "prior", "decoder")}
+            row |= {
+                f"{stage}_s": statistics.median(t[stage] for t in stage_timings)
+                for stage in ("text", "prior", "decoder")
+            }
     return row
 
 
-def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, runs: int, peak_tflops: float,
-                tokenizer: CLIPTokenizer, variants: list[str], save: Callable[[dict], None],
-                profile: Path | None = None) -> dict:
+def bench_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    size: int,
+    runs: int,
+    peak_tflops: float,
+    tokenizer: CLIPTokenizer,
+    variants: list[str],
+    save: Callable[[dict], None],
+    profile: Path | None = None,
+) -> dict:
     t = time.perf_counter()
     parts = random_components(name, device, dtype)
     stock_pipes = assemble(name, parts, DDPMWuerstchenScheduler(), tokenizer, device, dtype)
     pipelines = assemble(name, parts, WuerstchenScheduler(), tokenizer, device, dtype)  # the same modules
-    report: dict = {"build_s": time.perf_counter() - t,
-                    "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}}
+    report: dict = {
+        "build_s": time.perf_counter() - t,
+        "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
+    }
     log(f"{name}: built in {report['build_s']:.1f} s")
 
     def stock_prior(n: int, seed: int = 0):
-        return stock_pipes.prior(prompt=PROMPT, height=size, width=size, num_inference_steps=SETTINGS["prior_steps"],
-                                 guidance_scale=SETTINGS["prior_guidance"], num_images_per_prompt=n, output_type="pt",
-                                 generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).image_embeddings
+        return stock_pipes.prior(
+            prompt=PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=SETTINGS["prior_steps"],
+            guidance_scale=SETTINGS["prior_guidance"],
+            num_images_per_prompt=n,
+            output_type="pt",
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        ).image_embeddings
 
     def stock_decoder(latents: torch.Tensor, seed: int = 0):
         n = latents.shape[0]
-        return stock_pipes.decoder(image_embeddings=latents, prompt=PROMPT,
-                                   num_inference_steps=SETTINGS["decoder_steps"],
-                                   guidance_scale=SETTINGS["decoder_guidance"], output_type="np",
-                                   generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).images
+        return stock_pipes.decoder(
+            image_embeddings=latents,
+            prompt=PROMPT,
+            num_inference_steps=SETTINGS["decoder_steps"],
+            guidance_scale=SETTINGS["decoder_guidance"],
+            output_type="np",
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+        ).images
 
     def stock(n: int, seed: int = 0):
         return stock_decoder(stock_prior(n, seed), seed)
@@ -234,9 +292,10 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
     if "stock" in variants:
         report["stock"] = measure(stock, device, runs)
         latents = stock_prior(1)
-        report["stock"] |= {"prior_s": statistics.median(timed(lambda: stock_prior(1), device)[0] for _ in range(runs)),
-                            "decoder_s": statistics.median(timed(lambda: stock_decoder(latents), device)[0]
-                                                           for _ in range(runs))}
+        report["stock"] |= {
+            "prior_s": statistics.median(timed(lambda: stock_prior(1), device)[0] for _ in range(runs)),
+            "decoder_s": statistics.median(timed(lambda: stock_decoder(latents), device)[0] for _ in range(runs)),
+        }
         report["flops_per_image"] = flops(lambda: stock_prior(1)) + flops(lambda: stock_decoder(latents))
         reference = np.round(np.asarray(stock(1, seed=7)) * 255) / 255  # as the engine's PIL images are quantised
         report["stock"]["host_waits_b1"] = host_waits(lambda: stock(1), device)
@@ -259,8 +318,10 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
                 report[label]["max_abs_diff_vs_stock"] = float(np.abs(reference - first).max())
             if any(word in label for word in ("compiled", "fast", "static", "tuned")):
                 report[label]["compiled_graphs"] = counters["stats"]["unique_graphs"]  # this process so far
-            log(f"{name}: {label} {report[label]['b1_s_per_image']:.3f} s, first call "
-                f"{report[label]['first_call_b1_s']:.1f} s")
+            log(
+                f"{name}: {label} {report[label]['b1_s_per_image']:.3f} s, first call "
+                f"{report[label]['first_call_b1_s']:.1f} s"
+            )
         except Exception as exc:  # one failing variant must not cost the GPU run the others' numbers
             report[label] = {"error": error_text(exc)}
             log(f"{name}: {label} failed: {report[label]['error']}")
@@ -272,17 +333,21 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, size: int, 
     if "flops_per_image" in report:
         for label in VARIANTS:
             if "b1_s_per_image" in report.get(label, {}):
-                report[label]["utilisation_b1"] = report["flops_per_image"] / report[label]["b1_s_per_image"] / (
-                    peak_tflops * 1e12)
+                report[label]["utilisation_b1"] = (
+                    report["flops_per_image"] / report[label]["b1_s_per_image"] / (peak_tflops * 1e12)
+                )
     return report
 
 
 # What one image passes through, with the method the pipelines call on each: the profile's per-part rows.
-PARTS = {"text_encoder": (lambda p: p.prior.text_encoder, "forward"),
-         "prior_unet": (lambda p: p.prior.prior, "forward"), "prior_scheduler": (lambda p: p.prior.scheduler, "step"),
-         "decoder_unet": (lambda p: p.decoder.decoder, "forward"),
-         "decoder_scheduler": (lambda p: p.decoder.scheduler, "step"),
-         "stage_a": (lambda p: p.decoder.vqgan, "decode")}
+PARTS = {
+    "text_encoder": (lambda p: p.prior.text_encoder, "forward"),
+    "prior_unet": (lambda p: p.prior.prior, "forward"),
+    "prior_scheduler": (lambda p: p.prior.scheduler, "step"),
+    "decoder_unet": (lambda p: p.decoder.decoder, "forward"),
+    "decoder_scheduler": (lambda p: p.decoder.scheduler, "step"),
+    "stage_a": (lambda p: p.decoder.vqgan, "decode"),
+}
 
 
 @contextlib.contextmanager
@@ -313,17 +378,21 @@ def write_profile(ours: Callable[..., np.ndarray], pipelines, device: torch.devi
             t, out = timed(lambda: method(*args, **kwargs), device)
             seconds[label] += t
             return out
+
         return call
 
     with wrapped(pipelines, timer):
         total, _ = timed(lambda: ours(1), device)
-    lines = [f"one image: {total * 1e3:.1f} ms wall, parts below {sum(seconds.values()) * 1e3:.1f} ms",
-             *(f"{label:<18} {s * 1e3:9.2f} ms wall" for label, s in seconds.items())]
+    lines = [
+        f"one image: {total * 1e3:.1f} ms wall, parts below {sum(seconds.values()) * 1e3:.1f} ms",
+        *(f"{label:<18} {s * 1e3:9.2f} ms wall" for label, s in seconds.items()),
+    ]
 
     def label(method: Callable, name: str) -> Callable:
         def call(*args, **kwargs):
             with torch.profiler.record_function(name):
                 return method(*args, **kwargs)
+
         return call
 
     speed.use_cuda_graphs(pipelines, False)
@@ -336,8 +405,11 @@ def write_profile(ours: Callable[..., np.ndarray], pipelines, device: torch.devi
         sync(device)
     events = prof.key_averages()
     total_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    lines += [f"{e.key:<18} {getattr(e, total_key) / 1e3:9.2f} ms {device.type} kernels, {e.count} calls"
-              for e in events if e.key in PARTS and e.device_type.name == "CPU"]  # not the GPU-side annotation rows
+    lines += [
+        f"{e.key:<18} {getattr(e, total_key) / 1e3:9.2f} ms {device.type} kernels, {e.count} calls"
+        for e in events
+        if e.key in PARTS and e.device_type.name == "CPU"
+    ]  # not the GPU-side annotation rows
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=60, max_name_column_width=100)
     path.write_text("per part:\n" + "\n".join(lines) + "\n\nby kernel:\n" + table)
@@ -364,8 +436,11 @@ def check_trained_weights(device: torch.device, dtype: torch.dtype) -> dict:
             continue
         PREPARE[label](pipelines)
         diff = np.abs(images() - eager)
-        report[label] = {"max_abs_diff_255": int(diff.max()), "mean_abs_diff_255": float(diff.mean()),
-                         "pixels_off_by_more_than_2": float((diff > 2).mean())}
+        report[label] = {
+            "max_abs_diff_255": int(diff.max()),
+            "mean_abs_diff_255": float(diff.mean()),
+            "pixels_off_by_more_than_2": float((diff > 2).mean()),
+        }
         log(f"demo model: {label} {report[label]}")
     return report
 
@@ -379,9 +454,12 @@ def bench_low_memory(name: str, device: torch.device, dtype: torch.dtype, size: 
     first_s, _ = timed(lambda: ours(1), device)
     torch.cuda.reset_peak_memory_stats(device)
     seconds, _ = timed(lambda: ours(1), device)
-    row = {"first_call_b1_s": first_s, "b1_s_per_image": seconds,
-           "peak_gib_b1": torch.cuda.max_memory_allocated(device) / 2**30,
-           "peak_reserved_gib_b1": torch.cuda.max_memory_reserved(device) / 2**30}
+    row = {
+        "first_call_b1_s": first_s,
+        "b1_s_per_image": seconds,
+        "peak_gib_b1": torch.cuda.max_memory_allocated(device) / 2**30,
+        "peak_reserved_gib_b1": torch.cuda.max_memory_reserved(device) / 2**30,
+    }
     del pipelines
     free(device)
     return row
@@ -389,16 +467,31 @@ def bench_low_memory(name: str, device: torch.device, dtype: torch.dtype, size: 
 
 def plot(result: dict, path: Path) -> None:
     """Seconds per image for every variant, at batch 1 and 4; drawn with PIL to avoid a plotting dependency."""
-    rows = [(f"{m} b{b} {label}", r[label][f"b{b}_s_per_image"]) for m, r in result["models"].items()
-            for b in (1, 4) for label in VARIANTS if f"b{b}_s_per_image" in r.get(label, {})]
+    rows = [
+        (f"{m} b{b} {label}", r[label][f"b{b}_s_per_image"])
+        for m, r in result["models"].items()
+        for b in (1, 4)
+        for label in VARIANTS
+        if f"b{b}_s_per_image" in r.get(label, {})
+    ]
     top = max((v for _, v in rows), default=1.0)
     w, bar, pad, left = 720, 20, 6, 230
     image = Image.new("RGB", (w, 40 + len(rows) * (bar + pad)), "white")
     draw = ImageDraw.Draw(image)
     title = f"seconds per image, {result['device']}, {result['size']}px, {result['settings']}"
     draw.text((pad, 10), title, fill="black")
-    palette = [(40, 80, 220), (220, 120, 40), (160, 60, 160), (120, 160, 40), (40, 160, 80), (200, 60, 60),
-               (60, 160, 200), (120, 120, 120), (180, 140, 0), (0, 120, 120)]
+    palette = [
+        (40, 80, 220),
+        (220, 120, 40),
+        (160, 60, 160),
+        (120, 160, 40),
+        (40, 160, 80),
+        (200, 60, 60),
+        (60, 160, 200),
+        (120, 120, 120),
+        (180, 140, 0),
+        (0, 120, 120),
+    ]
     colours = {label: palette[k % len(palette)] for k, label in enumerate(VARIANTS)}
     for k, (label, value) in enumerate(rows):
         y = 40 + k * (bar + pad)
@@ -413,15 +506,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (a smoke test)")
     parser.add_argument("--models", nargs="*", choices=("full", "lite"), default=["full", "lite"])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="rows to time, in this order (graph variants need CUDA)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="rows to time, in this order (graph variants need CUDA)",
+    )
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time full with CPU offload and its peak GPU memory (CUDA)")
-    parser.add_argument("--trained", action=argparse.BooleanOptionalAction, default=True,
-                        help="also compare each speed-up's pixels with eager on the trained demo model")
-    parser.add_argument("--profile", action="store_true",
-                        help="also write each model's kernel profile of one batch-1 image of the last row (.txt)")
+    parser.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time full with CPU offload and its peak GPU memory (CUDA)",
+    )
+    parser.add_argument(
+        "--trained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also compare each speed-up's pixels with eager on the trained demo model",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write each model's kernel profile of one batch-1 image of the last row (.txt)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (--tiny)")
     args = parser.parse_args()
@@ -438,10 +547,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_word_tokenizer(Path(tmp), list(BASE_WORDS)))
     result = {
-        "device": device_name, "dtype": str(dtype).removeprefix("torch."), "size": size, "runs": args.runs,
-        "matmul_peak_tflops": peak, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "cascade_studio": __version__,
-        "when": time.strftime("%Y-%m-%d %H:%M"), "settings": "prior 20 steps CFG 4, decoder 10 steps",
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "size": size,
+        "runs": args.runs,
+        "matmul_peak_tflops": peak,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "cascade_studio": __version__,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": "prior 20 steps CFG 4, decoder 10 steps",
         "models": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -464,8 +580,18 @@ def main() -> None:
         save()
     for name in models:
         profile = stem.with_name(f"{stem.name}-profile-{name}.txt") if args.profile else None
-        result["models"][name] = bench_model(name, device, dtype, size, args.runs, peak, tokenizer, args.variants,
-                                              lambda report, name=name: save(report, name), profile)
+        result["models"][name] = bench_model(
+            name,
+            device,
+            dtype,
+            size,
+            args.runs,
+            peak,
+            tokenizer,
+            args.variants,
+            lambda report, name=name: save(report, name),
+            profile,
+        )
         free(device)  # the model just timed is gone with bench_model's frame
     save()
     plot(result, stem.with_suffix(".png"))
@@ -475,9 +601,11 @@ def main() -> None:
             if "error" in row:
                 print(f"{name} {label}: failed: {row['error'][-300:]}")
             elif row:
-                print(f"{name} {label}: b1 {row['b1_s_per_image']:.3f} s, b4 {row['b4_s_per_image']:.3f} s/image, "
-                      f"first call {row['first_call_b1_s']:.1f} s, peak {row.get('peak_gib_b1', 0):.1f} GiB, "
-                      f"diff vs stock {row.get('max_abs_diff_vs_stock', 0):.3g}")
+                print(
+                    f"{name} {label}: b1 {row['b1_s_per_image']:.3f} s, b4 {row['b4_s_per_image']:.3f} s/image, "
+                    f"first call {row['first_call_b1_s']:.1f} s, peak {row.get('peak_gib_b1', 0):.1f} GiB, "
+                    f"diff vs stock {row.get('max_abs_diff_vs_stock', 0):.3g}"
+                )
     print(f"-> {stem}.json")
 
 

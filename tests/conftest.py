@@ -54,8 +54,13 @@ def hub_cache(tmp_path_factory) -> Path:
     cache = root / "cache"
     write_hub_snapshot(cache, "stabilityai/stable-cascade-prior", "a" * 40, full, ["prior"])
     write_hub_snapshot(cache, "stabilityai/stable-cascade-prior", "a" * 40, lite, ["prior_lite"])
-    write_hub_snapshot(cache, "stabilityai/stable-cascade", "b" * 40, full,
-                       ["decoder", "vqgan", "text_encoder", "tokenizer", "scheduler"])
+    write_hub_snapshot(
+        cache,
+        "stabilityai/stable-cascade",
+        "b" * 40,
+        full,
+        ["decoder", "vqgan", "text_encoder", "tokenizer", "scheduler"],
+    )
     write_hub_snapshot(cache, "stabilityai/stable-cascade", "b" * 40, lite, ["decoder_lite"])
     assert set(PRESETS) == {"full", "lite"}
     return cache

@@ -33,9 +33,25 @@ def test_official_architectures_have_the_released_parameter_counts():
 
 
 def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--tiny", "--runs", "1",
-                           "--variants", "stock", "engine", "--profile", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=480, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_speed.py"),
+            "--tiny",
+            "--runs",
+            "1",
+            "--variants",
+            "stock",
+            "engine",
+            "--profile",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_speed-tiny-cpu.json").read_text())
     assert report["device"].startswith("cpu") and report["diffusers"] and report["matmul_peak_tflops"] > 0
@@ -55,8 +71,10 @@ def test_tiny_benchmark_writes_a_report_and_the_engine_matches_stock(tmp_path):
     profile = (tmp_path / "gpu_speed-tiny-cpu-profile-tiny.txt").read_text()
     assert "aten::" in profile  # the kernel table
     parts = dict(re.findall(r"^(\w+) +([\d.]+) ms wall$", profile, re.MULTILINE))  # wall time per part of one image
-    assert set(parts) == {"text_encoder", "prior_unet", "prior_scheduler", "decoder_unet", "decoder_scheduler",
-                          "stage_a"} and float(parts["prior_unet"]) > 0
+    assert (
+        set(parts) == {"text_encoder", "prior_unet", "prior_scheduler", "decoder_unet", "decoder_scheduler", "stage_a"}
+        and float(parts["prior_unet"]) > 0
+    )
 
 
 def test_plot_draws_a_bar_for_every_variant(tmp_path):
@@ -73,8 +91,11 @@ def test_plot_draws_a_bar_for_every_variant(tmp_path):
 
 def forward_inputs(name: str, batch: int) -> dict[str, torch.Tensor]:
     if name == "prior":
-        return dict(clip_text=torch.randn(batch, 77, 1280), clip_text_pooled=torch.randn(batch, 1, 1280),
-                    clip_img=torch.randn(batch, 1, 768))
+        return dict(
+            clip_text=torch.randn(batch, 77, 1280),
+            clip_text_pooled=torch.randn(batch, 1, 1280),
+            clip_img=torch.randn(batch, 1, 768),
+        )
     return dict(clip_text_pooled=torch.randn(batch, 1, 1280), effnet=torch.randn(batch, 16, 24, 24))
 
 
@@ -97,7 +118,10 @@ def test_block_benchmark_sizes_each_level_as_a_real_forward_runs_it(model):
                 for block in blocks:
                     if isinstance(block, SDCascadeResBlock):
                         block.register_forward_pre_hook(
-                            lambda module, args, level=level: seen.setdefault(level, []).append(args[0].shape[-1]))
+                            lambda module, args, level=level, seen=seen: seen.setdefault(level, []).append(
+                                args[0].shape[-1]
+                            )
+                        )
             with torch.no_grad():
                 unet(torch.randn(1, config["in_channels"], side, side), torch.rand(1), **forward_inputs(name, 1))
         assert sorted(seen) == list(range(top + 1)) and all(len(set(sides)) == 1 for sides in seen.values())
@@ -105,10 +129,29 @@ def test_block_benchmark_sizes_each_level_as_a_real_forward_runs_it(model):
 
 
 def test_tiny_block_benchmark_reports_each_level(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_blocks.py"), "--tiny", "--options", "eager",
-                           "unit", "blocks_grn_split", "--batches", "1", "--repeat", "1", "--runs", "1",
-                           "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_blocks.py"),
+            "--tiny",
+            "--options",
+            "eager",
+            "unit",
+            "blocks_grn_split",
+            "--batches",
+            "1",
+            "--repeat",
+            "1",
+            "--runs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_blocks-tiny-cpu.json").read_text())
     rows = report["rows"]
@@ -118,15 +161,30 @@ def test_tiny_block_benchmark_reports_each_level(tmp_path):
         assert row["eager_max_abs_diff"] == 0 and row["unit_max_abs_diff"] < 1e-4  # fp32: compiled matches eager
         assert row["blocks_grn_split_max_abs_diff"] < 1e-4  # the two-stage norm sums the same squares
     assert report["per_step_ms"]["tiny prior b1"]["eager"] == pytest.approx(
-        sum(r["eager_ms_per_step"] for r in rows[:2]))
+        sum(r["eager_ms_per_step"] for r in rows[:2])
+    )
 
 
 def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):
     """The diagnostic the model card cites runs on the shipped demo model and reports every t0 asked for."""
     out = tmp_path / "denoise.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decoder_denoise.py"), "--n", "4", "--t0", "0.05", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "decoder_denoise.py"),
+            "--n",
+            "4",
+            "--t0",
+            "0.05",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert set(report["t0"]) == {"0.05", "1.0"}
@@ -139,9 +197,26 @@ def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):
 def test_decoder_oracle_trains_and_scores_the_asked_shapes(tmp_path):
     """The oracle-code diagnostic the model card cites trains a decoder and scores only the shapes it was asked for."""
     out = tmp_path / "oracle.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decoder_oracle.py"), "--shapes", "square", "--steps",
-                           "3", "--scenes", "64", "--n", "3", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "decoder_oracle.py"),
+            "--shapes",
+            "square",
+            "--steps",
+            "3",
+            "--scenes",
+            "64",
+            "--n",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["shapes"] == ["square"] and report["steps"] == 3 and len(report["losses"]) == 3

@@ -18,15 +18,33 @@ SMALL = ["--width", "256", "--height", "256", "--prior-steps", "4", "--decoder-s
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}))
+    return subprocess.run(
+        [CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}),
+    )
 
 
 def test_same_command_in_two_processes_gives_identical_pngs(tiny_model_dir, tmp_path):
     outputs = []
     for run in ("a", "b"):
-        proc = run_cli("generate", "a red circle", "--model", str(tiny_model_dir), "-n", "2", "--seed", "9",
-                       *SMALL, "--out", str(tmp_path / run), "--threads", "2")
+        proc = run_cli(
+            "generate",
+            "a red circle",
+            "--model",
+            str(tiny_model_dir),
+            "-n",
+            "2",
+            "--seed",
+            "9",
+            *SMALL,
+            "--out",
+            str(tmp_path / run),
+            "--threads",
+            "2",
+        )
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.strip().split("\n")
         assert [line.split("\t")[1] for line in lines] == ["seed 9", "seed 10"]
@@ -46,24 +64,34 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
     "args, message",
     [
         (["generate", "x", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
-        (["generate", "x", "--prior-steps", "0", "--decoder-guidance", "nan"],
-         "prior_steps: must be a whole number from 1 to 100 (got 0); decoder_guidance: must be a finite number"),
+        (
+            ["generate", "x", "--prior-steps", "0", "--decoder-guidance", "nan"],
+            "prior_steps: must be a whole number from 1 to 100 (got 0); decoder_guidance: must be a finite number",
+        ),
         (["generate", "x", "-n", "9"], "num_images: must be a whole number from 1 to 8 (got 9)"),
         (["generate", "x", "--dtype", "fp16", "--model", "MODEL"], "dtype: fp16 is not supported"),
         (["generate", "x", "--threads", "0"], "torch_threads: Input should be greater than or equal to 1"),
-        (["generate", "x", "--speedup", "graphs", "--device", "cpu", "--model", "MODEL"],
-         "speedup: 'graphs' needs a CUDA device; on this device choose off or compile"),
+        (
+            ["generate", "x", "--speedup", "graphs", "--device", "cpu", "--model", "MODEL"],
+            "speedup: 'graphs' needs a CUDA device; on this device choose off or compile",
+        ),
         (["generate"], "the following arguments are required: prompt"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
         (["--port", "abc"], "argument --port: invalid int value: 'abc'"),  # options alone mean serve
         (["info", "/no/such.png"], "image: /no/such.png is not a file"),
         (["download", "huge"], "argument preset: invalid choice: 'huge'"),
-        (["eval-demo", "--stage", "decoder", "--model", "MODEL"],
-         "stage: decoder needs the image encoder the decoder was trained with"),
-        (["eval-demo", "--stage", "decoder", "--prior-steps", "5", "--model", "MODEL"],
-         "stage: the decoder alone takes only --decoder-steps and --decoder-guidance"),
-        (["eval-demo", "--stage", "vqgan", "--decoder-steps", "5", "--model", "MODEL"],
-         "stage: Stage A alone (vqgan) takes no sampling settings"),
+        (
+            ["eval-demo", "--stage", "decoder", "--model", "MODEL"],
+            "stage: decoder needs the image encoder the decoder was trained with",
+        ),
+        (
+            ["eval-demo", "--stage", "decoder", "--prior-steps", "5", "--model", "MODEL"],
+            "stage: the decoder alone takes only --decoder-steps and --decoder-guidance",
+        ),
+        (
+            ["eval-demo", "--stage", "vqgan", "--decoder-steps", "5", "--model", "MODEL"],
+            "stage: Stage A alone (vqgan) takes no sampling settings",
+        ),
         (["eval-demo", "--seeds", "0", "--model", "MODEL"], "seeds: must be a whole number from 1 to 100 (got 0)"),
         (["train-demo", "--out", "x", "--text-lr", "0"], "text-lr: must be above 0 and at most 0.01 (got 0.0)"),
         (["train-demo", "--out", "x", "--stage", "a-decoder"], "stage: only with --from"),
@@ -97,13 +125,33 @@ def test_models_lists_presets_and_disk_use(hub_cache, capsys):
 
 
 def test_info_and_reproduce(tiny_model_dir, tmp_path, capsys):
-    assert main(["generate", "a blue square", "--negative", "red, green", "--model", str(tiny_model_dir), "-n", "2",
-                 "--seed", "40", *SMALL, "--out", str(tmp_path / "gen")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                "--negative",
+                "red, green",
+                "--model",
+                str(tiny_model_dir),
+                "-n",
+                "2",
+                "--seed",
+                "40",
+                *SMALL,
+                "--out",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
     second = Path(capsys.readouterr().out.strip().split("\n")[1].split("\t")[0])
 
     assert main(["info", str(second)]) == 0
     out = capsys.readouterr().out
-    assert "a blue square\nNegative prompt: red, green\nSteps: 4, Sampler: DDPMWuerstchen, CFG scale: 4.0, Seed: 41" in out
+    assert (
+        "a blue square\nNegative prompt: red, green\nSteps: 4, Sampler: DDPMWuerstchen, CFG scale: 4.0, Seed: 41" in out
+    )
     assert '"index": 1' in out
 
     # The model is found from the PNG's metadata; the whole batch reruns, so the pixels are identical.

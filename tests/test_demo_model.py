@@ -61,25 +61,38 @@ def test_the_background_follows_the_prompt(demo, prompt, background):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_shape_colour_follows_the_prompt(demo, seed):
-    red, _ = foreground(demo(demo.request(prompt="a large red square in the centre on a white background",
-                                          seed=seed)).images[0], "white")
-    blue, _ = foreground(demo(demo.request(prompt="a large blue square in the centre on a white background",
-                                           seed=seed)).images[0], "white")
+    red, _ = foreground(
+        demo(demo.request(prompt="a large red square in the centre on a white background", seed=seed)).images[0],
+        "white",
+    )
+    blue, _ = foreground(
+        demo(demo.request(prompt="a large blue square in the centre on a white background", seed=seed)).images[0],
+        "white",
+    )
     assert red[0] - red[2] > 60 and blue[2] - blue[0] > 60, (red, blue)  # red is red, blue is blue
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_position_follows_the_prompt(demo, seed):
-    _, left = foreground(demo(demo.request(prompt="a large green circle on the left on a black background",
-                                           seed=seed)).images[0], "black")
-    _, right = foreground(demo(demo.request(prompt="a large green circle on the right on a black background",
-                                            seed=seed)).images[0], "black")
+    _, left = foreground(
+        demo(demo.request(prompt="a large green circle on the left on a black background", seed=seed)).images[0],
+        "black",
+    )
+    _, right = foreground(
+        demo(demo.request(prompt="a large green circle on the right on a black background", seed=seed)).images[0],
+        "black",
+    )
     assert left < 128 / 3 < 2 * 128 / 3 < right, (left, right)
 
 
-@pytest.mark.parametrize("prompt, count", [("a large yellow circle in the centre on a black background", 1),
-                                           ("two small red squares on the left on a white background", 2),
-                                           ("three small yellow circles in the centre on a black background", 3)])
+@pytest.mark.parametrize(
+    "prompt, count",
+    [
+        ("a large yellow circle in the centre on a black background", 1),
+        ("two small red squares on the left on a white background", 2),
+        ("three small yellow circles in the centre on a black background", 3),
+    ],
+)
 def test_the_number_of_shapes_follows_the_prompt(demo, prompt, count):
     found = [analyze(demo(demo.request(prompt=prompt, seed=seed)).images[0]).count for seed in range(4)]
     assert found.count(count) >= 3, found
@@ -87,8 +100,13 @@ def test_the_number_of_shapes_follows_the_prompt(demo, prompt, count):
 
 def test_cli_defaults_to_the_demo_model_offline(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}
-    proc = subprocess.run([CLI, "generate", "a yellow circle on a purple background", "--seed", "3", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [CLI, "generate", "a yellow circle on a purple background", "--seed", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "model: cascade-studio-demo" in proc.stderr and "small demo model" in proc.stderr
     path = Path(proc.stdout.split("\t")[0])
@@ -99,8 +117,13 @@ def test_cli_defaults_to_the_demo_model_offline(tmp_path):
 def eval_demo(tmp_path: Path, stage: str, n: int, *more: str) -> tuple[str, dict]:
     """Run `cascade-studio eval-demo --stage STAGE` on the shipped model: its printed table and its JSON report."""
     out = tmp_path / f"{stage}.json"
-    proc = subprocess.run([CLI, "eval-demo", "--stage", stage, "--n", str(n), "--json", str(out), *more],
-                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [CLI, "eval-demo", "--stage", stage, "--n", str(n), "--json", str(out), *more],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["stage"] == stage and set(report["splits"]) == {"held-out", "training"}

@@ -12,8 +12,14 @@ from cascade_studio.engine import make_request
 from cascade_studio.metadata import ImageMetadata, parameters_text, parse_parameters, read_png, save_png
 from cascade_studio.models import ModelIdentity
 
-MODEL = ModelIdentity(name="stable-cascade-full", preset="full", prior_repo="stabilityai/stable-cascade-prior",
-                      decoder_repo="stabilityai/stable-cascade", variant="bf16", revisions={"r": "abc"})
+MODEL = ModelIdentity(
+    name="stable-cascade-full",
+    preset="full",
+    prior_repo="stabilityai/stable-cascade-prior",
+    decoder_repo="stabilityai/stable-cascade",
+    variant="bf16",
+    revisions={"r": "abc"},
+)
 
 
 def meta(**fields) -> ImageMetadata:
@@ -40,11 +46,20 @@ def test_values_with_commas_or_colons_are_quoted_like_a1111():
 
 
 def test_parse_an_a1111_text_from_another_tool():
-    text = ('masterpiece, a castle\non a hill\nNegative prompt: lowres, "bad"\nSteps: 30, Sampler: Euler a, '
-            'CFG scale: 7, Seed: 99, Size: 832x1216, Model hash: abc, Lora hashes: "a: 1, b: 2", Version: v1.9')
+    text = (
+        'masterpiece, a castle\non a hill\nNegative prompt: lowres, "bad"\nSteps: 30, Sampler: Euler a, '
+        'CFG scale: 7, Seed: 99, Size: 832x1216, Model hash: abc, Lora hashes: "a: 1, b: 2", Version: v1.9'
+    )
     fields = parse_parameters(text)
-    assert fields == {"prompt": "masterpiece, a castle\non a hill", "negative_prompt": 'lowres, "bad"',
-                      "prior_steps": 30, "prior_guidance": 7.0, "seed": 99, "width": 832, "height": 1216}
+    assert fields == {
+        "prompt": "masterpiece, a castle\non a hill",
+        "negative_prompt": 'lowres, "bad"',
+        "prior_steps": 30,
+        "prior_guidance": 7.0,
+        "seed": 99,
+        "width": 832,
+        "height": 1216,
+    }
 
 
 def test_round_trip_through_a_png(tmp_path):

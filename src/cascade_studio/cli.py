@@ -63,8 +63,11 @@ def _load_engine(settings: Settings):
         file=sys.stderr,
     )
     if engine.identity.preset == "demo":
-        print("note: this is the small demo model shipped with cascade-studio (simple shapes on plain backgrounds); "
-              "for real images run `cascade-studio download full`", file=sys.stderr)
+        print(
+            "note: this is the small demo model shipped with cascade-studio (simple shapes on plain backgrounds); "
+            "for real images run `cascade-studio download full`",
+            file=sys.stderr,
+        )
     return engine
 
 
@@ -77,6 +80,7 @@ def _run(engine, request, out_dir: Path, index: int | None = None):
     total = request.prior_steps + request.decoder_steps
     # disable=None: a bar on a terminal, nothing in logs and pipes.
     with tqdm(total=total, desc="prior", unit="step", file=sys.stderr, leave=False, disable=None) as bar:
+
         def on_progress(event) -> None:
             bar.set_description(event.stage)
             bar.update(1)
@@ -86,7 +90,10 @@ def _run(engine, request, out_dir: Path, index: int | None = None):
         print(f"warning: {warning}", file=sys.stderr)
     t = result.timings
     prior = "cached" if result.prior_cached else f"{t['prior']:.2f}s"
-    print(f"done in {t['total']:.2f}s (text {t['text']:.2f}s, prior {prior}, decoder {t['decoder']:.2f}s)", file=sys.stderr)
+    print(
+        f"done in {t['total']:.2f}s (text {t['text']:.2f}s, prior {prior}, decoder {t['decoder']:.2f}s)",
+        file=sys.stderr,
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
@@ -110,9 +117,16 @@ def _free_path(path: Path) -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     fields = {
-        "prompt": args.prompt, "negative_prompt": args.negative, "width": args.width, "height": args.height,
-        "prior_steps": args.prior_steps, "prior_guidance": args.prior_guidance, "decoder_steps": args.decoder_steps,
-        "decoder_guidance": args.decoder_guidance, "num_images": args.num_images, "seed": args.seed,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "width": args.width,
+        "height": args.height,
+        "prior_steps": args.prior_steps,
+        "prior_guidance": args.prior_guidance,
+        "decoder_steps": args.decoder_steps,
+        "decoder_guidance": args.decoder_guidance,
+        "num_images": args.num_images,
+        "seed": args.seed,
     }
     given = {k: v for k, v in fields.items() if v is not None}
     make_request(**given)  # bad input fails here, before any model loads
@@ -160,7 +174,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     download(PRESETS[args.preset], revision=settings.revision, cache_dir=settings.cache_dir)
-    print(f"stable-cascade-{args.preset} is ready: cascade-studio generate \"...\" --model {args.preset}")
+    print(f'stable-cascade-{args.preset} is ready: cascade-studio generate "..." --model {args.preset}')
     return 0
 
 
@@ -173,7 +187,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import build_server, run
+    from .server import build_server, run, setup_logging
 
     auth = None
     if args.auth:
@@ -182,13 +196,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError("auth: must be user:password")
         auth = (user, password)
     settings = _settings(args)
+    setup_logging()
     app, queue = build_server(settings, _load_engine(settings), auth)
     if queue.store.recovered:
-        print(f"history: {queue.store.recovered} job(s) left unfinished by the last run were marked failed",
-              file=sys.stderr)
-    print(f"studio: http://{settings.host}:{settings.port}   API: http://{settings.host}:{settings.port}/docs   "
-          f"(history and images in {settings.output_dir})", file=sys.stderr)
-    run(app, queue, settings)
+        print(
+            f"history: {queue.store.recovered} job(s) left unfinished by the last run were marked failed",
+            file=sys.stderr,
+        )
+    if queue.store.removed:
+        print(
+            f"history: removed {len(queue.store.removed)} file(s) the last run left half-written or unrecorded",
+            file=sys.stderr,
+        )
+    print(
+        f"studio: http://{settings.host}:{settings.port}   API: http://{settings.host}:{settings.port}/docs   "
+        f"(history and images in {settings.output_dir})",
+        file=sys.stderr,
+    )
+    run(app, queue, settings, auth)
     return 0
 
 
@@ -236,8 +261,11 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     if not 1 <= args.seeds <= 100:
         raise UsageError(f"seeds: must be a whole number from 1 to 100 (got {args.seeds})")
     seeds = range(args.seed, args.seed + args.seeds)
-    settings = {k: getattr(args, k) for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance")
-                if getattr(args, k) is not None}
+    settings = {
+        k: getattr(args, k)
+        for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance")
+        if getattr(args, k) is not None
+    }
     make_request(prompt="", **settings)
     if args.model is None:
         args.model = "demo"
@@ -248,8 +276,10 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         source = resolve_model(config.model, revision=config.revision, cache_dir=config.cache_dir)
         folder = source.dirs["decoder"].parent / "image_encoder"
         if not folder.is_dir():
-            raise UsageError("stage: decoder needs the image encoder the decoder was trained with (image_encoder/ "
-                             "in the model folder, which `cascade-studio train-demo` writes)")
+            raise UsageError(
+                "stage: decoder needs the image encoder the decoder was trained with (image_encoder/ "
+                "in the model folder, which `cascade-studio train-demo` writes)"
+            )
         engine = _load_engine(config)
         report = evaluate_decoder(engine, ImageEncoder.from_pretrained(folder), n=args.n, seeds=seeds, **settings)
     elif args.stage == "vqgan":
@@ -274,17 +304,28 @@ def _existing(path: str) -> Path:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="auto, demo, full, lite, or a folder in the official layout (default: "
-                                   "$CASCADE_MODEL or auto: full when downloaded, else demo)")
+    p.add_argument(
+        "--model",
+        help="auto, demo, full, lite, or a folder in the official layout (default: "
+        "$CASCADE_MODEL or auto: full when downloaded, else demo)",
+    )
     p.add_argument("--revision", help="pinned Hub revision for the presets")
     p.add_argument("--cache-dir", dest="cache_dir", help="Hugging Face cache folder")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--cpu-offload", dest="cpu_offload", action="store_true", default=None,
-                   help="keep models in RAM and move each to the GPU when used (small GPUs)")
-    p.add_argument("--speedup", choices=["auto", "off", "graphs", "compile"],
-                   help="graphs: CUDA graphs, same pixels; compile: also compiled blocks, faster after a ~1 min "
-                        "warm-up (default auto: graphs on CUDA without offload)")
+    p.add_argument(
+        "--cpu-offload",
+        dest="cpu_offload",
+        action="store_true",
+        default=None,
+        help="keep models in RAM and move each to the GPU when used (small GPUs)",
+    )
+    p.add_argument(
+        "--speedup",
+        choices=["auto", "off", "graphs", "compile"],
+        help="graphs: CUDA graphs, same pixels; compile: also compiled blocks, faster after a ~1 min "
+        "warm-up (default auto: graphs on CUDA without offload)",
+    )
     p.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
     p.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads for torch")
 
@@ -298,9 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, help="port (default 7860)")
     s.add_argument("--auth", help="user:password required to open the studio")
-    s.add_argument("--share", action="store_true", default=None,
-                   help="also open a public gradio.live link (off by default; anyone with the link can use it)")
-    s.add_argument("--api-token", dest="api_token", help="require 'Authorization: Bearer TOKEN' on /v1 (or $CASCADE_API_TOKEN)")
+    s.add_argument(
+        "--share",
+        action="store_true",
+        default=None,
+        help="also open a public gradio.live link (off by default; anyone with the link can use it)",
+    )
+    s.add_argument(
+        "--api-token", dest="api_token", help="require 'Authorization: Bearer TOKEN' on /v1 (or $CASCADE_API_TOKEN)"
+    )
     s.add_argument("--max-queued", dest="max_queued", type=int, help="jobs that may wait (default 16)")
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
@@ -347,29 +394,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")
     t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda, cuda:N, mps")
-    t.add_argument("--text-lr", type=float, default=3e-4,
-                   help="peak learning rate of the decoder's text stage, Stage B text (default %(default)s)")
-    t.add_argument("--from", dest="from_model", metavar="DIR",
-                   help="train one stage of the model in DIR on (--stage); DIR stays as it is")
-    t.add_argument("--stage", choices=("b-text", "a-decoder"),
-                   help="with --from: b-text (default), the decoder with text (Stage B text; adds the stage, or "
-                        "trains on from where it stopped; another --seed gives fresh scenes), or a-decoder, Stage "
-                        "A's decoder half (its encoder frozen, so the latents keep their meaning)")
+    t.add_argument(
+        "--text-lr",
+        type=float,
+        default=3e-4,
+        help="peak learning rate of the decoder's text stage, Stage B text (default %(default)s)",
+    )
+    t.add_argument(
+        "--from",
+        dest="from_model",
+        metavar="DIR",
+        help="train one stage of the model in DIR on (--stage); DIR stays as it is",
+    )
+    t.add_argument(
+        "--stage",
+        choices=("b-text", "a-decoder"),
+        help="with --from: b-text (default), the decoder with text (Stage B text; adds the stage, or "
+        "trains on from where it stopped; another --seed gives fresh scenes), or a-decoder, Stage "
+        "A's decoder half (its encoder frozen, so the latents keep their meaning)",
+    )
     t.set_defaults(func=cmd_train_demo)
 
     e = sub.add_parser("eval-demo", help="score prompt adherence on held-out and training scene prompts")
     e.add_argument("--n", type=int, default=60, help="prompts per split")
     e.add_argument("--seed", type=int, default=0, help="the first prompt seed (which prompts, and their image seeds)")
-    e.add_argument("--seeds", type=int, default=1,
-                   help="score this many prompt seeds from --seed on, pooled, with each seed's rates and the standard "
-                        "errors (one seed's 60 prompts leave a rate uncertain by several points; the README's "
-                        "figures are --seeds 24)")
+    e.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="score this many prompt seeds from --seed on, pooled, with each seed's rates and the standard "
+        "errors (one seed's 60 prompts leave a rate uncertain by several points; the README's "
+        "figures are --seeds 24)",
+    )
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--grid", help="write a contact sheet of held-out samples here")
-    e.add_argument("--stage", choices=("all", "decoder", "vqgan"), default="all",
-                   help="all: text to image (default); decoder: the decoder alone, from each scene's true latent "
-                        "(and how well a linear probe reads the shape off that latent); "
-                        "vqgan: Stage A alone, each scene encoded and decoded (the ceiling for the others)")
+    e.add_argument(
+        "--stage",
+        choices=("all", "decoder", "vqgan"),
+        default="all",
+        help="all: text to image (default); decoder: the decoder alone, from each scene's true latent "
+        "(and how well a linear probe reads the shape off that latent); "
+        "vqgan: Stage A alone, each scene encoded and decoded (the ceiling for the others)",
+    )
     for name in ("prior-steps", "decoder-steps"):
         e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int)
     for name in ("prior-guidance", "decoder-guidance"):

@@ -23,9 +23,23 @@ from .ui.handlers import Studio
 
 PACKAGE = Path(__file__).resolve().parent
 # The versions the tests ran with; a Space should run the same.
-PINNED = ["torch==2.13.0", "diffusers==0.42.1", "transformers>=5.0,<6", "accelerate>=1.0", "safetensors>=0.4",
-          "pydantic>=2.7,<3", "pydantic-settings>=2.3,<3", "pillow>=10", "tqdm>=4.66", "fastapi>=0.110",
-          "uvicorn>=0.29", "httpx>=0.27", "huggingface_hub>=1.0", f"gradio=={gr.__version__}", "spaces"]
+PINNED = [
+    "torch==2.13.0",
+    "diffusers==0.42.1",
+    "transformers>=5.0,<6",
+    "accelerate>=1.0",
+    "safetensors>=0.4",
+    "pydantic>=2.7,<3",
+    "pydantic-settings>=2.3,<3",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "httpx>=0.27",
+    "huggingface_hub>=1.0",
+    f"gradio=={gr.__version__}",
+    "spaces",
+]
 
 APP = '''"""cascade-studio on a Hugging Face Space (written by `cascade-studio space export`)."""
 
@@ -81,14 +95,31 @@ def create_space_app(settings: Settings | None = None) -> gr.Blocks:
 
 
 def front_matter() -> str:
-    preload = [f"  - {repo} {','.join(p for pats in subs.values() for p in pats)}"
-               for repo, subs in PRESETS["full"].files_by_repo().items()]
-    return "\n".join([
-        "---", "title: cascade-studio", "emoji: 🎨", "colorFrom: indigo", "colorTo: blue", "sdk: gradio",
-        f"sdk_version: {gr.__version__}", "app_file: app.py", 'python_version: "3.11"',
-        "suggested_hardware: zero-a10g", "models:", "  - stabilityai/stable-cascade-prior",
-        "  - stabilityai/stable-cascade", "preload_from_hub:", *preload, "license: other", "---",
-    ])
+    preload = [
+        f"  - {repo} {','.join(p for pats in subs.values() for p in pats)}"
+        for repo, subs in PRESETS["full"].files_by_repo().items()
+    ]
+    return "\n".join(
+        [
+            "---",
+            "title: cascade-studio",
+            "emoji: 🎨",
+            "colorFrom: indigo",
+            "colorTo: blue",
+            "sdk: gradio",
+            f"sdk_version: {gr.__version__}",
+            "app_file: app.py",
+            'python_version: "3.11"',
+            "suggested_hardware: zero-a10g",
+            "models:",
+            "  - stabilityai/stable-cascade-prior",
+            "  - stabilityai/stable-cascade",
+            "preload_from_hub:",
+            *preload,
+            "license: other",
+            "---",
+        ]
+    )
 
 
 def export_space(out: Path) -> list[Path]:
@@ -100,7 +131,9 @@ def export_space(out: Path) -> list[Path]:
     shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (out / "app.py").write_text(APP)
     (out / "requirements.txt").write_text("\n".join(PINNED) + "\n")
-    (out / "README.md").write_text(front_matter() + f"""
+    (out / "README.md").write_text(
+        front_matter()
+        + f"""
 
 # cascade-studio {__version__}
 
@@ -110,5 +143,6 @@ without it the Space runs the small bundled demo model.
 
 **Licence:** the Stable Cascade weights are under Stability AI's non-commercial community licence
 (see the model repositories); this Space's code is Apache-2.0.
-""")
+"""
+    )
     return [out / "app.py", out / "requirements.txt", out / "README.md", target]

@@ -17,8 +17,12 @@ def test_dockerfile_lints_clean(name):
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.fail("hadolint not found: it comes with the test extras (pip install -e '.[test]')")
-    proc = subprocess.run([hadolint, "--no-color", "--config", str(DOCKER / ".hadolint.yaml"), str(DOCKER / name)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--config", str(DOCKER / ".hadolint.yaml"), str(DOCKER / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (DOCKER / name).read_text()
     assert "USER 1000" in text and "/v1/health" in text and 'VOLUME ["/data"]' in text

@@ -18,8 +18,14 @@ def test_exported_folder_runs_the_studio_offline(tmp_path):
     out = tmp_path / "space"
     export_space(out)
     readme = (out / "README.md").read_text()
-    for line in ("sdk: gradio", "app_file: app.py", 'python_version: "3.11"', "suggested_hardware: zero-a10g",
-                 "  - stabilityai/stable-cascade-prior prior/*.json,prior/*.bf16.safetensors", "license: other"):
+    for line in (
+        "sdk: gradio",
+        "app_file: app.py",
+        'python_version: "3.11"',
+        "suggested_hardware: zero-a10g",
+        "  - stabilityai/stable-cascade-prior prior/*.json,prior/*.bf16.safetensors",
+        "license: other",
+    ):
         assert line in readme
     assert "sdk_version: 6." in readme and "non-commercial community licence" in readme
     requirements = (out / "requirements.txt").read_text().split()
@@ -38,10 +44,12 @@ def test_exported_folder_runs_the_studio_offline(tmp_path):
         print("seeds", info["seeds"], len(gallery))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
-        "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "CASCADE_OUTPUT_DIR": str(tmp_path / "outputs"),
-        "CASCADE_TORCH_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=out, capture_output=True, text=True, timeout=180,
-                          env=env)
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "CASCADE_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "CASCADE_TORCH_THREADS": "2",
+    }
+    proc = subprocess.run([sys.executable, "-c", script], cwd=out, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "seeds [3, 4] 2" in proc.stdout
 

@@ -82,11 +82,19 @@ def test_matches_diffusers_pipelines_called_directly(engine):
     scheduler, for the same generators."""
     p = engine.pipelines
     config = p.prior.scheduler.config
-    prior = StableCascadePriorPipeline(tokenizer=p.prior.tokenizer, text_encoder=p.prior.text_encoder,
-                                       prior=p.prior.prior, scheduler=DDPMWuerstchenScheduler.from_config(config))
-    decoder = StableCascadeDecoderPipeline(decoder=p.decoder.decoder, tokenizer=p.decoder.tokenizer,
-                                           text_encoder=p.decoder.text_encoder, vqgan=p.decoder.vqgan,
-                                           scheduler=DDPMWuerstchenScheduler.from_config(config))
+    prior = StableCascadePriorPipeline(
+        tokenizer=p.prior.tokenizer,
+        text_encoder=p.prior.text_encoder,
+        prior=p.prior.prior,
+        scheduler=DDPMWuerstchenScheduler.from_config(config),
+    )
+    decoder = StableCascadeDecoderPipeline(
+        decoder=p.decoder.decoder,
+        tokenizer=p.decoder.tokenizer,
+        text_encoder=p.decoder.text_encoder,
+        vqgan=p.decoder.vqgan,
+        scheduler=DDPMWuerstchenScheduler.from_config(config),
+    )
     for pipe in (prior, decoder):
         pipe.set_progress_bar_config(disable=True)
     req = small_request(seed=42, num_images=2, negative_prompt="blurry", prior_guidance=5.0, decoder_guidance=2.0)
@@ -96,10 +104,25 @@ def test_matches_diffusers_pipelines_called_directly(engine):
         return [torch.Generator("cpu").manual_seed(s) for s in (42, 43)]
 
     with torch.inference_mode():
-        emb = prior(prompt=req.prompt, negative_prompt=req.negative_prompt, height=256, width=256,
-                    num_inference_steps=4, guidance_scale=5.0, num_images_per_prompt=2, generator=gens()).image_embeddings
-        images = decoder(image_embeddings=emb, prompt=req.prompt, negative_prompt=req.negative_prompt,
-                         num_inference_steps=3, guidance_scale=2.0, generator=gens(), output_type="pil").images
+        emb = prior(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            height=256,
+            width=256,
+            num_inference_steps=4,
+            guidance_scale=5.0,
+            num_images_per_prompt=2,
+            generator=gens(),
+        ).image_embeddings
+        images = decoder(
+            image_embeddings=emb,
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            generator=gens(),
+            output_type="pil",
+        ).images
     for a, b in zip(ours.images, images):
         assert np.array_equal(pixels(a), pixels(b))
 

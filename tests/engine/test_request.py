@@ -76,6 +76,15 @@ def test_random_seed_is_fixed_and_reported():
 
 
 def test_valid_edge_values_pass():
-    r = GenerationRequest(prompt="", width=256, height=2048, prior_steps=100, decoder_steps=1, prior_guidance=0,
-                          decoder_guidance=20.0, num_images=8, seed=0)
+    r = GenerationRequest(
+        prompt="",
+        width=256,
+        height=2048,
+        prior_steps=100,
+        decoder_steps=1,
+        prior_guidance=0,
+        decoder_guidance=20.0,
+        num_images=8,
+        seed=0,
+    )
     assert r.prior_guidance == 0.0 and isinstance(r.prior_guidance, float)

@@ -23,4 +23,3 @@ def test_graphs_on_the_cpu_are_refused_and_the_engine_keeps_working(engine):
     assert engine.describe()["speedups"] == "none"
     result = engine(engine.request(prompt="a red circle", seed=3, prior_steps=2, decoder_steps=2))
     assert len(result.images) == 1
-

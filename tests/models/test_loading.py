@@ -22,8 +22,10 @@ def test_presets_load_from_the_hub_cache_with_bf16_variant(hub_cache):
         source = resolve_model(name, cache_dir=hub_cache)
         assert source.dirs["prior"].name == prior_sub and source.dirs["decoder"].name == decoder_sub
         assert source.identity.name == f"stable-cascade-{name}" and source.identity.variant == "bf16"
-        assert source.identity.revisions == {"stabilityai/stable-cascade-prior": "a" * 40,
-                                             "stabilityai/stable-cascade": "b" * 40}
+        assert source.identity.revisions == {
+            "stabilityai/stable-cascade-prior": "a" * 40,
+            "stabilityai/stable-cascade": "b" * 40,
+        }
     engine = CascadeEngine.from_settings(Settings(model="lite", cache_dir=hub_cache, device="cpu"))
     assert engine.pipelines.prior.prior.dtype == torch.float32  # bf16 files, fp32 on the CPU
     assert engine(small_request(seed=1)).images[0].size == (256, 256)
@@ -36,8 +38,10 @@ def test_one_text_encoder_is_shared(engine):
 
 def test_the_official_scheduler_name_loads_ours_one_per_pipeline(tiny_model_dir, engine):
     """The official folders name diffusers' DDPMWuerstchenScheduler; we load its twin without host waits."""
-    assert json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
-        "DDPMWuerstchenScheduler"
+    assert (
+        json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        == "DDPMWuerstchenScheduler"
+    )
     p = engine.pipelines
     assert type(p.prior.scheduler) is WuerstchenScheduler and type(p.decoder.scheduler) is WuerstchenScheduler
     assert p.prior.scheduler is not p.decoder.scheduler  # each keeps its own timesteps while sampling
@@ -81,7 +85,9 @@ def test_lite_preset_needs_the_lite_files_only():
     full, lite = PRESETS["full"].files_by_repo(), PRESETS["lite"].files_by_repo()
     assert list(lite["stabilityai/stable-cascade-prior"]) == ["prior_lite"]
     patterns = [p for subs in lite.values() for pats in subs.values() for p in pats]
-    assert "decoder_lite/*.bf16.safetensors" in patterns and not any(p.startswith(("prior/", "decoder/")) for p in patterns)
+    assert "decoder_lite/*.bf16.safetensors" in patterns and not any(
+        p.startswith(("prior/", "decoder/")) for p in patterns
+    )
     assert "prior/*.bf16.safetensors" in full["stabilityai/stable-cascade-prior"]["prior"]
     assert PRESETS["full"].approx_gb() > PRESETS["lite"].approx_gb()
 
@@ -104,7 +110,9 @@ def test_pickled_weights_are_never_loaded(tmp_path, tiny_model_dir):
 
 
 def test_unknown_model_spec():
-    with pytest.raises(ModelNotFoundError, match="neither auto, demo, a preset \\(full, lite\\) nor an existing folder"):
+    with pytest.raises(
+        ModelNotFoundError, match="neither auto, demo, a preset \\(full, lite\\) nor an existing folder"
+    ):
         resolve_model("/no/such/folder")
 
 

@@ -10,16 +10,16 @@ import httpx
 import uvicorn
 
 from cascade_studio.config import Settings
-from cascade_studio.server import build_server
+from cascade_studio.server import build_server, uvicorn_config
 from tests.ui.conftest import free_port
 
 
 @contextmanager
 def running_server(tmp_path, engine, **settings):
     port = free_port()
-    config = Settings(model="unused", output_dir=tmp_path / "out", port=port, **settings)
+    config = Settings(**({"model": "unused", "output_dir": tmp_path / "out", "port": port} | settings))
     app, queue = build_server(config, engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -40,10 +40,10 @@ def tiny(**fields) -> dict:
     return {"prompt": "a red circle", "width": 256, "height": 256, "prior_steps": 3, "decoder_steps": 2} | fields
 
 
-def wait_done(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+def wait_done(http: httpx.Client, job_id: str, timeout: float = 60, **request) -> dict:
     deadline = time.time() + timeout
     while True:
-        body = http.get(f"/v1/generations/{job_id}").json()
+        body = http.get(f"/v1/generations/{job_id}", **request).json()
         if body["status"] in ("done", "failed", "cancelled"):
             return body
         assert time.time() < deadline, body

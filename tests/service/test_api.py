@@ -87,24 +87,87 @@ BAD = [
     ("prompt list", "POST", "/v1/generations", {"prompt": ["a"]}, 422, "prompt: must be text"),
     ("prompt 2001 chars", "POST", "/v1/generations", {"prompt": "x" * 2001}, 422, "at most 2000 characters"),
     ("100 kB prompt", "POST", "/v1/generations", {"prompt": "x" * 100_000}, 413, "request body: at most 65536 bytes"),
-    ("negative prompt object", "POST", "/v1/generations", {"prompt": "a", "negative_prompt": {}}, 422, "negative_prompt: must be text"),
+    (
+        "negative prompt object",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "negative_prompt": {}},
+        422,
+        "negative_prompt: must be text",
+    ),
     ("width 720", "POST", "/v1/generations", {"prompt": "a", "width": 720}, 422, "width: must be a multiple of 128"),
     ("width string", "POST", "/v1/generations", {"prompt": "a", "width": "1024"}, 422, "width: must be"),
     ("width float", "POST", "/v1/generations", {"prompt": "a", "width": 1024.5}, 422, "width: must be"),
     ("width negative", "POST", "/v1/generations", {"prompt": "a", "width": -128}, 422, "width: must be"),
     ("width huge", "POST", "/v1/generations", {"prompt": "a", "width": 10**30}, 422, "width: must be"),
     ("height zero", "POST", "/v1/generations", {"prompt": "a", "height": 0}, 422, "height: must be"),
-    ("prior steps zero", "POST", "/v1/generations", {"prompt": "a", "prior_steps": 0}, 422, "prior_steps: must be a whole number from 1 to 100"),
+    (
+        "prior steps zero",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "prior_steps": 0},
+        422,
+        "prior_steps: must be a whole number from 1 to 100",
+    ),
     ("prior steps huge", "POST", "/v1/generations", {"prompt": "a", "prior_steps": 10**9}, 422, "prior_steps: must be"),
     ("prior steps bool", "POST", "/v1/generations", {"prompt": "a", "prior_steps": True}, 422, "prior_steps: must be"),
-    ("decoder steps negative", "POST", "/v1/generations", {"prompt": "a", "decoder_steps": -5}, 422, "decoder_steps: must be"),
-    ("guidance NaN", "POST", "/v1/generations", '{"prompt": "a", "prior_guidance": NaN}', 422, "prior_guidance: must be a finite number"),
-    ("guidance Infinity", "POST", "/v1/generations", '{"prompt": "a", "prior_guidance": Infinity}', 422, "prior_guidance: must be a finite number"),
-    ("guidance negative", "POST", "/v1/generations", {"prompt": "a", "decoder_guidance": -1}, 422, "decoder_guidance: must be"),
-    ("guidance word", "POST", "/v1/generations", {"prompt": "a", "decoder_guidance": "high"}, 422, "decoder_guidance: must be"),
-    ("zero images", "POST", "/v1/generations", {"prompt": "a", "num_images": 0}, 422, "num_images: must be a whole number from 1 to 8"),
+    (
+        "decoder steps negative",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "decoder_steps": -5},
+        422,
+        "decoder_steps: must be",
+    ),
+    (
+        "guidance NaN",
+        "POST",
+        "/v1/generations",
+        '{"prompt": "a", "prior_guidance": NaN}',
+        422,
+        "prior_guidance: must be a finite number",
+    ),
+    (
+        "guidance Infinity",
+        "POST",
+        "/v1/generations",
+        '{"prompt": "a", "prior_guidance": Infinity}',
+        422,
+        "prior_guidance: must be a finite number",
+    ),
+    (
+        "guidance negative",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "decoder_guidance": -1},
+        422,
+        "decoder_guidance: must be",
+    ),
+    (
+        "guidance word",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "decoder_guidance": "high"},
+        422,
+        "decoder_guidance: must be",
+    ),
+    (
+        "zero images",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "num_images": 0},
+        422,
+        "num_images: must be a whole number from 1 to 8",
+    ),
     ("nine images", "POST", "/v1/generations", {"prompt": "a", "num_images": 9}, 422, "num_images: must be"),
-    ("seed negative", "POST", "/v1/generations", {"prompt": "a", "seed": -1}, 422, "seed: must be a whole number from 0 to 4294967295"),
+    (
+        "seed negative",
+        "POST",
+        "/v1/generations",
+        {"prompt": "a", "seed": -1},
+        422,
+        "seed: must be a whole number from 0 to 4294967295",
+    ),
     ("seed too big", "POST", "/v1/generations", {"prompt": "a", "seed": 2**32}, 422, "seed: must be"),
     ("seed text", "POST", "/v1/generations", {"prompt": "a", "seed": "abc"}, 422, "seed: must be"),
     ("unknown field", "POST", "/v1/generations", {"prompt": "a", "sampler": "euler"}, 422, "sampler: unknown field"),
@@ -116,8 +179,14 @@ BAD = [
     ("image id not hex", "GET", "/v1/images/ZZZZ.png", None, 404, "image: no image"),
     ("cancel bad id", "DELETE", "/v1/generations/%00", None, 404, "is not a generation id"),
     ("events bad id", "GET", "/v1/generations/" + "g" * 32 + "/events", None, 404, "is not a generation id"),
-    ("history limit 0", "GET", "/v1/history?limit=0", None, 422,
-     "limit: must be a whole number from 1 to 100 (got '0')"),
+    (
+        "history limit 0",
+        "GET",
+        "/v1/history?limit=0",
+        None,
+        422,
+        "limit: must be a whole number from 1 to 100 (got '0')",
+    ),
     ("history limit huge", "GET", "/v1/history?limit=100000", None, 422, "limit: must be a whole number from 1 to 100"),
     ("history offset text", "GET", "/v1/history?offset=x", None, 422, "offset: must be a whole number from 0 to"),
 ]
@@ -146,12 +215,15 @@ def test_unicode_prompt_is_fine(api):
 def test_python_client(api):
     http, _ = api
     client = CascadeClient(str(http.base_url))
-    images, seeds = client.generate("a blue square", width=256, height=256, prior_steps=3, decoder_steps=2,
-                                    num_images=2, seed=70)
+    images, seeds = client.generate(
+        "a blue square", width=256, height=256, prior_steps=3, decoder_steps=2, num_images=2, seed=70
+    )
     assert seeds == [70, 71] and [im.size for im in images] == [(256, 256)] * 2
     with pytest.raises(APIError) as err:
         client.submit("x", width=300)
-    assert err.value.status == 422 and err.value.messages == ["width: must be a multiple of 128 from 128 to 2048 (got 300)"]
+    assert err.value.status == 422 and err.value.messages == [
+        "width: must be a multiple of 128 from 128 to 2048 (got 300)"
+    ]
     client.close()
 
 

@@ -58,15 +58,21 @@ def test_fifty_clients_two_requests_each(tmp_path, engine):
         stored = [item["id"] for item in history["items"]]
         assert sorted(stored) == sorted(accepted) and len(set(stored)) == len(stored)  # each exactly once
         assert health_codes and set(health_codes) == {200}
-        print(f"\nload: 50 clients x 2 requests in {elapsed:.1f}s: {len(accepted)} accepted and done, "
-              f"{len(rejected)} refused with 429; /v1/health answered {len(health_codes)} times, "
-              f"slowest {health_slowest[0] * 1000:.0f} ms")
+        print(
+            f"\nload: 50 clients x 2 requests in {elapsed:.1f}s: {len(accepted)} accepted and done, "
+            f"{len(rejected)} refused with 429; /v1/health answered {len(health_codes)} times, "
+            f"slowest {health_slowest[0] * 1000:.0f} ms"
+        )
 
 
 def start(model_dir, out, port):
-    proc = subprocess.Popen([CLI, "serve", "--model", str(model_dir), "--port", str(port), "--out", str(out),
-                             "--threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=os.environ | {"HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    proc = subprocess.Popen(
+        [CLI, "serve", "--model", str(model_dir), "--port", str(port), "--out", str(out), "--threads", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     deadline = time.time() + 120
     while True:
@@ -83,8 +89,9 @@ def test_kill_minus_nine_mid_job_then_restart(tmp_path, tiny_model_dir):
     out, port = tmp_path / "out", free_port()
     proc, http = start(tiny_model_dir, out, port)
     try:
-        job = http.post("/v1/generations", json=tiny(seed=5, prior_steps=100, num_images=8, width=1024,
-                                                     height=1024)).json()
+        job = http.post(
+            "/v1/generations", json=tiny(seed=5, prior_steps=100, num_images=8, width=1024, height=1024)
+        ).json()
         deadline = time.time() + 60
         while "progress" not in http.get(f"/v1/generations/{job['id']}").json():
             assert time.time() < deadline

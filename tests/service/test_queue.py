@@ -110,4 +110,3 @@ def test_progress_and_previews_reach_watchers(queue):
     job = queue.submit(small_request(seed=8))
     stages = {j.progress.stage for j in job.watch() if j.progress}
     assert stages <= {"prior", "decoder"} and job.status == "done" and job.preview is not None
-

@@ -43,7 +43,9 @@ def test_held_out_pairs_never_appear_in_training():
 def test_captions_include_the_obvious_phrasings():
     rng = random.Random(1)
     texts = {caption(sample_scene(rng), rng) for _ in range(3000)}
-    assert any(t.startswith("a ") and t.endswith(" background") and len(t.split()) == 7 for t in texts)  # a red circle on a blue background
+    assert any(
+        t.startswith("a ") and t.endswith(" background") and len(t.split()) == 7 for t in texts
+    )  # a red circle on a blue background
     assert any(t.startswith(("two small", "two little")) and " at the top left" in t for t in texts)
 
 
@@ -80,8 +82,11 @@ def test_shapes_of_a_group_stay_apart_through_a_blur():
 def test_analyser_notices_a_wrong_image():
     rng = random.Random(5)
     scene = sample_scene(rng)
-    other = next(s for s in (sample_scene(rng) for _ in range(100))
-                 if s.colour != scene.colour and s.background != scene.background and s.shape != scene.shape)
+    other = next(
+        s
+        for s in (sample_scene(rng) for _ in range(100))
+        if s.colour != scene.colour and s.background != scene.background and s.shape != scene.shape
+    )
     hits = score(scene, analyze(render(other, 128, rng)))
     assert not hits["colour"] and not hits["background"] and not hits["shape"]
 
@@ -89,6 +94,7 @@ def test_analyser_notices_a_wrong_image():
 def test_analyser_names_the_shape_most_shapes_have_and_none_on_a_tie():
     """Two shapes that disagree show neither; before ties were broken by set order, so the same image scored
     differently from one Python process to the next (string hashing is seeded per process)."""
+
     def image(shapes: list[str]) -> Image.Image:
         im = Image.new("RGB", (128, 128), PALETTE["blue"])
         draw = ImageDraw.Draw(im)
@@ -118,6 +124,7 @@ def test_analyser_sees_the_shapes_a_person_sees_in_generated_images():
     sheet = Image.open(DATA / "labelled_shapes.png").convert("RGB")
     cols = sheet.width // 128
     labelled = [(k, item["seen"]) for k, item in enumerate(data["images"]) if item["seen"]]
+
     def image(k: int) -> Image.Image:
         x, y = 128 * (k % cols), 128 * (k // cols)
         return sheet.crop((x, y, x + 128, y + 128))
@@ -144,6 +151,7 @@ def test_rates_pool_every_prompt_of_every_seed():
     """Pooled over prompt seeds, a rate counts the hits of all prompts, each seed keeps its own, and the standard
     error is that of the pooled count. The images: the true scene for every third image seed, else a blank
     background (right background, nothing else), so the rates are known in advance."""
+
     def draw_some(scene, image_seed: int) -> Image.Image:
         if image_seed % 3 == 0:  # seed 0: images 0 and 3 of 5; seed 1 (image seeds from 100,000): image 2
             return render(scene, 128, random.Random(image_seed))

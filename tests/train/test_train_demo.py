@@ -20,15 +20,24 @@ from cascade_studio.train.run import TrainConfig, train_demo
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "demo"
     logs: list[str] = []
-    cfg = TrainConfig(steps_a=2, steps_a_decoder=2, steps_b=2, steps_b_text=2, steps_c=2, steps_previewer=2,
-                      decoder_scenes=16, prior_scenes=16)
+    cfg = TrainConfig(
+        steps_a=2,
+        steps_a_decoder=2,
+        steps_b=2,
+        steps_b_text=2,
+        steps_c=2,
+        steps_previewer=2,
+        decoder_scenes=16,
+        prior_scenes=16,
+    )
     return out, train_demo(out, cfg, log=logs.append), logs
 
 
 def test_train_demo_writes_a_loadable_model(trained):
     out, report, logs = trained
-    assert {"stage A", "stage B", "stage C", "stage B text", "previewer", "stage A decoder"} == \
-        set(report["final_losses"])
+    assert {"stage A", "stage B", "stage C", "stage B text", "previewer", "stage A decoder"} == set(
+        report["final_losses"]
+    )
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
     assert any(line.startswith("stage A decoder step 2/2 loss") for line in logs)
     assert any(line.startswith("stage B text step 2/2 loss") for line in logs)
@@ -36,8 +45,10 @@ def test_train_demo_writes_a_loadable_model(trained):
     assert (out / "image_encoder" / "config.json").is_file()  # for `eval-demo --stage decoder`
     card = json.loads((out / "cascade_studio.json").read_text())
     assert card["name"] == "cascade-studio-demo" and card["defaults"]["width"] == 128
-    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
-        "VPredictionWuerstchenScheduler"
+    assert (
+        json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        == "VPredictionWuerstchenScheduler"
+    )
     # The same loading and generation code as the official weights; the folder's defaults apply.
     engine = CascadeEngine.from_settings(Settings(model=str(out), device="cpu"))
     assert engine.pipelines.previewer is not None
@@ -77,15 +88,40 @@ def _decoder_weights(folder):
 def test_from_trains_a_text_trained_decoder_on_and_sums_its_steps(trained, tmp_path):
     src, again = trained[0], tmp_path / "again"
     before, old = json.loads((src / "cascade_studio.json").read_text()), _decoder_weights(src)
-    assert main(["train-demo", "--from", str(src), "--out", str(again), "--seed", "1", "--scale", "0.0004",
-                 "--text-lr", "1e-4"]) == 0
+    assert (
+        main(
+            [
+                "train-demo",
+                "--from",
+                str(src),
+                "--out",
+                str(again),
+                "--seed",
+                "1",
+                "--scale",
+                "0.0004",
+                "--text-lr",
+                "1e-4",
+            ]
+        )
+        == 0
+    )
     card = json.loads((again / "cascade_studio.json").read_text())
     assert card["config"]["steps_b_text"] == before["config"]["steps_b_text"] + 2  # 2,500 x 0.0004 more steps
     assert len(card["losses"]["stage B text"]) == len(before["losses"]["stage B text"]) + 2
     assert card["added_later"][-1] | {"seconds": 0} == {
-        "by": "cascade-studio train-demo --from --stage b-text", "stage": "stage B text", "continued": True,
-        "seed": 1, "scale": 0.0004, "steps": 2, "lr": 1e-4, "decoder_scenes": 4, "seconds": 0, "device": "cpu",
-        "threads": 2}
+        "by": "cascade-studio train-demo --from --stage b-text",
+        "stage": "stage B text",
+        "continued": True,
+        "seed": 1,
+        "scale": 0.0004,
+        "steps": 2,
+        "lr": 1e-4,
+        "decoder_scenes": 4,
+        "seconds": 0,
+        "device": "cpu",
+        "threads": 2,
+    }
     new = _decoder_weights(again)
     assert any(not torch.equal(old[k], new[k]) for k in old)  # the decoder trained on
     assert all(torch.equal(old[k], w) for k, w in _decoder_weights(src).items())  # the source is left as it was
@@ -98,14 +134,31 @@ def test_from_stage_a_decoder_trains_only_stage_a_decoder_half(trained, tmp_path
     """The encoder half is what made every latent the other stages learnt on: it must not move."""
     src, again = trained[0], tmp_path / "again"
     before = json.loads((src / "cascade_studio.json").read_text())
-    assert main(["train-demo", "--from", str(src), "--out", str(again), "--stage", "a-decoder", "--seed", "2",
-                 "--scale", "0.003"]) == 0
+    assert (
+        main(
+            [
+                "train-demo",
+                "--from",
+                str(src),
+                "--out",
+                str(again),
+                "--stage",
+                "a-decoder",
+                "--seed",
+                "2",
+                "--scale",
+                "0.003",
+            ]
+        )
+        == 0
+    )
     old = load_file(src / "vqgan" / "diffusion_pytorch_model.safetensors")
     new = load_file(again / "vqgan" / "diffusion_pytorch_model.safetensors")
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed and all(k.startswith(("up_blocks.", "out_block.")) for k in changed), changed
-    assert json.loads((again / "vqgan" / "config.json").read_text()) == \
-        json.loads((src / "vqgan" / "config.json").read_text())  # no machine path, the same latent scale
+    assert json.loads((again / "vqgan" / "config.json").read_text()) == json.loads(
+        (src / "vqgan" / "config.json").read_text()
+    )  # no machine path, the same latent scale
     for part in ("prior", "decoder", "text_encoder", "image_encoder", "previewer"):
         for file in (src / part).iterdir():
             assert (again / part / file.name).read_bytes() == file.read_bytes()

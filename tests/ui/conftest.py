@@ -34,8 +34,12 @@ def studio_url(studio_out):
     port, out = free_port(), studio_out
     log = open(out / "server.log", "w")
     # One torch thread: the browser and the server's event loop need the other core on a 2-core machine.
-    proc = subprocess.Popen([CLI, "serve", "--model", "demo", "--port", str(port), "--out", str(out), "--threads", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [CLI, "serve", "--model", "demo", "--port", str(port), "--out", str(out), "--threads", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:

@@ -15,8 +15,14 @@ import pytest
 from tests.ui.conftest import ARTIFACTS
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +71,20 @@ def generate(page, until: str = "Done") -> str:
 def whole_images_in_view(page, elem_id: str) -> bool:
     """Every image of the gallery is shown whole: inside the gallery's box (no scrolling to see it) and not cropped
     (object-fit contain, or a box of the image's own shape)."""
-    return page.evaluate("""(id) => {
+    return page.evaluate(
+        """(id) => {
         const box = document.getElementById(id).getBoundingClientRect();
         const imgs = [...document.querySelectorAll('#' + id + ' img')];
         return imgs.length > 0 && imgs.every(i => {
             const b = i.getBoundingClientRect();
             const uncropped = getComputedStyle(i).objectFit === 'contain'
                 || Math.abs(b.width / b.height - i.naturalWidth / i.naturalHeight) < 0.02;
-            return uncropped && b.top >= box.top && b.bottom <= box.bottom && b.left >= box.left && b.right <= box.right;
+            return uncropped && b.top >= box.top && b.bottom <= box.bottom
+                && b.left >= box.left && b.right <= box.right;
         });
-    }""", elem_id)
+    }""",
+        elem_id,
+    )
 
 
 def shot(page, name: str) -> None:

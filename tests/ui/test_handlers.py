@@ -21,22 +21,41 @@ def studio(tmp_path, engine):
 
 
 def run(studio, **fields):
-    job = studio.queue.submit(make_request(**({"prompt": "a red circle", "width": 256, "height": 256,
-                                                "prior_steps": 3, "decoder_steps": 2} | fields)))
+    job = studio.queue.submit(
+        make_request(
+            **({"prompt": "a red circle", "width": 256, "height": 256, "prior_steps": 3, "decoder_steps": 2} | fields)
+        )
+    )
     for _ in job.watch():
         pass
     return job
 
 
-FORM = dict(prompt="a red circle", negative="", size="Custom", width=256, height=256, seed=5, randomize=False,
-            prior_steps=3, prior_guidance=4.0, decoder_steps=2, decoder_guidance=0.0, num_images=2)
+FORM = dict(
+    prompt="a red circle",
+    negative="",
+    size="Custom",
+    width=256,
+    height=256,
+    seed=5,
+    randomize=False,
+    prior_steps=3,
+    prior_guidance=4.0,
+    decoder_steps=2,
+    decoder_guidance=0.0,
+    num_images=2,
+)
 
 
 def test_presets_are_multiples_of_128_and_custom_sizes_snap():
     for _, w, h_ in h.SIZE_PRESETS:
         assert w % 128 == 0 and h_ % 128 == 0
     assert h.resolve_size("1152×896 (9:7)", None, None) == (1152, 896, "")
-    assert h.resolve_size("Custom", 1000, 720) == (1024, 768, "Snapped to multiples of 128: width 1000 → 1024, height 720 → 768")
+    assert h.resolve_size("Custom", 1000, 720) == (
+        1024,
+        768,
+        "Snapped to multiples of 128: width 1000 → 1024, height 720 → 768",
+    )
     assert h.resolve_size("Custom", 5000, 20)[:2] == (2048, 128)
     assert h.resolve_size("Custom", 512, 640) == (512, 640, "")
 
@@ -87,8 +106,15 @@ def test_png_info_restores_settings(studio, tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a dog\nNegative prompt: cat\nSteps: 25, CFG scale: 7, Seed: 3, Size: 832x1216")
     Image.new("RGB", (8, 8)).save(other, pnginfo=info)
-    assert h.settings_from_png(str(other)) == {"prompt": "a dog", "negative_prompt": "cat", "prior_steps": 25,
-                                               "prior_guidance": 7.0, "seed": 3, "width": 832, "height": 1216}
+    assert h.settings_from_png(str(other)) == {
+        "prompt": "a dog",
+        "negative_prompt": "cat",
+        "prior_steps": 25,
+        "prior_guidance": 7.0,
+        "seed": 3,
+        "width": 832,
+        "height": 1216,
+    }
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(StudioError, match="carries no generation parameters"):

@@ -14,9 +14,24 @@ def test_share_reports_its_link_or_why_not_and_serves_locally(tiny_model_dir, tm
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([CLI, "serve", "--model", str(tiny_model_dir), "--port", str(port), "--share",
-                                 "--out", str(tmp_path), "--threads", "1"], stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            [
+                CLI,
+                "serve",
+                "--model",
+                str(tiny_model_dir),
+                "--port",
+                str(port),
+                "--share",
+                "--out",
+                str(tmp_path),
+                "--threads",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        )
     try:
         deadline = time.time() + 120
         while "share:" not in log.read_text():

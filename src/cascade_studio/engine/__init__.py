@@ -5,6 +5,14 @@ from .progress import CancelToken, GenerationCancelled, ProgressEvent
 from .request import ALLOWED, GenerationRequest, RequestError, make_request
 
 __all__ = [
-    "ALLOWED", "CancelToken", "CascadeEngine", "GenerationCancelled", "GenerationRequest", "GenerationResult",
-    "ProgressEvent", "PromptReport", "RequestError", "make_request",
+    "ALLOWED",
+    "CancelToken",
+    "CascadeEngine",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "GenerationResult",
+    "ProgressEvent",
+    "PromptReport",
+    "RequestError",
+    "make_request",
 ]

@@ -74,16 +74,27 @@ class PromptReport:
 class CascadeEngine:
     """Runs requests on one loaded model. Thread-safe: calls are serialised."""
 
-    def __init__(self, pipelines: CascadePipelines, *, speedup: Speedup = "off", text_cache_size: int = 32,
-                 prior_cache_size: int = 8):
+    def __init__(
+        self,
+        pipelines: CascadePipelines,
+        *,
+        speedup: Speedup = "off",
+        text_cache_size: int = 32,
+        prior_cache_size: int = 8,
+    ):
         self.pipelines = pipelines
         self._text_cache: LRUCache[Embeddings] = LRUCache(text_cache_size)
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
         self._lock = threading.Lock()
         self._cancel: CancelToken | None = None  # the running call's token; calls are serialised by _lock
         decoder = pipelines.decoder
-        for blocks in (*pipelines.prior.prior.down_blocks, *pipelines.prior.prior.up_blocks,
-                       *decoder.decoder.down_blocks, *decoder.decoder.up_blocks, decoder.vqgan.up_blocks):
+        for blocks in (
+            *pipelines.prior.prior.down_blocks,
+            *pipelines.prior.prior.up_blocks,
+            *decoder.decoder.down_blocks,
+            *decoder.decoder.up_blocks,
+            decoder.vqgan.up_blocks,
+        ):
             for block in blocks:
                 block.register_forward_pre_hook(self._check_cancel)
         self.speedups = optimize(pipelines, speedup)  # see engine/speed.py
@@ -110,10 +121,14 @@ class CascadeEngine:
     def describe(self) -> dict[str, str]:
         """What runs where, for health checks and banners."""
         p = self.pipelines
-        return {"model": self.identity.name, "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
-                "speedups": ", ".join(self.speedups) or "none"}
+        return {
+            "model": self.identity.name,
+            "device": str(p.device),
+            "dtype": str(p.dtype).removeprefix("torch."),
+            "speedups": ", ".join(self.speedups) or "none",
+        }
 
-    def request(self, **fields) -> GenerationRequest:
+    def request(self, /, **fields) -> GenerationRequest:
         """A validated request in which unset fields take this model's defaults (the demo model: 128x128)."""
         return make_request(**(self.pipelines.defaults | fields))
 
@@ -177,8 +192,12 @@ class CascadeEngine:
         """Prompt and negative embeddings for one image, computed once by the shared text encoder."""
         pipe = self.pipelines.prior
         return pipe.encode_prompt(
-            device=self.pipelines.device, batch_size=1, num_images_per_prompt=1, do_classifier_free_guidance=True,
-            prompt=prompt, negative_prompt=negative_prompt,
+            device=self.pipelines.device,
+            batch_size=1,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
         )
 
     @staticmethod
@@ -196,8 +215,12 @@ class CascadeEngine:
     def _run_prior(self, request: GenerationRequest, embeddings: Embeddings, callback) -> torch.Tensor:
         # The prior concatenates negatives whenever it is given them, so pass them only when guidance is on.
         out = self.pipelines.prior(
-            height=request.height, width=request.width, num_inference_steps=request.prior_steps,
-            guidance_scale=request.prior_guidance, generator=self._generators(request.image_seeds), output_type="pt",
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.prior_steps,
+            guidance_scale=request.prior_guidance,
+            generator=self._generators(request.image_seeds),
+            output_type="pt",
             callback_on_step_end=callback,
             **self._embedding_kwargs(embeddings, request.num_images, with_negative=request.prior_guidance > 1),
         )
@@ -207,16 +230,27 @@ class CascadeEngine:
         # Negatives always go in: diffusers' combined pipeline omits them and crashes when decoder guidance > 1.
         pipe = self.pipelines.decoder
         out = pipe(
-            image_embeddings=latents, num_inference_steps=request.decoder_steps,
-            guidance_scale=request.decoder_guidance, generator=self._generators(request.image_seeds), output_type="pt",
-            callback_on_step_end=callback, **self._embedding_kwargs(embeddings, request.num_images, with_negative=True),
+            image_embeddings=latents,
+            num_inference_steps=request.decoder_steps,
+            guidance_scale=request.decoder_guidance,
+            generator=self._generators(request.image_seeds),
+            output_type="pt",
+            callback_on_step_end=callback,
+            **self._embedding_kwargs(embeddings, request.num_images, with_negative=True),
         )
         # diffusers' numpy_to_pil on the device: the same float32 arithmetic, a quarter of the bytes to copy back.
         pixels = (out.images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(image) for image in pixels]
 
-    def _callback(self, stage: Stage, total: int, start: float, progress: ProgressCallback | None, cancel: CancelToken,
-                  prior_cached: bool = False):
+    def _callback(
+        self,
+        stage: Stage,
+        total: int,
+        start: float,
+        progress: ProgressCallback | None,
+        cancel: CancelToken,
+        prior_cached: bool = False,
+    ):
         previewer = self.pipelines.previewer if stage == "prior" else None
         queued: list[torch.cuda.Event] = []  # the step before this one, on CUDA
 

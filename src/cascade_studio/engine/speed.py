@@ -43,8 +43,9 @@ def _compilable_blocks(pipelines: CascadePipelines) -> list[torch.nn.Module]:
     return blocks + [block for block in pipelines.decoder.vqgan.up_blocks if isinstance(block, MixingResidualBlock)]
 
 
-def compile_blocks(pipelines: CascadePipelines, enabled: bool = True, dynamic: bool = True,
-                   options: dict[str, bool] | None = None) -> None:
+def compile_blocks(
+    pipelines: CascadePipelines, enabled: bool = True, dynamic: bool = True, options: dict[str, bool] | None = None
+) -> None:
     """Regional compilation of the prior's and decoder's blocks and of Stage A's residual blocks (or its removal).
 
     dynamic=False compiles one graph per block shape (more graphs, longer cold start) so that Inductor can pick

@@ -6,6 +6,13 @@ from .presets import PRESETS, ModelPreset
 from .source import ModelIdentity, ModelSource, resolve_model
 
 __all__ = [
-    "PRESETS", "CascadePipelines", "ModelConfigError", "ModelIdentity", "ModelNotFoundError", "ModelPreset",
-    "ModelSource", "load_pipelines", "resolve_model",
+    "PRESETS",
+    "CascadePipelines",
+    "ModelConfigError",
+    "ModelIdentity",
+    "ModelNotFoundError",
+    "ModelPreset",
+    "ModelSource",
+    "load_pipelines",
+    "resolve_model",
 ]

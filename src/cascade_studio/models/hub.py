@@ -14,8 +14,10 @@ from .source import resolve_model
 
 def download(preset: ModelPreset, *, revision: str | None = None, cache_dir: Path | None = None) -> None:
     """Download exactly the files `preset` needs (huggingface_hub shows a progress bar per file)."""
-    print(f"downloading stable-cascade-{preset.name} (about {preset.approx_gb():.1f} GB); the weights are under "
-          "Stability AI's non-commercial community licence")
+    print(
+        f"downloading stable-cascade-{preset.name} (about {preset.approx_gb():.1f} GB); the weights are under "
+        "Stability AI's non-commercial community licence"
+    )
     for repo, subfolders in preset.files_by_repo().items():
         patterns = [p for pats in subfolders.values() for p in pats]
         try:
@@ -37,7 +39,9 @@ def cached_models(cache_dir: Path | None = None) -> list[str]:
     for name in PRESETS:
         try:
             source = resolve_model(name, cache_dir=cache)
-            lines.append(f"  {name}: ready ({', '.join(f'{r}@{c[:10]}' for r, c in source.identity.revisions.items())})")
+            lines.append(
+                f"  {name}: ready ({', '.join(f'{r}@{c[:10]}' for r, c in source.identity.revisions.items())})"
+            )
         except ModelNotFoundError as exc:
             missing = str(exc).split("Missing ", 1)[-1].split("; about")[0]
             lines.append(f"  {name}: not ready, missing {missing}")

@@ -71,27 +71,49 @@ def load_pipelines(
     d = source.dirs
 
     def unet(folder: Path) -> StableCascadeUNet:
-        return StableCascadeUNet.from_pretrained(folder, variant=_variant(folder), torch_dtype=dtype, use_safetensors=True)
+        return StableCascadeUNet.from_pretrained(
+            folder, variant=_variant(folder), torch_dtype=dtype, use_safetensors=True
+        )
 
     text_encoder = CLIPTextModelWithProjection.from_pretrained(
         d["text_encoder"], variant=_variant(d["text_encoder"]), dtype=dtype, use_safetensors=True
     )
-    vqgan = PaellaVQModel.from_pretrained(d["vqgan"], variant=_variant(d["vqgan"]), torch_dtype=dtype, use_safetensors=True)
+    vqgan = PaellaVQModel.from_pretrained(
+        d["vqgan"], variant=_variant(d["vqgan"]), torch_dtype=dtype, use_safetensors=True
+    )
     previewer = None
     if source.previewer_dir is not None:
         previewer = Previewer.from_pretrained(source.previewer_dir, use_safetensors=True, torch_dtype=torch.float32)
     return assemble_pipelines(
-        prior=unet(d["prior"]), decoder=unet(d["decoder"]), text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(d["tokenizer"]), vqgan=vqgan, scheduler=load_scheduler(d["scheduler"]),
-        identity=source.identity, device=device, dtype=dtype, previewer=previewer, defaults=source.defaults,
+        prior=unet(d["prior"]),
+        decoder=unet(d["decoder"]),
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(d["tokenizer"]),
+        vqgan=vqgan,
+        scheduler=load_scheduler(d["scheduler"]),
+        identity=source.identity,
+        device=device,
+        dtype=dtype,
+        previewer=previewer,
+        defaults=source.defaults,
         cpu_offload=cpu_offload,
     )
 
 
 def assemble_pipelines(
-    *, prior: StableCascadeUNet, decoder: StableCascadeUNet, text_encoder: CLIPTextModelWithProjection,
-    tokenizer: CLIPTokenizer, vqgan: PaellaVQModel, scheduler, identity: ModelIdentity, device: torch.device,
-    dtype: torch.dtype, previewer: Previewer | None = None, defaults: dict | None = None, cpu_offload: bool = False,
+    *,
+    prior: StableCascadeUNet,
+    decoder: StableCascadeUNet,
+    text_encoder: CLIPTextModelWithProjection,
+    tokenizer: CLIPTokenizer,
+    vqgan: PaellaVQModel,
+    scheduler,
+    identity: ModelIdentity,
+    device: torch.device,
+    dtype: torch.dtype,
+    previewer: Previewer | None = None,
+    defaults: dict | None = None,
+    cpu_offload: bool = False,
 ) -> CascadePipelines:
     """Both diffusers pipelines from components in memory, sharing tokenizer and text encoder; each pipeline gets
     its own copy of the scheduler (schedulers keep state while sampling)."""
@@ -99,11 +121,17 @@ def assemble_pipelines(
     diffusers_logging.set_verbosity_error()  # the deprecation notice is ours to handle, not the user's
     try:
         prior_pipe = StableCascadePriorPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, prior=prior, scheduler=scheduler.from_config(scheduler.config)
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            prior=prior,
+            scheduler=scheduler.from_config(scheduler.config),
         )
         decoder_pipe = StableCascadeDecoderPipeline(
-            decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder,
-            scheduler=scheduler.from_config(scheduler.config), vqgan=vqgan,
+            decoder=decoder,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            scheduler=scheduler.from_config(scheduler.config),
+            vqgan=vqgan,
         )
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -16,13 +16,21 @@ class Previewer(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 16, hidden_channels: int = 512, out_channels: int = 3, upsamples: int = 3):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 1), nn.GELU(), nn.BatchNorm2d(hidden_channels)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, hidden_channels, 1),
+            nn.GELU(),
+            nn.BatchNorm2d(hidden_channels),
+        ]
         c = hidden_channels
         for i in range(upsamples):
             c_next = max(hidden_channels // 2 ** min(i + 1, 2), 4)
             layers += [
-                nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.BatchNorm2d(c),
-                nn.ConvTranspose2d(c, c_next, 2, stride=2), nn.GELU(), nn.BatchNorm2d(c_next),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.GELU(),
+                nn.BatchNorm2d(c),
+                nn.ConvTranspose2d(c, c_next, 2, stride=2),
+                nn.GELU(),
+                nn.BatchNorm2d(c_next),
             ]
             c = c_next
         layers += [nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.BatchNorm2d(c), nn.Conv2d(c, out_channels, 1)]

@@ -19,8 +19,12 @@ class WuerstchenScheduler(DDPMWuerstchenScheduler):
     The arithmetic is diffusers', operation for operation; the tests compare the bits.
     """
 
-    def set_timesteps(self, num_inference_steps: int | None = None, timesteps: list[float] | torch.Tensor | None = None,
-                      device: str | torch.device | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        timesteps: list[float] | torch.Tensor | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
         super().set_timesteps(num_inference_steps, timesteps, device)
         self.s = self.s.to(self.timesteps.device)
         self._init_alpha_cumprod = self._init_alpha_cumprod.to(self.timesteps.device)
@@ -29,8 +33,14 @@ class WuerstchenScheduler(DDPMWuerstchenScheduler):
         index = (self.timesteps - timestep[0]).abs().argmin()
         return self.timesteps.index_select(0, index.view(1) + 1).expand(timestep.shape[0])
 
-    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+    ):
         dtype, device, t = model_output.dtype, model_output.device, timestep
         prev_t = self.previous_timestep(t)
         ones = [1] * (sample.dim() - 1)
@@ -63,8 +73,14 @@ class VPredictionWuerstchenScheduler(WuerstchenScheduler):
     usual step, so classifier-free guidance, which the pipeline applies to the model output, stays linear.
     """
 
-    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+    ):
         a = self._alpha_cumprod(timestep, sample.device).view(timestep.size(0), *[1] * (sample.dim() - 1))
         eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
         return super().step(eps.to(model_output.dtype), timestep, sample, generator=generator, return_dict=return_dict)

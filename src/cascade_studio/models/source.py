@@ -99,8 +99,9 @@ def _from_folder(root: Path) -> ModelSource:
         variant=variant,
         path=str(root.resolve()),
     )
-    return ModelSource(dirs, identity, previewer if has_weights(previewer, "previewer") else None,
-                       card.get("defaults", {}))
+    return ModelSource(
+        dirs, identity, previewer if has_weights(previewer, "previewer") else None, card.get("defaults", {})
+    )
 
 
 def snapshot_dir(cache_dir: Path, repo: str, revision: str | None) -> Path | None:
@@ -143,9 +144,7 @@ def _from_hub_cache(preset: ModelPreset, revision: str | None, cache_dir: Path) 
     return ModelSource(dirs, identity)
 
 
-def _missing_message(
-    preset: ModelPreset, missing: list[tuple[str, str]], revision: str | None, cache_dir: Path
-) -> str:
+def _missing_message(preset: ModelPreset, missing: list[tuple[str, str]], revision: str | None, cache_dir: Path) -> str:
     by_repo: dict[str, list[str]] = {}
     for repo, sub in missing:
         size = f" ({APPROX_GB[sub]:.1f} GB)" if APPROX_GB[sub] >= 0.1 else ""

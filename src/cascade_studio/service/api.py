@@ -3,49 +3,119 @@
     POST   /v1/generations               202 + job id at once (422 for bad fields, 429 + Retry-After when full)
     GET    /v1/generations/{id}          status, queue position, progress, seeds, image URLs
     GET    /v1/generations/{id}/events   server-sent events: queued, progress, done | error | cancelled
-    DELETE /v1/generations/{id}          cancel, queued or running
+    DELETE /v1/generations/{id}          cancel, queued or running (your own jobs, or any with the token)
     GET    /v1/images/{image_id}.png     the PNG, metadata included
     GET    /v1/history                   finished generations, newest first, paged
-    GET    /v1/health                    liveness, model and queue length
+    GET    /v1/health                    liveness, model, queue length, and "degraded" with reasons
+
+Routes never run SQLite or wait for a job on the event loop: event streams wait on the job's own notifications
+(no thread each), other work goes to the thread pool. Who may call is decided by the guard (guard.py) in front.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import RequestError
 from ..store import JobRecord
+from ..store.sqlite import StoreError
 from .queue import ClientLimitReached, Job, JobQueue, QueueFull
+from .schemas import Cancelling, GenerationView, Health, HistoryPage, ImageView, Problem, ProgressView
 
-MAX_BODY = 64 * 1024  # bytes; a prompt is at most 2000 characters, so any larger body is not a request of ours
-ID = re.compile(r"^[0-9a-f]{32}$")
+log = logging.getLogger(__name__)
+
+ID = re.compile(r"[0-9a-f]{32}")
 PAGING = {"limit": (1, 100), "offset": (0, 10**9)}  # /v1/history's query parameters: allowed ranges
+RETRY_AFTER = 10  # seconds a refused client is told to wait (the queue moves at least this fast)
+MAX_STREAMS = 8  # open event streams per client
+ERRORS = {status: {"model": Problem} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)}
 
 
-def _problem(status: int, messages: list[str], headers: dict[str, str] | None = None) -> JSONResponse:
+def problem(status: int, messages: list[str], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": messages}, status_code=status, headers=headers)
 
 
-def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
-    app = FastAPI(title="cascade-studio", version=__version__, docs_url="/docs", openapi_url="/openapi.json",
-                  description="Stable Cascade text-to-image: a shared job queue with persistent history.")
-    store = queue.store
+def parse_json(raw: bytes) -> dict | JSONResponse:
+    """A request body as a JSON object, or the problem that says why it is not one."""
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, 4300+ digit integers, nesting past the stack
+        return problem(400, [f"body: not valid JSON ({type(exc).__name__}: {str(exc)[:80] or 'nested too deep'})"])
+    if not isinstance(body, dict):
+        return problem(422, ['body: must be a JSON object of request fields, e.g. {"prompt": "a cat"}'])
+    return body
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _problem(413, [f"request body: at most {MAX_BODY} bytes"])
-        return await call_next(request)
+
+def client_of(request: Request) -> tuple[str, bool]:
+    """(who is calling, for the per-client cap and job ownership; whether they hold the server's credentials)."""
+    state = request.scope.get("state", {})
+    return state.get("client", request.client.host if request.client else "api"), state.get("privileged", True)
+
+
+def view(queue: JobQueue, job: Job | None, record: JobRecord | None) -> GenerationView:
+    """A job as the API shows it: from memory while the server knows it, else from the store."""
+    if job is not None:
+        p = job.progress if job.status == "running" else None
+        return GenerationView(
+            id=job.id,
+            status=job.status,
+            request=job.request,
+            seeds=job.request.image_seeds,
+            model=queue.engine.identity.name,
+            position=queue.position(job),
+            images=_images(job.images),
+            timings=job.timings or None,
+            prior_cached=job.prior_cached if job.status == "done" else None,
+            warnings=job.warnings,
+            error=job.error,
+            created=job.created,
+            finished=job.finished_at,
+            progress=ProgressView(stage=p.stage, step=p.step, total=p.total, elapsed=round(p.elapsed, 3))
+            if p
+            else None,
+        )
+    return GenerationView(
+        id=record.id,
+        status=record.status,
+        request=record.request,
+        seeds=record.request.image_seeds,
+        model=record.model.name,
+        position=None,
+        images=_images(record.images),
+        timings=record.timings,
+        prior_cached=record.prior_cached,
+        warnings=record.warnings,
+        error=record.error,
+        created=record.created,
+        finished=record.finished,
+    )
+
+
+def _images(records) -> list[ImageView]:
+    return [ImageView(id=im.id, seed=im.seed, url=f"/v1/images/{im.id}.png") for im in records]
+
+
+def create_api(queue: JobQueue) -> FastAPI:
+    app = FastAPI(
+        title="cascade-studio",
+        version=__version__,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        description="Stable Cascade text-to-image: a shared job queue with persistent history.",
+    )
+    store = queue.store
+    streams: Counter[str] = Counter()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
@@ -55,135 +125,164 @@ def create_api(queue: JobQueue, api_token: str | None = None) -> FastAPI:
                 low, high = PAGING[field]
                 return f"{field}: must be a whole number from {low} to {high} (got {e['input']!r})"
             return f"{field}: {e['msg']}"
-        return _problem(422, [message(e) for e in exc.errors()])
 
-    def authorised(request: Request) -> str:
-        """The caller's identity for the per-client cap: its token, else its address."""
-        if api_token is not None:
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_token}":
-                raise HTTPException(401, ["authorization: send 'Authorization: Bearer <token>'"],
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return request.client.host if request.client else "api"
+        return problem(422, [message(e) for e in exc.errors()])
 
-    def find(job_id: str) -> tuple[Job | None, JobRecord]:
-        if not ID.match(job_id):
-            raise HTTPException(404, [f"id: {job_id[:40]!r} is not a generation id (32 hex characters)"])
-        record = store.get_job(job_id)
-        if record is None:
-            raise HTTPException(404, [f"id: no generation {job_id}"])
-        return queue.get(job_id), record
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, list) else [str(exc.detail)]
+        return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
-    def view(job: Job | None, record: JobRecord) -> dict[str, Any]:
-        status = job.status if job else record.status
-        images = job.images if job and job.images else record.images
-        request = job.request if job else record.request
-        out: dict[str, Any] = {
-            "id": record.id, "status": status, "request": request.model_dump(), "seeds": request.image_seeds,
-            "model": record.model.name,
-            "position": queue.position(job) if job and status == "queued" else 0,
-            "images": [{"id": im.id, "seed": im.seed, "url": f"/v1/images/{im.id}.png"} for im in images],
-            "timings": (job.timings if job and job.timings else record.timings), "error": job.error if job else record.error,
-            "created": record.created, "finished": record.finished,
-        }
-        if job and job.progress and status == "running":
-            p = job.progress
-            out["progress"] = {"stage": p.stage, "step": p.step, "total": p.total, "elapsed": round(p.elapsed, 3)}
-        return out
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError):
+        return problem(503, [f"history {exc} (the server keeps running; see /v1/health)"])
 
-    @app.post("/v1/generations", status_code=202)
-    async def create(request: Request, client: str = Depends(authorised)) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _problem(400, [f"body: not valid JSON ({exc.__class__.__name__}: {str(exc)[:80]})"])
-        if not isinstance(body, dict):
-            return _problem(422, ["body: must be a JSON object of request fields, e.g. {\"prompt\": \"a cat\"}"])
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return problem(500, [f"internal error: {type(exc).__name__}: {str(exc)[:200]} (the server keeps running)"])
+
+    def find(job_id: str) -> tuple[Job | None, JobRecord | None]:
+        """The job in memory, else its record; 404 for what is not a generation of this server. Thread pool only."""
+        if not ID.fullmatch(job_id):
+            raise StarletteHTTPException(404, [f"id: {job_id[:40]!r} is not a generation id (32 hex characters)"])
+        job = queue.get(job_id)
+        record = None if job is not None else store.get_job(job_id)
+        if job is None and record is None:
+            raise StarletteHTTPException(404, [f"id: no generation {job_id}"])
+        return job, record
+
+    @app.post("/v1/generations", status_code=202, response_model=GenerationView, responses=ERRORS)
+    async def create(request: Request):
+        body = parse_json(await request.body())
+        if isinstance(body, JSONResponse):
+            return body
         try:
             generation = queue.engine.request(**body)  # unset fields take the model's defaults, as in the CLI and UI
         except RequestError as exc:
-            return _problem(422, exc.messages)
+            return problem(422, exc.messages)
         try:
-            job = queue.submit(generation, client=client)
+            job = await run_in_threadpool(queue.submit, generation, client_of(request)[0])
         except (QueueFull, ClientLimitReached) as exc:
-            return _problem(429, [str(exc)], headers={"Retry-After": "10"})
-        return view(job, store.get_job(job.id))
+            return problem(429, [str(exc)], headers={"Retry-After": str(RETRY_AFTER)})
+        return view(queue, job, None)
 
-    @app.get("/v1/generations/{job_id}")
-    def status(job_id: str, _: str = Depends(authorised)) -> dict[str, Any]:
-        return view(*find(job_id))
+    @app.get("/v1/generations/{job_id}", response_model=GenerationView, responses=ERRORS)
+    def status(job_id: str):
+        return view(queue, *find(job_id))
 
-    @app.delete("/v1/generations/{job_id}")
-    def cancel(job_id: str, _: str = Depends(authorised)):
+    @app.delete("/v1/generations/{job_id}", status_code=202, response_model=Cancelling, responses=ERRORS)
+    def cancel(job_id: str, request: Request):
         job, record = find(job_id)
+        caller, privileged = client_of(request)
+        owner = job.client if job else record.client
+        if not privileged and owner != caller:
+            return problem(
+                403,
+                [
+                    f"id: generation {job_id} belongs to another client; only its owner or a holder "
+                    "of the API token may cancel it"
+                ],
+            )
         if not queue.cancel(job_id):
-            return _problem(409, [f"id: generation {job_id} already ended ({record.status})"])
-        return JSONResponse({"id": job_id, "cancelling": True}, status_code=202)
+            return problem(409, [f"id: generation {job_id} already ended ({job.status if job else record.status})"])
+        return Cancelling(id=job_id, cancelling=True)
 
-    @app.get("/v1/generations/{job_id}/events")
-    def events(job_id: str, _: str = Depends(authorised)) -> StreamingResponse:
-        job, record = find(job_id)
-        return StreamingResponse(_sse(queue, job, record, view), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    @app.get("/v1/generations/{job_id}/events", responses=ERRORS | {200: {"content": {"text/event-stream": {}}}})
+    async def events(job_id: str, request: Request) -> StreamingResponse:
+        job = queue.get(job_id)  # a job the server is running or just ran: no thread, no SQLite
+        record = None
+        if job is None:
+            job, record = await run_in_threadpool(find, job_id)
+        caller = client_of(request)[0]
+        if streams[caller] >= MAX_STREAMS:
+            return problem(
+                429,
+                [f"events: at most {MAX_STREAMS} open event streams per client"],
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
+        streams[caller] += 1
 
-    @app.get("/v1/images/{name}")
-    def image(name: str, _: str = Depends(authorised)) -> FileResponse:
+        async def counted() -> AsyncIterator[str]:
+            try:
+                async for chunk in _sse(queue, job, record):
+                    yield chunk
+            finally:
+                streams[caller] -= 1
+                if not streams[caller]:
+                    del streams[caller]
+
+        return StreamingResponse(
+            counted(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    @app.get("/v1/images/{name}", response_class=FileResponse, responses=ERRORS | {200: {"content": {"image/png": {}}}})
+    def image(name: str):
         image_id = name.removesuffix(".png")
-        record = store.get_image(image_id) if name.endswith(".png") and ID.match(image_id) else None
+        record = store.get_image(image_id) if name.endswith(".png") and ID.fullmatch(image_id) else None
         if record is None:
-            raise HTTPException(404, [f"image: no image {name[:40]!r} (ids are 32 hex characters + .png)"])
-        return FileResponse(store.image_file(record), media_type="image/png")
+            raise StarletteHTTPException(404, [f"image: no image {name[:40]!r} (ids are 32 hex characters + .png)"])
+        path = store.image_file(record)
+        if not path.is_file():
+            raise StarletteHTTPException(
+                404, [f"image: {name} is in the history but its file {record.path} is gone from the output folder"]
+            )
+        return FileResponse(path, media_type="image/png")
 
-    @app.get("/v1/history")
-    def history(limit: int = Query(20, ge=PAGING["limit"][0], le=PAGING["limit"][1]),
-                offset: int = Query(0, ge=PAGING["offset"][0], le=PAGING["offset"][1]),
-                _: str = Depends(authorised)) -> dict[str, Any]:
+    @app.get("/v1/history", response_model=HistoryPage, responses=ERRORS)
+    def history(
+        limit: int = Query(20, ge=PAGING["limit"][0], le=PAGING["limit"][1]),
+        offset: int = Query(0, ge=PAGING["offset"][0], le=PAGING["offset"][1]),
+    ):
         jobs = store.list_jobs(limit=limit, offset=offset)
-        return {"total": store.count_jobs(), "limit": limit, "offset": offset,
-                "items": [view(queue.get(r.id), r) for r in jobs]}
+        return HistoryPage(
+            total=store.count_jobs(), limit=limit, offset=offset, items=[view(queue, queue.get(r.id), r) for r in jobs]
+        )
 
-    @app.get("/v1/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, **queue.engine.describe(), "queue": queue.stats()}
+    @app.get("/v1/health", response_model=Health)
+    async def health():
+        status, reasons = queue.health()
+        return Health(
+            status=status, reasons=reasons, version=__version__, **queue.engine.describe(), queue=queue.stats()
+        )
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def unknown(rest: str):
         # Registered last: without it the studio, mounted at /, would answer unknown /v1 paths with its own page.
-        raise HTTPException(404, [f"path: {'/v1/' + rest[:80]!r} is not an endpoint of this API (see /docs)"])
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        if isinstance(exc.detail, list):
-            detail = exc.detail
-        else:
-            detail = [str(exc.detail)]
-        return _problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
+        raise StarletteHTTPException(404, [f"path: {'/v1/' + rest[:80]!r} is not an endpoint of this API (see /docs)"])
 
     return app
 
 
-def _sse(queue: JobQueue, job: Job | None, record: JobRecord, view) -> Iterator[str]:
-    """queued (with position) -> progress per step -> done | error | cancelled. A finished job sends its end at once."""
+async def _sse(queue: JobQueue, job: Job | None, record: JobRecord | None) -> AsyncIterator[str]:
+    """queued (with position) -> progress per step -> done | error | cancelled. A finished job sends its end at once.
+    Waits on the job's notifications on the event loop; a comment every 15 s keeps proxies from closing it."""
+
     def event(name: str, data: dict) -> str:
         return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
+    def end(current: GenerationView) -> str:
+        return event({"done": "done", "cancelled": "cancelled"}.get(current.status, "error"), current.model_dump())
+
     if job is None:  # finished before this server's memory (or on a previous run): the stored outcome
-        end = {"done": "done", "cancelled": "cancelled"}.get(record.status, "error")
-        yield event(end, view(None, record))
+        yield end(view(queue, None, record))
         return
-    last_position, last_step = None, None
-    for current in job.watch():
+    last_position, last_step, quiet = None, None, 0
+    async for current in job.changes(timeout=0.5):
         if current.status == "queued":
             position = queue.position(current)
             if position != last_position:
-                last_position = position
+                last_position, quiet = position, 0
                 yield event("queued", {"id": job.id, "position": position})
         elif current.status == "running" and current.progress is not None:
             p = current.progress
             if (p.stage, p.step) != last_step:
-                last_step = (p.stage, p.step)
-                yield event("progress", {"id": job.id, "stage": p.stage, "step": p.step, "total": p.total,
-                                         "elapsed": round(p.elapsed, 3)})
-    end = {"done": "done", "cancelled": "cancelled"}.get(job.status, "error")
-    yield event(end, view(job, queue.store.get_job(job.id)))
-
+                last_step, quiet = (p.stage, p.step), 0
+                yield event(
+                    "progress",
+                    {"id": job.id, "stage": p.stage, "step": p.step, "total": p.total, "elapsed": round(p.elapsed, 3)},
+                )
+        quiet += 1
+        if quiet % 30 == 0:
+            yield ": keep-alive\n\n"
+    yield end(view(queue, job, None))

@@ -1,8 +1,8 @@
 """A small Python client for the /v1 API.
 
-    from cascade_studio.service.client import CascadeClient
-    client = CascadeClient("http://127.0.0.1:7860")
-    images, seeds = client.generate("a red circle on a white background", num_images=2, seed=1)
+from cascade_studio.service.client import CascadeClient
+client = CascadeClient("http://127.0.0.1:7860")
+images, seeds = client.generate("a red circle on a white background", num_images=2, seed=1)
 """
 
 from __future__ import annotations

@@ -2,15 +2,22 @@
 
 One store serves the studio, the CLI's server and the HTTP API, so a generation made anywhere shows up everywhere.
 Paths never come from requests: file names are built from generated ids and seeds only.
+
+Every write that fails (a read-only or full disk, a full database) raises `StoreError`, which names what could
+not be written and why; the job queue fails that one job with it and reports the fault in its health.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -18,6 +25,8 @@ from pydantic import BaseModel
 from ..engine import GenerationRequest, GenerationResult
 from ..metadata import ImageMetadata, save_png
 from ..models import ModelIdentity
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -31,7 +40,20 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created DESC);
 CREATE INDEX IF NOT EXISTS images_job ON images(job_id, idx);
 """
+# Columns added after the first release; an older database gains them when it is opened.
+LATER_COLUMNS = {"jobs": {"traceback": "TEXT", "warnings": "TEXT"}}
 ACTIVE = ("queued", "running")
+INTERRUPTED = "interrupted: the server stopped before this job finished"
+# What save_result names its files: <day>/<first 12 of the job id>-<index>-<seed>.png
+IMAGE_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9a-f]{12}-\d+-\d+\.png$")
+
+
+class StoreError(RuntimeError):
+    """A write to the history (database or image file) failed; the message says which and why."""
+
+    def __init__(self, what: str, exc: BaseException):
+        super().__init__(f"{what}: {exc}")
+        self.what = what  # "database" or "images"
 
 
 class ImageRecord(BaseModel):
@@ -53,6 +75,8 @@ class JobRecord(BaseModel):
     timings: dict[str, float] | None
     prior_cached: bool | None
     error: str | None
+    traceback: str | None = None
+    warnings: list[str] = []
     images: list[ImageRecord] = []
 
 
@@ -63,8 +87,9 @@ def new_id() -> str:
 class HistoryStore:
     def __init__(self, db_path: Path, output_dir: Path):
         self.output_dir = Path(output_dir)
+        self.db_path = Path(db_path)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -72,49 +97,116 @@ class HistoryStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            for table, columns in LATER_COLUMNS.items():
+                have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         self.recovered = self._fail_interrupted()
+        self.removed = self._remove_leftovers()
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The database under the lock; any SQLite failure (disk full, read-only) becomes a StoreError."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite rolls back by itself when a statement of the transaction failed
+                raise StoreError("database", exc) from exc
 
     def _fail_interrupted(self) -> int:
         """Jobs a crash left queued or running are marked failed: never silently lost, never 'running' forever."""
-        with self._lock:
-            cur = self._db.execute(
+        with self._writing() as db:
+            cur = db.execute(
                 "UPDATE jobs SET status='failed', error=?, finished=? WHERE status IN (?, ?)",
-                ("interrupted: the server stopped before this job finished", time.time(), *ACTIVE),
+                (INTERRUPTED, time.time(), *ACTIVE),
             )
         return cur.rowcount
 
-    def create_job(self, job_id: str, request: GenerationRequest, model: ModelIdentity, client: str) -> None:
+    def _remove_leftovers(self) -> list[Path]:
+        """Files a crash left: temporary PNGs of an unfinished write, and images of jobs whose result was never
+        recorded (the process died between writing the files and the database). Only names this store writes
+        are considered, so other files in the output folder (the CLI's, the user's) are never touched."""
         with self._lock:
-            self._db.execute(
+            known = {row["path"] for row in self._db.execute("SELECT path FROM images")}
+        removed = []
+        for path in self.output_dir.rglob("*.png"):
+            relative = path.relative_to(self.output_dir).as_posix()
+            if path.name.startswith(".tmp-") or (IMAGE_NAME.match(relative) and relative not in known):
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError as exc:
+                    log.warning("could not remove %s left by an earlier crash: %s", path, exc)
+        if removed:
+            log.info(
+                "removed %d file(s) an earlier crash left unfinished: %s",
+                len(removed),
+                ", ".join(str(p.relative_to(self.output_dir)) for p in removed[:10]),
+            )
+        return removed
+
+    def create_job(self, job_id: str, request: GenerationRequest, model: ModelIdentity, client: str) -> None:
+        with self._writing() as db:
+            db.execute(
                 "INSERT INTO jobs (id, created, status, client, request, model) VALUES (?, ?, 'queued', ?, ?, ?)",
                 (job_id, time.time(), client, request.model_dump_json(), model.model_dump_json()),
             )
 
-    def set_status(self, job_id: str, status: str, error: str | None = None) -> None:
+    def set_status(self, job_id: str, status: str, error: str | None = None, traceback: str | None = None) -> None:
         finished = None if status in ACTIVE else time.time()
-        with self._lock:
-            self._db.execute("UPDATE jobs SET status=?, error=?, finished=? WHERE id=?", (status, error, finished, job_id))
+        with self._writing() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, error=?, traceback=?, finished=? WHERE id=?",
+                (status, error, traceback, finished, job_id),
+            )
 
     def save_result(self, job_id: str, result: GenerationResult) -> list[ImageRecord]:
-        """Write every image (PNG with metadata, atomically), then record them and mark the job done."""
+        """Write every image (PNG with metadata, atomically), then record them and mark the job done. If any write
+        fails, the images already written are removed again: a job is stored whole or not at all."""
         day = time.strftime("%Y-%m-%d")
-        records = []
-        for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
-            relative = Path(day) / f"{job_id[:12]}-{i}-{seed}.png"
-            save_png(image, self.output_dir / relative, ImageMetadata(result.request, i, result.model))
-            records.append(ImageRecord(id=new_id(), job_id=job_id, index=i, seed=seed, path=relative))
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO images (id, job_id, idx, seed, path, created) VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.id, job_id, r.index, r.seed, str(r.path), time.time()) for r in records],
-            )
-            self._db.execute(
-                "UPDATE jobs SET status='done', finished=?, request=?, timings=?, prior_cached=? WHERE id=?",
-                (time.time(), result.request.model_dump_json(), json.dumps(result.timings), int(result.prior_cached), job_id),
-            )
-            self._db.execute("COMMIT")
+        records: list[ImageRecord] = []
+        try:
+            for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+                relative = Path(day) / f"{job_id[:12]}-{i}-{seed}.png"
+                save_png(image, self.output_dir / relative, ImageMetadata(result.request, i, result.model))
+                records.append(ImageRecord(id=new_id(), job_id=job_id, index=i, seed=seed, path=relative))
+        except OSError as exc:
+            self._unlink(records)
+            raise StoreError("images", exc) from exc
+        try:
+            with self._writing() as db:
+                db.execute("BEGIN")
+                db.executemany(
+                    "INSERT INTO images (id, job_id, idx, seed, path, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.id, job_id, r.index, r.seed, r.path.as_posix(), time.time()) for r in records],
+                )
+                db.execute(
+                    "UPDATE jobs SET status='done', finished=?, request=?, timings=?, prior_cached=?, "
+                    "warnings=? WHERE id=?",
+                    (
+                        time.time(),
+                        result.request.model_dump_json(),
+                        json.dumps(result.timings),
+                        int(result.prior_cached),
+                        json.dumps(result.warnings),
+                        job_id,
+                    ),
+                )
+                db.execute("COMMIT")
+        except StoreError:
+            self._unlink(records)
+            raise
         return records
+
+    def _unlink(self, records: list[ImageRecord]) -> None:
+        for record in records:
+            self.image_file(record).unlink(missing_ok=True)
 
     def image_file(self, record: ImageRecord) -> Path:
         return self.output_dir / record.path
@@ -141,25 +233,39 @@ class HistoryStore:
 
     @staticmethod
     def _image(row: sqlite3.Row) -> ImageRecord:
-        return ImageRecord(id=row["id"], job_id=row["job_id"], index=row["idx"], seed=row["seed"], path=Path(row["path"]))
+        return ImageRecord(
+            id=row["id"], job_id=row["job_id"], index=row["idx"], seed=row["seed"], path=Path(row["path"])
+        )
 
     def _jobs(self, clause: str, args: tuple) -> list[JobRecord]:
         with self._lock:
             rows = self._db.execute(f"SELECT * FROM jobs {clause}", args).fetchall()
             ids = [r["id"] for r in rows]
-            images = self._db.execute(
-                f"SELECT * FROM images WHERE job_id IN ({','.join('?' * len(ids))}) ORDER BY idx", ids
-            ).fetchall() if ids else []
+            images = (
+                self._db.execute(
+                    f"SELECT * FROM images WHERE job_id IN ({','.join('?' * len(ids))}) ORDER BY idx", ids
+                ).fetchall()
+                if ids
+                else []
+            )
         by_job: dict[str, list[ImageRecord]] = {}
         for row in images:
             by_job.setdefault(row["job_id"], []).append(self._image(row))
         return [
             JobRecord(
-                id=r["id"], created=r["created"], finished=r["finished"], status=r["status"], client=r["client"],
-                request=GenerationRequest(**json.loads(r["request"])), model=ModelIdentity(**json.loads(r["model"])),
+                id=r["id"],
+                created=r["created"],
+                finished=r["finished"],
+                status=r["status"],
+                client=r["client"],
+                request=GenerationRequest(**json.loads(r["request"])),
+                model=ModelIdentity(**json.loads(r["model"])),
                 timings=json.loads(r["timings"]) if r["timings"] else None,
                 prior_cached=None if r["prior_cached"] is None else bool(r["prior_cached"]),
-                error=r["error"], images=by_job.get(r["id"], []),
+                error=r["error"],
+                traceback=r["traceback"],
+                warnings=json.loads(r["warnings"] or "[]"),
+                images=by_job.get(r["id"], []),
             )
             for r in rows
         ]

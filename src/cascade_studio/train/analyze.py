@@ -82,8 +82,9 @@ def _shape_of(region: np.ndarray) -> str:
 def analyze(image: Image.Image) -> Detected:
     arr = np.asarray(image.convert("RGB"), dtype=float)
     side = arr.shape[0]
-    frame = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3),
-                            arr[:, -2:].reshape(-1, 3)])
+    frame = np.concatenate(
+        [arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)]
+    )
     bg_rgb = np.median(frame, axis=0)
     mask = np.sqrt(((arr - bg_rgb) ** 2).sum(axis=-1)) > 60
     # A small shape covers about (0.14 * side)^2 / 2 pixels as a triangle; ignore specks far below that.

@@ -1,11 +1,11 @@
 """Measure prompt adherence of a model on the scene prompts: generate, analyse the pixels, count hits.
 
-    cascade-studio eval-demo                   # the shipped demo model, held-out and training combinations
-    cascade-studio eval-demo --seeds 24        # 24 prompt seeds pooled (1,440 prompts a split; the README's figures)
-    cascade-studio eval-demo --model DIR --n 100 --json eval.json --grid samples.png
-    cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes,
-                                               # and a linear probe: how well that latent tells the shapes apart
-    cascade-studio eval-demo --stage vqgan     # Stage A alone: the same scenes encoded and decoded
+cascade-studio eval-demo                   # the shipped demo model, held-out and training combinations
+cascade-studio eval-demo --seeds 24        # 24 prompt seeds pooled (1,440 prompts a split; the README's figures)
+cascade-studio eval-demo --model DIR --n 100 --json eval.json --grid samples.png
+cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes,
+                                           # and a linear probe: how well that latent tells the shapes apart
+cascade-studio eval-demo --stage vqgan     # Stage A alone: the same scenes encoded and decoded
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ SPLITS = {"held-out": True, "training": False}
 
 def evaluate(engine, *, n: int = 60, seeds: Sequence[int] = (0,), **settings) -> dict:
     """Per split: the share of images showing each asked-for attribute, and the share showing all of them."""
+
     def generate(scene: Scene, image_seed: int) -> Image.Image:
         return engine(engine.request(prompt=scene.prompt(), seed=image_seed, **settings)).images[0]
 
@@ -36,14 +37,23 @@ def evaluate(engine, *, n: int = 60, seeds: Sequence[int] = (0,), **settings) ->
     return report | {"splits": score_splits(generate, n, seeds)}
 
 
-def evaluate_decoder(engine, encoder, *, n: int = 60, seeds: Sequence[int] = (0,),
-                     decoder_steps: int | None = None, decoder_guidance: float | None = None) -> dict:
+def evaluate_decoder(
+    engine,
+    encoder,
+    *,
+    n: int = 60,
+    seeds: Sequence[int] = (0,),
+    decoder_steps: int | None = None,
+    decoder_guidance: float | None = None,
+) -> dict:
     """The decoder alone, on the same scenes: each scene's true Stage C latent (from the image encoder the decoder
     was trained with) is decoded with the scene's caption and scored. What the decoder misses here, the whole model
     cannot show either."""
     d = engine.request(prompt="")
-    settings = {"decoder_steps": d.decoder_steps if decoder_steps is None else decoder_steps,
-                "decoder_guidance": d.decoder_guidance if decoder_guidance is None else decoder_guidance}
+    settings = {
+        "decoder_steps": d.decoder_steps if decoder_steps is None else decoder_steps,
+        "decoder_guidance": d.decoder_guidance if decoder_guidance is None else decoder_guidance,
+    }
     pipelines = engine.pipelines
     encoder = encoder.to(pipelines.device).eval()
     word_effects: list[float] = []
@@ -52,11 +62,17 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seeds: Sequence[int] = (0,
     def decode(scene: Scene, image_seed: int) -> Image.Image:
         pixels = scene_pixels(scene, d.width, image_seed).to(pipelines.device)
         latent = encoder(encoder_view(pixels)).to(pipelines.dtype)
-        images = [pipelines.decoder(
-            image_embeddings=latent, prompt=s.prompt(), num_inference_steps=settings["decoder_steps"],
-            guidance_scale=settings["decoder_guidance"], generator=torch.Generator().manual_seed(image_seed),
-            output_type="pil",
-        ).images[0] for s in (scene, replace(scene, shape=SHAPES[(SHAPES.index(scene.shape) + 1) % len(SHAPES)]))]
+        images = [
+            pipelines.decoder(
+                image_embeddings=latent,
+                prompt=s.prompt(),
+                num_inference_steps=settings["decoder_steps"],
+                guidance_scale=settings["decoder_guidance"],
+                generator=torch.Generator().manual_seed(image_seed),
+                output_type="pil",
+            ).images[0]
+            for s in (scene, replace(scene, shape=SHAPES[(SHAPES.index(scene.shape) + 1) % len(SHAPES)]))
+        ]
         word_effects.append(float(np.abs(np.asarray(images[0], float) - np.asarray(images[1], float)).mean() / 255))
         return images[0]
 
@@ -70,8 +86,9 @@ def evaluate_decoder(engine, encoder, *, n: int = 60, seeds: Sequence[int] = (0,
 def _encoded(encoder, scenes: list[Scene], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """The scenes' flattened Stage C latents and their shapes as class indices."""
     pixels = torch.cat([scene_pixels(s, SIDE, rng.randrange(2**31)) for s in scenes]).to(device_of(encoder))
-    latents = torch.cat([encoder(encoder_view(pixels[i:i + 256])).flatten(1).float().cpu()
-                         for i in range(0, len(scenes), 256)])
+    latents = torch.cat(
+        [encoder(encoder_view(pixels[i : i + 256])).flatten(1).float().cpu() for i in range(0, len(scenes), 256)]
+    )
     return latents, torch.tensor([SHAPES.index(s.shape) for s in scenes])
 
 
@@ -137,8 +154,9 @@ def scene_pixels(scene: Scene, side: int, image_seed: int) -> torch.Tensor:
 # Shape hits per asked shape (a model that draws every shape round scores about the share of circles asked for),
 # and per size and shape: a small shape spans few Stage A latent positions, so its corners are the first to go.
 BY_SHAPE = {shape: (lambda sc, k=shape: sc.shape == k) for shape in SHAPES}
-BY_SIZE = {f"{size} {shape}": (lambda sc, k=(size, shape): (sc.size, sc.shape) == k) for shape in SHAPES
-           for size in SIZES}
+BY_SIZE = {
+    f"{size} {shape}": (lambda sc, k=(size, shape): (sc.size, sc.shape) == k) for shape in SHAPES for size in SIZES
+}
 
 
 def shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callable[[Scene], bool]]) -> dict:
@@ -168,46 +186,64 @@ def score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seeds:
             for i, scene in enumerate(seed_scenes):
                 image_seed = seed * 100_000 + i
                 image = make_image(scene, image_seed)
-                seed_rows.append({"prompt": scene.prompt(), "seed": image_seed, "hits": score(scene, analyze(image)),
-                                  "image": image})
+                seed_rows.append(
+                    {"prompt": scene.prompt(), "seed": image_seed, "hits": score(scene, analyze(image)), "image": image}
+                )
             by_seed[seed] = hit_rates(seed_rows)
             rows += seed_rows
             scenes += seed_scenes
         rates = hit_rates(rows)
-        splits[split] = {"rates": rates, "standard_errors": {a: math.sqrt(p * (1 - p) / len(rows))
-                                                             for a, p in rates.items()},
-                         "seed_rates": by_seed, "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
-                         "shape_size_rates": shape_rates(rows, scenes, BY_SIZE), "samples": rows}
+        splits[split] = {
+            "rates": rates,
+            "standard_errors": {a: math.sqrt(p * (1 - p) / len(rows)) for a, p in rates.items()},
+            "seed_rates": by_seed,
+            "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
+            "shape_size_rates": shape_rates(rows, scenes, BY_SIZE),
+            "samples": rows,
+        }
     return splits
 
 
 def table(report: dict) -> str:
     head = f"{'prompts':<10}" + "".join(f"{a:>11}" for a in (*ATTRIBUTES, "all"))
-    what = {"all": "", "decoder": " (decoder alone, from true Stage C latents)",
-            "vqgan": " (Stage A alone: each scene encoded and decoded)"}[report["stage"]]
+    what = {
+        "all": "",
+        "decoder": " (decoder alone, from true Stage C latents)",
+        "vqgan": " (Stage A alone: each scene encoded and decoded)",
+    }[report["stage"]]
     seeds = report["seeds"]
     which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]} to {seeds[-1]}"
-    lines = [f"{report['model']}{what}: {report['n'] * len(seeds)} scenes per split ({which}), "
-             f"settings {report['settings'] or 'default'}", head]
+    lines = [
+        f"{report['model']}{what}: {report['n'] * len(seeds)} scenes per split ({which}), "
+        f"settings {report['settings'] or 'default'}",
+        head,
+    ]
     digits = 0 if len(seeds) == 1 else 1
     for split, data in report["splits"].items():
         lines.append(f"{split:<10}" + "".join(f"{data['rates'][a]:>10.{digits}%} " for a in (*ATTRIBUTES, "all")))
     if len(seeds) > 1:
         for split, data in report["splits"].items():
             shape = [r["shape"] for r in data["seed_rates"].values()]
-            lines.append(f"{split}: standard error at most {max(data['standard_errors'].values()):.1%}; shape by "
-                         f"seed {min(shape):.0%} to {max(shape):.0%}")
+            lines.append(
+                f"{split}: standard error at most {max(data['standard_errors'].values()):.1%}; shape by "
+                f"seed {min(shape):.0%} to {max(shape):.0%}"
+            )
     for split, data in report["splits"].items():
-        lines.append(f"shape right, {split}: " + ", ".join(f"{shape} {rate:.0%}" for shape, rate in
-                                                           data["shape_rates"].items()))
+        lines.append(
+            f"shape right, {split}: " + ", ".join(f"{shape} {rate:.0%}" for shape, rate in data["shape_rates"].items())
+        )
         lines.append("  by size: " + ", ".join(f"{k} {rate:.0%}" for k, rate in data["shape_size_rates"].items()))
     if "shape_word_effect" in report:
-        lines.append(f"naming another shape in the caption moves the decoder's pixels by "
-                     f"{report['shape_word_effect']:.2%} on average")
+        lines.append(
+            f"naming another shape in the caption moves the decoder's pixels by "
+            f"{report['shape_word_effect']:.2%} on average"
+        )
     if "shape_probe" in report:
-        lines.append("a linear probe reads the shape off the Stage C latent for " + ", ".join(
-            f"{rate:.0%} of {split} scenes" for split, rate in report["shape_probe"].items())
-            + f" (fitted on {' and '.join(FREE_COLOURS)} shapes only; chance 33%)")
+        lines.append(
+            "a linear probe reads the shape off the Stage C latent for "
+            + ", ".join(f"{rate:.0%} of {split} scenes" for split, rate in report["shape_probe"].items())
+            + f" (fitted on {' and '.join(FREE_COLOURS)} shapes only; chance 33%)"
+        )
     return "\n".join(lines)
 
 

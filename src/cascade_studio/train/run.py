@@ -36,27 +36,68 @@ from .scenes import caption, sample_scene
 
 TEXT_LENGTH = 24  # tokens: the longest caption is 19, and the pipeline pads every prompt to this length
 
-DEMO_VQGAN = dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=2, embed_dim=64,
-                  latent_channels=4, num_vq_embeddings=256, scale_factor=1.0)
+DEMO_VQGAN = dict(
+    in_channels=3,
+    out_channels=3,
+    up_down_scale_factor=2,
+    levels=2,
+    bottleneck_blocks=2,
+    embed_dim=64,
+    latent_channels=4,
+    num_vq_embeddings=256,
+    scale_factor=1.0,
+)
 DEMO_DECODER = dict(
-    in_channels=4, out_channels=4, patch_size=2, conditioning_dim=64, block_out_channels=[64, 128],
-    num_attention_heads=[0, 4], down_num_layers_per_block=[2, 2], up_num_layers_per_block=[2, 2],
-    down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES, RES_ATTN],
-    clip_text_pooled_in_channels=64, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3,
-    dropout=[0.0, 0.0], timestep_conditioning_type=["sca"], switch_level=None,
+    in_channels=4,
+    out_channels=4,
+    patch_size=2,
+    conditioning_dim=64,
+    block_out_channels=[64, 128],
+    num_attention_heads=[0, 4],
+    down_num_layers_per_block=[2, 2],
+    up_num_layers_per_block=[2, 2],
+    down_blocks_repeat_mappers=[1, 1],
+    up_blocks_repeat_mappers=[1, 1],
+    block_types_per_layer=[RES, RES_ATTN],
+    clip_text_pooled_in_channels=64,
+    clip_seq=4,
+    effnet_in_channels=16,
+    pixel_mapper_in_channels=3,
+    dropout=[0.0, 0.0],
+    timestep_conditioning_type=["sca"],
+    switch_level=None,
 )
 DEMO_PRIOR = dict(
-    in_channels=16, out_channels=16, conditioning_dim=128, block_out_channels=[128, 256], num_attention_heads=[4, 8],
-    down_num_layers_per_block=[1, 1], up_num_layers_per_block=[1, 1], down_blocks_repeat_mappers=[1, 1],
-    up_blocks_repeat_mappers=[1, 1], block_types_per_layer=[RES_ATTN, RES_ATTN], clip_text_in_channels=64,
-    clip_text_pooled_in_channels=64, clip_image_in_channels=16, clip_seq=4, dropout=[0.0, 0.0],
-    timestep_conditioning_type=["sca", "crp"], switch_level=[False],
+    in_channels=16,
+    out_channels=16,
+    conditioning_dim=128,
+    block_out_channels=[128, 256],
+    num_attention_heads=[4, 8],
+    down_num_layers_per_block=[1, 1],
+    up_num_layers_per_block=[1, 1],
+    down_blocks_repeat_mappers=[1, 1],
+    up_blocks_repeat_mappers=[1, 1],
+    block_types_per_layer=[RES_ATTN, RES_ATTN],
+    clip_text_in_channels=64,
+    clip_text_pooled_in_channels=64,
+    clip_image_in_channels=16,
+    clip_seq=4,
+    dropout=[0.0, 0.0],
+    timestep_conditioning_type=["sca", "crp"],
+    switch_level=[False],
 )
-DEMO_TEXT = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
-                 max_position_embeddings=TEXT_LENGTH)
+DEMO_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_hidden_layers=3,
+    projection_dim=64,
+    max_position_embeddings=TEXT_LENGTH,
+)
 # The folder's own settings: the size it was trained at, and the sampling settings that measured best.
-DEMO_DEFAULTS = dict(width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=2.0, decoder_steps=6,
-                     decoder_guidance=3.0)
+DEMO_DEFAULTS = dict(
+    width=stages.SIDE, height=stages.SIDE, prior_steps=20, prior_guidance=2.0, decoder_steps=6, decoder_guidance=3.0
+)
 
 
 @dataclass
@@ -99,8 +140,10 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
         draw.rectangle((x0 + pad, pad, x0 + w - 10, h - pad), outline="gray")
         logs = [torch.tensor(max(v, 1e-8)).log10().item() for v in values]
         lo, hi = min(logs), max(logs) + 1e-9
-        pts = [(x0 + pad + i * (w - pad - 10) / max(1, len(logs) - 1), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))
-               for i, v in enumerate(logs)]
+        pts = [
+            (x0 + pad + i * (w - pad - 10) / max(1, len(logs) - 1), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))
+            for i, v in enumerate(logs)
+        ]
         draw.line(pts, fill=(40, 80, 220), width=2)
     image.save(path)
 
@@ -135,12 +178,14 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     prior = StableCascadeUNet(**DEMO_PRIOR).to(cfg.device)
     text_encoder = CLIPTextModelWithProjection(text_config).to(cfg.device)
     losses["stage C"], ema_prior, ema_text = stages.train_stage_c(
-        prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c)
+        prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c
+    )
     seconds["stage C"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    losses["stage B text"] = stages.train_decoder_text(decoder, encoder, ema_text.model, tokenizer, data_b,
-                                                       cfg.steps(cfg.steps_b_text), cfg.lr_b_text, rng, gen, log)
+    losses["stage B text"] = stages.train_decoder_text(
+        decoder, encoder, ema_text.model, tokenizer, data_b, cfg.steps(cfg.steps_b_text), cfg.lr_b_text, rng, gen, log
+    )
     seconds["stage B text"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -150,24 +195,48 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
 
     # Last, so that it draws no random numbers before the other stages: they are as they were without it.
     t = time.perf_counter()
-    losses["stage A decoder"] = stages.train_stage_a(vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log,
-                                                     decoder_only=True)
+    losses["stage A decoder"] = stages.train_stage_a(
+        vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log, decoder_only=True
+    )
     seconds["stage A decoder"] = time.perf_counter() - t
 
-    for name, model in [("prior", ema_prior.model), ("decoder", decoder), ("vqgan", vqgan),
-                        ("text_encoder", ema_text.model), ("previewer", previewer), ("image_encoder", encoder)]:
+    for name, model in [
+        ("prior", ema_prior.model),
+        ("decoder", decoder),
+        ("vqgan", vqgan),
+        ("text_encoder", ema_text.model),
+        ("previewer", previewer),
+        ("image_encoder", encoder),
+    ]:
         model.eval().cpu().save_pretrained(out / name)
     VPredictionWuerstchenScheduler().save_pretrained(out / "scheduler")
     plot_losses(losses, out / "loss.png")
     seconds["total"] = time.perf_counter() - start
-    params = {n: sum(p.numel() for p in m.parameters()) for n, m in
-              [("prior", prior), ("decoder", decoder), ("vqgan", vqgan), ("text_encoder", text_encoder),
-               ("previewer", previewer), ("image_encoder", encoder)]}
+    params = {
+        n: sum(p.numel() for p in m.parameters())
+        for n, m in [
+            ("prior", prior),
+            ("decoder", decoder),
+            ("vqgan", vqgan),
+            ("text_encoder", text_encoder),
+            ("previewer", previewer),
+            ("image_encoder", encoder),
+        ]
+    }
     report = {
-        "name": "cascade-studio-demo", "defaults": DEMO_DEFAULTS, "config": asdict(cfg), "seconds": seconds,
-        "final_losses": {k: v[-1] for k, v in losses.items()}, "losses": losses, "parameters": params,
-        "latent_scale": data_b.scale, "device": cfg.device, "threads": cfg.threads, "torch": torch.__version__,
-        "machine": platform.machine(), "cascade_studio": __version__,
+        "name": "cascade-studio-demo",
+        "defaults": DEMO_DEFAULTS,
+        "config": asdict(cfg),
+        "seconds": seconds,
+        "final_losses": {k: v[-1] for k, v in losses.items()},
+        "losses": losses,
+        "parameters": params,
+        "latent_scale": data_b.scale,
+        "device": cfg.device,
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cascade_studio": __version__,
     }
     (out / "cascade_studio.json").write_text(json.dumps(report, indent=1))
     log(f"trained in {seconds['total'] / 60:.1f} min; {sum(params.values()) / 1e6:.2f} M parameters -> {out}")
@@ -213,8 +282,9 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
         data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)
         steps = cfg.steps(cfg.steps_b_text)
         run = {"lr": cfg.lr_b_text, "decoder_scenes": cfg.steps(cfg.decoder_scenes)}
-        losses = stages.train_decoder_text(decoder, encoder, text_encoder, tokenizer, data, steps, cfg.lr_b_text, rng,
-                                           gen, log)
+        losses = stages.train_decoder_text(
+            decoder, encoder, text_encoder, tokenizer, data, steps, cfg.lr_b_text, rng, gen, log
+        )
         decoder.eval().cpu().save_pretrained(out / "decoder")
     seconds = time.perf_counter() - t
 
@@ -224,9 +294,20 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
     card["losses"][name] = card["losses"].get(name, []) + losses
     card["final_losses"][name] = losses[-1]
     card["config"][steps_key] = (card["config"].get(steps_key, 0) if had else 0) + steps
-    card["added_later"] = card.get("added_later", []) + [{
-        "by": f"cascade-studio train-demo --from --stage {stage}", "stage": name, "continued": had, "seed": cfg.seed,
-        "scale": cfg.scale, "steps": steps, **run, "seconds": seconds, "device": cfg.device, "threads": cfg.threads}]
+    card["added_later"] = card.get("added_later", []) + [
+        {
+            "by": f"cascade-studio train-demo --from --stage {stage}",
+            "stage": name,
+            "continued": had,
+            "seed": cfg.seed,
+            "scale": cfg.scale,
+            "steps": steps,
+            **run,
+            "seconds": seconds,
+            "device": cfg.device,
+            "threads": cfg.threads,
+        }
+    ]
     (out / "cascade_studio.json").write_text(json.dumps(card, indent=1))
     plot_losses(card["losses"], out / "loss.png")
     log(f"{name} in {seconds / 60:.1f} min -> {out}")

@@ -26,14 +26,28 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 # 3x3 grid cells (column, row) of a scene; the names a caption uses for them.
 POSITIONS: dict[str, tuple[int, int]] = {
-    "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
-    "left": (0, 1), "centre": (1, 1), "right": (2, 1),
-    "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "centre": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
 }
 COUNTS = {1: "a", 2: "two", 3: "three"}
 # Never drawn in training; evaluation asks for exactly these.
-HELD_OUT = frozenset({("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "circle"),
-                      ("purple", "square"), ("white", "triangle")})
+HELD_OUT = frozenset(
+    {
+        ("red", "triangle"),
+        ("blue", "circle"),
+        ("green", "square"),
+        ("yellow", "circle"),
+        ("purple", "square"),
+        ("white", "triangle"),
+    }
+)
 SIZE_PX = {"small": 0.14, "large": 0.28}  # shape width as a fraction of the image side
 
 
@@ -78,7 +92,9 @@ def _position_phrase(position: str, variant: int) -> str:
 def caption(scene: Scene, rng: random.Random) -> str:
     """One of several plain-English phrasings; some leave out size, position or background, as people do."""
     noun = scene.shape + ("s" if scene.count > 1 else "")
-    size = {"small": rng.choice(("small", "small", "little")), "large": rng.choice(("large", "large", "big"))}[scene.size]
+    size = {"small": rng.choice(("small", "small", "little")), "large": rng.choice(("large", "large", "big"))}[
+        scene.size
+    ]
     count = COUNTS[scene.count]
     where = _position_phrase(scene.position, rng.randrange(3))
     bg = scene.background
@@ -116,7 +132,11 @@ def layout(scene: Scene, side: int, rng: random.Random | None = None) -> list[tu
     # 3.6 Stage A latent positions). At 1.25 widths three squares stood 2 px apart: they merged in any
     # reconstruction, and the decoder drew every group as one blob.
     gap = w * 1.8
-    offsets = {1: [(0, 0)], 2: [(-gap / 2, 0), (gap / 2, 0)], 3: [(-gap / 2, gap / 2), (gap / 2, gap / 2), (0, -gap / 2)]}
+    offsets = {
+        1: [(0, 0)],
+        2: [(-gap / 2, 0), (gap / 2, 0)],
+        3: [(-gap / 2, gap / 2), (gap / 2, gap / 2), (0, -gap / 2)],
+    }
     # Keep the whole cluster inside the frame, with a margin, so no shape is clipped.
     ext_x = max(abs(dx) for dx, _ in offsets[scene.count]) + w / 2 + 2
     ext_y = max(abs(dy) for _, dy in offsets[scene.count]) + w / 2 + 2

@@ -55,8 +55,13 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def v_loss(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
-           generator: torch.Generator, weight: torch.Tensor | None = None) -> torch.Tensor:
+def v_loss(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    generator: torch.Generator,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """v-prediction loss, optionally a weighted mean over positions (weight: B x 1 x H x W). Noise comes from the
     CPU generator on every device, so a seed means the same data."""
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -114,12 +119,16 @@ class EMA:
             ema.copy_(b)
 
 
-def schedule(optimizer: torch.optim.Optimizer, steps: int, lr: float, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule(
+    optimizer: torch.optim.Optimizer, steps: int, lr: float, warmup: int = 100
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 10%."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
     for group in optimizer.param_groups:
         group["lr"] = lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -153,8 +162,16 @@ def run_steps(name: str, steps: int, step_fn: Callable[[int], float], log: Log, 
     return losses
 
 
-def train_stage_a(vqgan: nn.Module, steps: int, rng: random.Random, gen: torch.Generator, log: Log,
-                  batch: int = 16, crop: int = 64, decoder_only: bool = False) -> list[float]:
+def train_stage_a(
+    vqgan: nn.Module,
+    steps: int,
+    rng: random.Random,
+    gen: torch.Generator,
+    log: Log,
+    batch: int = 16,
+    crop: int = 64,
+    decoder_only: bool = False,
+) -> list[float]:
     """Autoencoder on random crops; latents get light noise so the decoder's imperfect output still decodes.
 
     `decoder_only` trains the decoder half alone, its encoder frozen: the latents, and every stage trained on them,
@@ -221,8 +238,17 @@ def decoder_dataset(vqgan: nn.Module, n: int, rng: random.Random, log: Log, scal
     return DecoderData(latents_t / scale, torch.cat(small), torch.cat(masks), all_scenes, scale)
 
 
-def train_stage_b(decoder: nn.Module, encoder: ImageEncoder, data: DecoderData, steps: int, rng: random.Random,
-                  gen: torch.Generator, log: Log, batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
+def train_stage_b(
+    decoder: nn.Module,
+    encoder: ImageEncoder,
+    data: DecoderData,
+    steps: int,
+    rng: random.Random,
+    gen: torch.Generator,
+    log: Log,
+    batch: int = 16,
+    foreground_weight: float = 10.0,
+) -> list[float]:
     """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents. Shapes cover a few percent of
     the latent, so a plain mean lets the decoder learn the background and little else: positions in and around a
     shape weigh 1 + foreground_weight (see `decoder_loss`)."""
@@ -252,8 +278,16 @@ def text_blind(decoder: nn.Module) -> nn.Module:
     return mapper
 
 
-def decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet: torch.Tensor, pooled: torch.Tensor,
-                 gen: torch.Generator, foreground_weight: float, margin: int = 2) -> torch.Tensor:
+def decoder_loss(
+    decoder: nn.Module,
+    data: DecoderData,
+    idx: list[int],
+    effnet: torch.Tensor,
+    pooled: torch.Tensor,
+    gen: torch.Generator,
+    foreground_weight: float,
+    margin: int = 2,
+) -> torch.Tensor:
     """v-loss on the chosen scenes; positions that show a shape, or lie within `margin` positions of one, weigh
     1 + foreground_weight. The margin keeps the weight even across a shape's edge: weighting the shape alone makes
     the best guess, wherever the decoder is unsure, "shape", and it drew every shape as a swollen round blob."""
@@ -261,8 +295,13 @@ def decoder_loss(decoder: nn.Module, data: DecoderData, idx: list[int], effnet: 
     t = sample_t(len(idx), gen, high_noise_share=0.25)
     near = F.max_pool2d(data.masks[idx].to(device).float(), 2 * margin + 1, stride=1, padding=margin)
     weight = 1 + foreground_weight * near
-    return v_loss(lambda x, r: decoder(x, r, clip_text_pooled=pooled, effnet=effnet).sample,
-                  data.latents[idx].to(device), t, gen, weight)
+    return v_loss(
+        lambda x, r: decoder(x, r, clip_text_pooled=pooled, effnet=effnet).sample,
+        data.latents[idx].to(device),
+        t,
+        gen,
+        weight,
+    )
 
 
 def noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,9 +313,20 @@ def noisy_effnet(effnet: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tens
     return (effnet + jitter.to(effnet.device)) * keep, keep.flatten()
 
 
-def train_decoder_text(decoder: nn.Module, encoder: ImageEncoder, text_encoder: nn.Module, tokenizer,
-                       data: DecoderData, steps: int, lr: float, rng: random.Random, gen: torch.Generator, log: Log,
-                       batch: int = 16, foreground_weight: float = 10.0) -> list[float]:
+def train_decoder_text(
+    decoder: nn.Module,
+    encoder: ImageEncoder,
+    text_encoder: nn.Module,
+    tokenizer,
+    data: DecoderData,
+    steps: int,
+    lr: float,
+    rng: random.Random,
+    gen: torch.Generator,
+    log: Log,
+    batch: int = 16,
+    foreground_weight: float = 10.0,
+) -> list[float]:
     """Stage B again, now also reading the caption, as the official decoder does through its pooled-text mapper.
 
     Runs after Stage C because it needs C's text encoder (frozen here, like the image encoder, so the prior's
@@ -324,16 +374,21 @@ def encode_dataset(encoder: ImageEncoder, n: int, rng: random.Random, log: Log) 
 def encode_captions(text_encoder: nn.Module, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states and pooled embedding of captions padded to the tokenizer's length: what the pipelines
     feed the prior (both) and the decoder (the pooled one)."""
-    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt").to(device_of(text_encoder))
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).to(device_of(text_encoder))
     out = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
     return out.hidden_states[-1], out.text_embeds
 
 
 # Attributes the text encoder's pooled output is taught to carry (auxiliary heads, dropped after training).
 AUX_LABELS = {
-    "background": list(PALETTE), "colour": list(PALETTE), "shape": list(SHAPES), "size": list(SIZES),
-    "position": list(POSITIONS), "count": [1, 2, 3],
+    "background": list(PALETTE),
+    "colour": list(PALETTE),
+    "shape": list(SHAPES),
+    "size": list(SIZES),
+    "position": list(POSITIONS),
+    "count": [1, 2, 3],
 }
 
 
@@ -347,9 +402,19 @@ def _aux_targets(scenes: list[Scene], texts: list[str]) -> dict[str, torch.Tenso
     return {k: torch.tensor(v) for k, v in targets.items()}
 
 
-def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents: torch.Tensor, scenes: list[Scene],
-                  steps: int, rng: random.Random, gen: torch.Generator, log: Log, batch: int = 128,
-                  ema_decay: float = 0.998) -> tuple[list[float], EMA, EMA]:
+def train_stage_c(
+    prior: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    latents: torch.Tensor,
+    scenes: list[Scene],
+    steps: int,
+    rng: random.Random,
+    gen: torch.Generator,
+    log: Log,
+    batch: int = 128,
+    ema_decay: float = 0.998,
+) -> tuple[list[float], EMA, EMA]:
     """Prior + text encoder with v-loss on image-encoder latents; 10% empty captions for guidance."""
     dim = text_encoder.config.projection_dim
     device = device_of(prior)
@@ -365,11 +430,18 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
         texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
         hidden, pooled = encode_captions(text_encoder, tokenizer, texts)
         t = sample_t(batch, gen, high_noise_share=0.5)
-        loss = v_loss(lambda x, r: prior(x, r, clip_text_pooled=pooled.unsqueeze(1), clip_text=hidden,
-                                         clip_img=no_image).sample, latents[idx].to(device), t, gen)
+        loss = v_loss(
+            lambda x, r: prior(x, r, clip_text_pooled=pooled.unsqueeze(1), clip_text=hidden, clip_img=no_image).sample,
+            latents[idx].to(device),
+            t,
+            gen,
+        )
         targets = {k: v.to(device) for k, v in _aux_targets([scenes[i] for i in idx], texts).items()}
-        aux = sum(F.cross_entropy(heads[k](pooled), targets[k], ignore_index=-100) for k in AUX_LABELS
-                  if (targets[k] != -100).any())
+        aux = sum(
+            F.cross_entropy(heads[k](pooled), targets[k], ignore_index=-100)
+            for k in AUX_LABELS
+            if (targets[k] != -100).any()
+        )
         optimise(opt, sched, loss + 0.1 * aux, clip=params)
         ema_prior.update(prior)
         ema_text.update(text_encoder)
@@ -378,8 +450,9 @@ def train_stage_c(prior: nn.Module, text_encoder: nn.Module, tokenizer, latents:
     return run_steps("stage C", steps, step, log, every=max(1, steps // 40)), ema_prior, ema_text
 
 
-def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng: random.Random, log: Log,
-                    batch: int = 32) -> list[float]:
+def train_previewer(
+    previewer: nn.Module, encoder: ImageEncoder, steps: int, rng: random.Random, log: Log, batch: int = 32
+) -> list[float]:
     """Stage C latent -> small RGB image (48x48 for a 128 image), for live previews."""
     opt = torch.optim.AdamW(previewer.parameters())
     sched = schedule(opt, steps, 2e-3)
@@ -395,4 +468,3 @@ def train_previewer(previewer: nn.Module, encoder: ImageEncoder, steps: int, rng
         return loss.item()
 
     return run_steps("previewer", steps, step, log, every=max(1, steps // 10))
-

@@ -26,12 +26,23 @@ class StudioError(Exception):
 
 # Width x height presets, all multiples of 128 (about one megapixel, the official model's training size).
 SIZE_PRESETS = [
-    ("1:1", 1024, 1024), ("9:7", 1152, 896), ("7:9", 896, 1152), ("3:2", 1152, 768), ("2:3", 768, 1152),
-    ("16:9", 1408, 768), ("9:16", 768, 1408), ("12:5", 1536, 640), ("5:12", 640, 1536),
+    ("1:1", 1024, 1024),
+    ("9:7", 1152, 896),
+    ("7:9", 896, 1152),
+    ("3:2", 1152, 768),
+    ("2:3", 768, 1152),
+    ("16:9", 1408, 768),
+    ("9:16", 768, 1408),
+    ("12:5", 1536, 640),
+    ("5:12", 640, 1536),
 ]
 CUSTOM = "Custom"
 SWEEP_FIELDS = {
-    "seed": int, "prior_guidance": float, "prior_steps": int, "decoder_steps": int, "decoder_guidance": float,
+    "seed": int,
+    "prior_guidance": float,
+    "prior_steps": int,
+    "decoder_steps": int,
+    "decoder_guidance": float,
 }
 MAX_SWEEP_CELLS = 16
 
@@ -51,9 +62,11 @@ class Studio:
         variant = f" · {ident.variant} weights" if ident.variant else ""
         line = f"**Model:** `{ident.name}`{variant} · running {str(p.dtype).removeprefix('torch.')} on `{p.device}`"
         if ident.preset == "demo":
-            line += ("  \n**Demo model:** this is the small model shipped with cascade-studio: it draws simple shapes on "
-                     "plain backgrounds (try *a red circle on a white background*). For real images run "
-                     "`cascade-studio download full` and restart.")
+            line += (
+                "  \n**Demo model:** this is the small model shipped with cascade-studio: it draws simple shapes on "
+                "plain backgrounds (try *a red circle on a white background*). For real images run "
+                "`cascade-studio download full` and restart."
+            )
         return line
 
     def size_choices(self) -> list[str]:
@@ -75,8 +88,11 @@ def resolve_size(choice: str, width: float | None, height: float | None) -> tupl
         w, h = choice.split(" ")[0].split("×")
         return int(w), int(h), ""
     w, h = snap(width or 1024), snap(height or 1024)
-    changed = [f"{name} {v:g} → {s}" for name, v, s in (("width", width or 1024, w), ("height", height or 1024, h))
-               if float(v) != s]
+    changed = [
+        f"{name} {v:g} → {s}"
+        for name, v, s in (("width", width or 1024, w), ("height", height or 1024, h))
+        if float(v) != s
+    ]
     return w, h, ("Snapped to multiples of 128: " + ", ".join(changed)) if changed else ""
 
 
@@ -86,15 +102,34 @@ def token_info(studio: Studio, prompt: str) -> str:
     return f"**{text}**: CLIP will cut *{report.cut_text}*" if report.cut_text else text
 
 
-def build_request(studio: Studio, prompt: str, negative: str, size: str, width: float | None, height: float | None,
-                  seed: float | None, randomize: bool, prior_steps: float, prior_guidance: float,
-                  decoder_steps: float, decoder_guidance: float, num_images: float) -> GenerationRequest:
+def build_request(
+    studio: Studio,
+    prompt: str,
+    negative: str,
+    size: str,
+    width: float | None,
+    height: float | None,
+    seed: float | None,
+    randomize: bool,
+    prior_steps: float,
+    prior_guidance: float,
+    decoder_steps: float,
+    decoder_guidance: float,
+    num_images: float,
+) -> GenerationRequest:
     w, h, _ = resolve_size(size, width, height)
-    fields = dict(prompt=prompt or "", negative_prompt=negative or "", width=w, height=h,
-                  prior_steps=_whole(prior_steps, "prior_steps"), prior_guidance=float(prior_guidance),
-                  decoder_steps=_whole(decoder_steps, "decoder_steps"), decoder_guidance=float(decoder_guidance),
-                  num_images=_whole(num_images, "num_images"),
-                  seed=None if randomize or seed is None else _whole(seed, "seed"))
+    fields = dict(
+        prompt=prompt or "",
+        negative_prompt=negative or "",
+        width=w,
+        height=h,
+        prior_steps=_whole(prior_steps, "prior_steps"),
+        prior_guidance=float(prior_guidance),
+        decoder_steps=_whole(decoder_steps, "decoder_steps"),
+        decoder_guidance=float(decoder_guidance),
+        num_images=_whole(num_images, "num_images"),
+        seed=None if randomize or seed is None else _whole(seed, "seed"),
+    )
     try:
         return studio.engine.request(**fields)
     except RequestError as exc:
@@ -144,7 +179,8 @@ def _state_text(studio: Studio, job: Job) -> str:
         prior = "prior: cached" if job.prior_cached else f"prior {t['prior']:.2f} s"
         seeds = ", ".join(str(s) for s in job.request.image_seeds)
         warn = "".join(f"  \n**Warning:** {w}" for w in job.warnings)
-        return f"**Done** in {t['total']:.2f} s · text {t['text']:.2f} s · {prior} · decoder {t['decoder']:.2f} s · seeds {seeds}{warn}"
+        times = f"text {t['text']:.2f} s · {prior} · decoder {t['decoder']:.2f} s"
+        return f"**Done** in {t['total']:.2f} s · {times} · seeds {seeds}{warn}"
     if job.status == "cancelled":
         return "**Cancelled.**"
     return f"**Failed:** {job.error}"
@@ -170,9 +206,16 @@ def image_details(record: JobRecord, index: int) -> str:
     return "  \n".join(lines)
 
 
-LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "width": "width", "height": "height",
-          "prior_steps": "prior steps", "prior_guidance": "prior guidance", "decoder_steps": "decoder steps",
-          "decoder_guidance": "decoder guidance"}
+LABELS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative prompt",
+    "width": "width",
+    "height": "height",
+    "prior_steps": "prior steps",
+    "prior_guidance": "prior guidance",
+    "decoder_steps": "decoder steps",
+    "decoder_guidance": "decoder guidance",
+}
 
 
 def describe_changes(a: GenerationRequest, seed_a: int, b: GenerationRequest, seed_b: int) -> str:
@@ -181,7 +224,9 @@ def describe_changes(a: GenerationRequest, seed_a: int, b: GenerationRequest, se
     for field, label in LABELS.items():
         va, vb = getattr(a, field), getattr(b, field)
         if va != vb:
-            show = (lambda v: repr(v)) if isinstance(va, str) else (lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+            show = (
+                (lambda v: repr(v)) if isinstance(va, str) else (lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+            )
             parts.append(f"{label} {show(va)} → {show(vb)}")
     parts.append("seed same" if seed_a == seed_b else f"seed {seed_a} → {seed_b}")
     return ", ".join(parts)
@@ -278,15 +323,30 @@ def sweep_grid(images: list[Image.Image], xs: list, ys: list, x_field: str, y_fi
     return sheet
 
 
-def save_sweep(store: HistoryStore, sheet: Image.Image, base: GenerationRequest, x_field: str, xs: list,
-               y_field: str | None, ys: list) -> Path:
+def save_sweep(
+    store: HistoryStore,
+    sheet: Image.Image,
+    base: GenerationRequest,
+    x_field: str,
+    xs: list,
+    y_field: str | None,
+    ys: list,
+) -> Path:
     """The grid PNG, with the base settings and the axes in its metadata."""
-    path = store.output_dir / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{x_field}{'-' + y_field if y_field else ''}.png"
+    path = (
+        store.output_dir
+        / "sweeps"
+        / f"{time.strftime('%Y%m%d-%H%M%S')}-{x_field}{'-' + y_field if y_field else ''}.png"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    axes = f"X: {x_field} = {', '.join(map(str, xs))}" + (f"; Y: {y_field} = {', '.join(map(str, ys))}" if y_field else "")
+    axes = f"X: {x_field} = {', '.join(map(str, xs))}" + (
+        f"; Y: {y_field} = {', '.join(map(str, ys))}" if y_field else ""
+    )
     info.add_text(PARAMETERS_KEY, f"{base.prompt}\nSweep: {axes}")
-    info.add_text("cascade_studio_sweep", json.dumps({"base": base.model_dump(), "x": [x_field, xs],
-                                                      "y": [y_field, ys] if y_field else None}))
+    info.add_text(
+        "cascade_studio_sweep",
+        json.dumps({"base": base.model_dump(), "x": [x_field, xs], "y": [y_field, ys] if y_field else None}),
+    )
     sheet.save(path, pnginfo=info)
     return path

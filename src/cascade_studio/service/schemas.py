@@ -1,0 +1,71 @@
+"""The /v1 API's response bodies, as pydantic models: they are the OpenAPI schema at /docs, and what the routes
+return is checked against them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine import GenerationRequest
+
+
+class Problem(BaseModel):
+    """Every 4xx/5xx answer: one readable line per problem, naming the field or the cause."""
+
+    detail: list[str] = Field(examples=[["width: must be a multiple of 128 from 128 to 2048 (got 720)"]])
+
+
+class ImageView(BaseModel):
+    id: str
+    seed: int
+    url: str = Field(description="the PNG, metadata included")
+
+
+class ProgressView(BaseModel):
+    stage: Literal["prior", "decoder"]
+    step: int
+    total: int
+    elapsed: float = Field(description="seconds since the job started")
+
+
+class GenerationView(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    request: GenerationRequest
+    seeds: list[int] = Field(description="image i uses seed + i")
+    model: str
+    position: int | None = Field(description="0 while running, 1 for the next to run, ...; null once ended")
+    images: list[ImageView]
+    timings: dict[str, float] | None = Field(description="seconds: text, prior, decoder, total")
+    prior_cached: bool | None = None
+    warnings: list[str] = Field(default=[], description="e.g. the words of a prompt that the text encoder cuts")
+    error: str | None = None
+    progress: ProgressView | None = None
+    created: float
+    finished: float | None = None
+
+
+class HistoryPage(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    items: list[GenerationView]
+
+
+class Cancelling(BaseModel):
+    id: str
+    cancelling: bool
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a deployment may add its own fields (Ray Serve: replicas_used)
+
+    status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(description="why the status is degraded, e.g. image writes failing")
+    version: str
+    model: str
+    device: str
+    dtype: str
+    speedups: str
+    queue: dict[str, int]

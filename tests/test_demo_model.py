@@ -137,8 +137,11 @@ def test_eval_demo_scores_the_decoder_alone(tmp_path):
     assert 0 <= report["shape_word_effect"] < 1
     assert "a linear probe reads the shape off the Stage C latent" in printed
     assert set(report["shape_probe"]) == {"held-out", "training"}
-    assert all(0 <= rate <= 1 for rate in report["shape_probe"].values())
-    assert all(split["rates"]["background"] >= 0.75 for split in report["splits"].values()), report["splits"]
+    for rate in report["shape_probe"].values():
+        assert 0 <= rate <= 1
+    assert set(report["splits"]) == {"held-out", "training"}
+    for split in report["splits"].values():
+        assert split["rates"]["background"] >= 0.75, report["splits"]
 
 
 def test_eval_demo_scores_stage_a_alone(tmp_path):
@@ -153,7 +156,9 @@ def test_eval_demo_scores_stage_a_alone(tmp_path):
         weighted = sum(split["shape_rates"][s] * k for s, k in asked.items()) / sum(asked.values())
         assert weighted == pytest.approx(split["rates"]["shape"]), split
     assert "shape right, held-out: " in printed and "  by size: " in printed
+    assert report["splits"]
     for split in report["splits"].values():  # each size and shape asked, named as the table prints it
+        assert split["shape_size_rates"], split
         assert set(split["shape_size_rates"]) <= {f"{size} {shape}" for size in SIZES for shape in SHAPES}, split
 
 

@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("dir")
     se.set_defaults(func=cmd_space_export)
 
-    t = sub.add_parser("train-demo", help="train the demo model from scratch (80-100 min on 2 CPU cores)")
+    t = sub.add_parser("train-demo", help="train the demo model from scratch (47-100 min on 2 CPU threads)")
     t.add_argument("--out", required=True, help="folder to write the model into")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.05: a smoke test)")

@@ -22,6 +22,9 @@ from . import __version__
 from .engine.request import GenerationRequest
 from .models.source import ModelIdentity
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file: 0644 under the usual umask
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "cascade_studio"
 SAMPLER = "DDPMWuerstchen"
@@ -117,6 +120,7 @@ def save_png(image: Image.Image, path: Path, meta: ImageMetadata) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes it private (0600); an image is an ordinary file
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)

@@ -44,12 +44,12 @@ PINNED = [
 APP = '''"""cascade-studio on a Hugging Face Space (written by `cascade-studio space export`)."""
 
 from cascade_studio.space import create_space_app
-from cascade_studio.ui.app import CSS
+from cascade_studio.ui.app import PAGE
 
 demo = create_space_app()
 
 if __name__ == "__main__":
-    demo.launch(css=CSS)
+    demo.launch(**PAGE)
 '''
 
 

@@ -17,8 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import ray  # a test extra, as hadolint is for test_docker: missing means the setup is wrong, not a reason to skip
 import torch
 from PIL import Image
 
@@ -26,9 +28,6 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from tests.service.conftest import wait_done
 from tests.ui.conftest import free_port
-
-ray = pytest.importorskip("ray", reason="Ray Serve comes with the test extras (pip install -e '.[test]')")
-httpx = pytest.importorskip("httpx")
 
 REQUEST = {"prompt": "a red circle on a white background", "prior_steps": 10, "decoder_steps": 5}
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -56,7 +56,7 @@ def test_exported_folder_runs_the_studio_offline(tmp_path):
 
 def test_zerogpu_duration_grows_with_the_work():
     default = gpu_seconds(make_request(prompt="x"))
-    assert default == 19  # 15 s start-up + 2 x (1.1 s prior + 1.2 s decoder) at 1024x1024
+    assert 15 < default < 60  # start-up plus twice the measured H200 time of one 1024x1024 image, well below the cap
     assert gpu_seconds(make_request(prompt="x", num_images=4)) > default
     assert gpu_seconds(make_request(prompt="x", prior_steps=40, decoder_steps=20)) > default
     assert gpu_seconds(make_request(prompt="x", num_images=8, width=2048, height=2048, prior_steps=100)) == 120

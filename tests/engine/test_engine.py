@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMWuerstchenScheduler, StableCascadeDecoderPipeline, StableCascadePriorPipeline
 
-from cascade_studio.engine import CancelToken, GenerationCancelled
+from cascade_studio.config import Settings
+from cascade_studio.engine import CancelToken, CascadeEngine, GenerationCancelled
 from tests.conftest import small_request
 
 
@@ -185,5 +186,16 @@ def test_long_prompt_reports_the_cut_words(engine):
     assert (report.tokens, report.limit) == (77, 75)
     assert report.cut_text == "blue square"
     result = engine(small_request(prompt=prompt, seed=1))
-    assert result.warnings == [report.warning] and "'blue square'" in report.warning
-    assert engine.prompt_report("a red circle").warning is None
+    assert result.warnings == report.warnings and "'blue square'" in report.warnings[0]
+    assert engine.prompt_report("a red circle").warnings == []
+    # A word split across the window's end is cut whole: its first tokens alone are not the word.
+    spelled = engine.prompt_report(" ".join(["red"] * 73 + ["lighthouse"]))  # not in the tiny vocabulary: letters
+    assert spelled.tokens > 75 and spelled.cut_text == "lighthouse"
+
+
+def test_closed_vocabulary_models_name_the_words_they_do_not_know():
+    demo = CascadeEngine.from_settings(Settings(model="demo", device="cpu"))
+    report = demo.prompt_report("a lighthouse at dusk, oil painting")
+    assert report.unknown == ("lighthouse", "dusk", "oil", "painting") and "circles, squares" in report.hint
+    assert "this model does not know the words 'lighthouse', 'dusk'" in report.warnings[-1]
+    assert demo.prompt_report("A red circle on a white background.").unknown == ()

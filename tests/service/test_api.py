@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -67,8 +68,10 @@ def test_cancel_queued_and_running(api):
     assert http.get(f"/v1/generations/{waiting['id']}").json()["position"] >= 1
     assert http.delete(f"/v1/generations/{waiting['id']}").status_code == 202
     assert wait_done(http, waiting["id"])["status"] == "cancelled"
+    deadline = time.time() + 60
     while http.get(f"/v1/generations/{long['id']}").json()["status"] != "running":
-        pass
+        assert time.time() < deadline, "the long job never started"
+        time.sleep(0.02)
     assert http.delete(f"/v1/generations/{long['id']}").status_code == 202
     ended = wait_done(http, long["id"])
     assert ended["status"] == "cancelled" and ended["images"] == []
@@ -245,3 +248,28 @@ def test_job_is_stored_when_its_client_disconnects(api):
     done = wait_done(http, job["id"])
     assert done["status"] == "done" and len(done["images"]) == 1
     assert http.get(done["images"][0]["url"]).status_code == 200
+
+
+def test_warnings_short_ids_and_file_modes(api):
+    """A /v1 client learns of cut words at once; the studio's 8-character job id works in the API; PNGs are
+    ordinary readable files (mkstemp once left them 0600)."""
+    http, queue = api
+    long = " ".join(["red"] * 80)
+    created = http.post("/v1/generations", json=tiny(prompt=long, seed=31)).json()
+    assert any("these words are cut" in w for w in created["warnings"]), created
+    done = wait_done(http, created["id"][:8])
+    assert done["id"] == created["id"] and done["warnings"] == created["warnings"]
+    assert http.get(f"/v1/generations/{created['id'][:8]}/events").status_code == 200
+    missing = http.get("/v1/generations/ffffffff")
+    assert missing.status_code == 404 and "is the start of no generation id" in missing.json()["detail"][0]
+    path = queue.store.image_file(queue.store.get_image(done["images"][0]["id"]))
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_docs_are_served_from_the_package(api):
+    http, _ = api
+    page = http.get("/docs").text
+    assert "cdn.jsdelivr.net" not in page and "/static-offline-docs/swagger-ui-bundle.js" in page
+    assert http.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    schema = http.get("/openapi.json").json()
+    assert "GenerationView" in schema["components"]["schemas"] and "Health" in schema["components"]["schemas"]

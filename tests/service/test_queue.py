@@ -108,5 +108,6 @@ def test_out_of_memory_fails_the_job_and_the_next_one_runs(queue):
 
 def test_progress_and_previews_reach_watchers(queue):
     job = queue.submit(small_request(seed=8))
-    stages = {j.progress.stage for j in job.watch() if j.progress}
-    assert stages <= {"prior", "decoder"} and job.status == "done" and job.preview is not None
+    seen = [(j.progress.stage, j.progress.step) for j in job.watch() if j.progress]
+    assert {stage for stage, _ in seen} == {"prior", "decoder"}, seen  # both stages reported their steps
+    assert ("prior", 4) in seen and seen[-1] == ("decoder", 3) and job.status == "done" and job.preview is not None

@@ -1,4 +1,5 @@
-"""The studio in a real browser (Debian's Chromium driven by Playwright): generate, tune, compare, select, cancel.
+"""The studio in a real browser (Debian's Chromium driven by Playwright): generate, tune, compare, select, cancel,
+sweep, history; errors and the phone layout as a first visit meets them.
 
 Screenshots land in test-artifacts/studio/. Chromium comes from apt (`.ci/run` installs it); Playwright's own
 browser download is never used. Without Chromium the test fails in CI and is skipped, with the reason, elsewhere.
@@ -23,10 +24,11 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+PROMPT = "a red circle on a white background"
 
 
 @pytest.fixture(scope="module")
-def page(studio_url):
+def browser():
     if not shutil.which(CHROMIUM):
         message = f"Chromium not found at {CHROMIUM}: install Debian's chromium package (apt-get install chromium)"
         if os.environ.get("CI"):
@@ -37,11 +39,23 @@ def page(studio_url):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(studio_url)
-        page.wait_for_selector("#generate", timeout=60_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url: str, width: int = 1280, height: int = 800):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, studio_url):
+    page = open_page(browser, studio_url)
+    yield page
+    page.close()
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -50,22 +64,47 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def open_advanced(page) -> None:
+    if not page.locator("#prior-steps").is_visible():
+        page.locator("#advanced").get_by_text("Advanced").click()
+        page.wait_for_selector("#prior-steps input", state="visible")
+
+
+def status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
 def wait_status(page, text: str, timeout: float = 120_000) -> str:
     page.wait_for_function(f"document.querySelector('#status').innerText.includes({text!r})", timeout=timeout)
-    return page.locator("#status").inner_text()
+    return status(page)
+
+
+def current_job(page) -> str:
+    found = re.search(r"job ([0-9a-f]{8})", status(page))
+    return found.group(1) if found else "none"
+
+
+def wait_new_job(page, old_job: str, until: str = "Done") -> str:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "(() => { const s = document.querySelector('#status').innerText;"
+            f" return s.includes({until!r}) && /job [0-9a-f]{{8}}/.test(s) && !s.includes('job ' + {old_job!r}); }})()",
+            timeout=120_000,
+        )
+    except PlaywrightTimeout:
+        shot(page, "timeout")
+        said = status(page)
+        raise AssertionError(f"no new job reached {until!r} after job {old_job}; the status says {said!r}") from None
+    return status(page)
 
 
 def generate(page, until: str = "Done") -> str:
     """Click Generate; wait until the status names a new job (not the previous run's) and contains `until`."""
-    before = re.search(r"job ([0-9a-f]{8})", page.locator("#status").inner_text())
-    old_job = before.group(1) if before else "none"
+    old = current_job(page)
     page.locator("#generate").click()
-    page.wait_for_function(
-        "(() => { const s = document.querySelector('#status').innerText;"
-        f" return s.includes({until!r}) && /job [0-9a-f]{{8}}/.test(s) && !s.includes('job ' + {old_job!r}); }})()",
-        timeout=120_000,
-    )
-    return page.locator("#status").inner_text()
+    return wait_new_job(page, old, until)
 
 
 def whole_images_in_view(page, elem_id: str) -> bool:
@@ -79,12 +118,26 @@ def whole_images_in_view(page, elem_id: str) -> bool:
             const b = i.getBoundingClientRect();
             const uncropped = getComputedStyle(i).objectFit === 'contain'
                 || Math.abs(b.width / b.height - i.naturalWidth / i.naturalHeight) < 0.02;
-            return uncropped && b.top >= box.top && b.bottom <= box.bottom
-                && b.left >= box.left && b.right <= box.right;
+            return uncropped && b.top >= box.top - 1 && b.bottom <= box.bottom + 1
+                && b.left >= box.left - 1 && b.right <= box.right + 1;
         });
     }""",
         elem_id,
     )
+
+
+def in_viewport(page, selector: str) -> bool:
+    return page.evaluate(
+        """(sel) => { const b = document.querySelector(sel).getBoundingClientRect();
+                     return b.width > 0 && b.top >= 0 && b.bottom <= window.innerHeight
+                         && b.left >= 0 && b.right <= window.innerWidth; }""",
+        selector,
+    )
+
+
+def error_overlays(page) -> int:
+    """Components showing Gradio's own "Error" overlay (what a raised error paints on every output)."""
+    return page.evaluate("[...document.querySelectorAll('.wrap.error, .error')].filter(e => e.offsetParent).length")
 
 
 def shot(page, name: str) -> None:
@@ -94,25 +147,28 @@ def shot(page, name: str) -> None:
 def test_generate_tune_compare(page):
     shot(page, "0-start")
     assert "cascade-studio-demo" in page.locator("#model-banner").inner_text()
-    page.locator("#prompt textarea").fill("a red circle on a white background")
+    assert page.locator("#seed input").input_value() == ""  # no seed yet, not a misleading "0"
+    page.locator("#prompt textarea").fill(PROMPT)
     assert "tokens" in page.locator("#tokens").inner_text()
     set_number(page, "num-images", 2)
-    status = generate(page)
-    seeds = [int(s) for s in re.search(r"seeds (\d+), (\d+)", status).groups()]
+    text = generate(page)
+    seeds = [int(s) for s in re.search(r"seeds (\d+), (\d+)", text).groups()]
     assert seeds[1] == seeds[0] + 1
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2")
     gallery_text = page.locator("#gallery").inner_text()
     assert f"seed {seeds[0]}" in gallery_text and f"seed {seeds[1]}" in gallery_text
     assert page.locator("#seed input").input_value() == str(seeds[0])  # the seed used is shown
     assert whole_images_in_view(page, "gallery")
+    assert not page.locator("#preview").is_visible()  # the live preview goes once the images are there
     shot(page, "1-generated")
 
     # Keep the seed, change only a decoder setting: the prior comes from the cache.
     page.locator("#randomize input").uncheck()
+    open_advanced(page)
     default_steps = page.locator("#decoder-steps input[type=number]").input_value()
     set_number(page, "decoder-steps", 5)
-    status = generate(page)
-    assert "prior: cached" in status and f"seeds {seeds[0]}, {seeds[1]}" in status
+    text = generate(page)
+    assert "prior: cached" in text and f"seeds {seeds[0]}, {seeds[1]}" in text
     shot(page, "2-tuned")
 
     # The A/B view compares the previous image with the new one and lists what changed.
@@ -123,6 +179,7 @@ def test_generate_tune_compare(page):
     page.locator("#ab-slider").screenshot(path=str(ARTIFACTS / "3-compare.png"))
 
     # Selecting the second image shows its own settings; its seed can be reused.
+    page.get_by_role("tab", name="Generate").click()
     page.locator("#gallery img").nth(1).click()
     page.wait_for_function(f"document.querySelector('#details').innerText.includes('Seed: {seeds[1]} (image 2 of 2')")
     page.locator("#reuse-seed").click()
@@ -131,24 +188,62 @@ def test_generate_tune_compare(page):
     shot(page, "4-selected")
 
 
-def test_cancel_a_running_job(studio_url, page):
+def test_enter_and_ctrl_enter_generate(page):
+    box = page.locator("#prompt textarea")
+    box.fill(PROMPT)
+    old = current_job(page)
+    box.press("Enter")
+    first = wait_new_job(page, old)
+    assert box.input_value() == PROMPT  # Enter ran the prompt, it added no newline
+    box.press("Control+Enter")
+    wait_new_job(page, re.search(r"job ([0-9a-f]{8})", first).group(1))
+
+
+def test_bad_input_shows_one_clear_error_and_nothing_runs(page):
+    page.locator("#prompt textarea").fill("a red circle " * 157)  # 2,041 characters
+    old = current_job(page)
+    page.locator("#generate").click()
+    text = wait_status(page, "Error")
+    assert "prompt: must be text of at most 2000 characters" in text
+    assert error_overlays(page) == 0  # the reason is in the status line, not "Error" painted over ten components
+    assert current_job(page) == old or "job" not in text
+
+    page.locator("#prompt textarea").fill(PROMPT)
+    open_advanced(page)
+    set_number(page, "prior-steps", 0)
+    set_number(page, "prior-guidance", -3)
+    page.locator("#generate").click()
+    text = wait_status(page, "prior_steps")
+    # Refused with the allowed range, as the API refuses them; not run with 1 and 0.0 instead.
+    assert "prior_steps: must be a whole number from 1 to 100 (got 0)" in text
+    assert "prior_guidance: must be a finite number from 0 to 20 (got -3.0)" in text
+    assert page.locator("#prior-steps input[type=number]").input_value() == "0"  # left as typed
+    assert error_overlays(page) == 0
+    shot(page, "5-error")
+    set_number(page, "prior-steps", 20)
+    set_number(page, "prior-guidance", 2)
+
+
+def test_cancel_a_running_job(browser, studio_url):
     """On a page of its own: a long run (8 images at 1024x1024, 100 prior steps), cancelled while the prior runs.
     A prior step of this size takes many seconds on a CPU; Cancel must not wait for it to end."""
-    fresh = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
-    fresh.goto(studio_url)
-    fresh.wait_for_selector("#generate", timeout=60_000)
-    fresh.locator("#prompt textarea").fill("a red circle on a white background")
+    fresh = open_page(browser, studio_url)
+    assert not fresh.locator("#cancel").is_enabled()  # nothing runs: Cancel is off, not a bright red button
+    fresh.locator("#prompt textarea").fill(PROMPT)
     fresh.locator("#size input").click()
     fresh.get_by_role("option", name="1024×1024 (1:1)").click()
+    open_advanced(fresh)
     set_number(fresh, "prior-steps", 100)
     set_number(fresh, "num-images", 8)
     generate(fresh, until="Prior step")
+    assert "left" in status(fresh) or "Prior step 1/" in status(fresh)  # a progress bar with time left
+    assert fresh.locator("#status .cs-bar").count() == 1
     fresh.locator("#cancel").click()
     try:
         wait_status(fresh, "Cancelled", timeout=10_000)
         assert fresh.locator("#gallery img").count() == 0
     finally:
-        shot(fresh, "5-cancelled")
+        shot(fresh, "6-cancelled")
     # The server keeps serving: the next run on the same page finishes.
     set_number(fresh, "num-images", 1)
     set_number(fresh, "prior-steps", 5)
@@ -158,3 +253,71 @@ def test_cancel_a_running_job(studio_url, page):
     fresh.wait_for_function("document.querySelectorAll('#gallery img').length === 1")
     assert whole_images_in_view(fresh, "gallery")  # a lone image once filled the width and was cropped
     fresh.close()
+
+
+def test_cancel_stops_a_sweep(browser, studio_url, studio_out):
+    fresh = open_page(browser, studio_url)
+    fresh.locator("#prompt textarea").fill(PROMPT)
+    fresh.locator("#randomize input").uncheck()
+    fresh.locator("#seed input").fill("5")
+    fresh.locator("#size input").click()
+    fresh.get_by_role("option", name="1024×1024 (1:1)").click()  # slow cells, so cell 2 is still running
+    fresh.get_by_role("tab", name="Sweep").click()
+    fresh.locator("#sweep-x textarea, #sweep-x input").first.fill("1, 2, 3, 4, 5, 6")
+    fresh.get_by_label("X axis").click()
+    fresh.get_by_role("option", name="seed", exact=True).click()
+    fresh.locator("#sweep").click()
+    fresh.wait_for_function("document.querySelector('#sweep-status').innerText.includes('Cell 2/6')", timeout=120_000)
+    fresh.locator("#sweep-cancel").click()
+    fresh.wait_for_function(
+        "document.querySelector('#sweep-status').innerText.includes('Sweep stopped at cell 2')", timeout=20_000
+    )
+    assert "Cancelled" in fresh.locator("#sweep-status").inner_text()
+    fresh.get_by_role("tab", name="Generate").click()
+    assert "Cancelled" in status(fresh)  # the status line followed the sweep, it did not say "Ready."
+    assert not list((studio_out / "sweeps").glob("*.png")) if (studio_out / "sweeps").exists() else True
+    fresh.close()
+
+
+def test_phone_layout_shows_the_result_after_generate_and_every_tab(browser, studio_url):
+    phone = open_page(browser, studio_url, 390, 844)
+    for name in ("Generate", "Compare A/B", "Sweep", "History", "PNG info"):  # no tab hidden behind a "⋯" menu
+        tab = phone.get_by_role("button", name=name, exact=True).or_(phone.get_by_role("tab", name=name)).first
+        assert tab.is_visible(), name
+    phone.locator("#prompt textarea").fill(PROMPT)
+    generate(phone)
+    phone.wait_for_function("document.querySelectorAll('#gallery img').length === 1")
+    phone.wait_for_timeout(300)
+    assert in_viewport(phone, "#status") and in_viewport(phone, "#gallery img")
+    width = phone.evaluate("document.querySelector('#gallery img').getBoundingClientRect().width")
+    assert width >= 250, width  # a lone image is shown large, not at 150 px in a 400 px box
+    shot(phone, "7-phone")
+    phone.get_by_role("button", name="History", exact=True).or_(phone.get_by_role("tab", name="History")).first.click()
+    phone.wait_for_selector("#history img")
+    phone.close()
+
+
+def test_history_search_and_select(page):
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_selector("#history img")
+    assert "generations" in page.locator("#history-page").inner_text()
+    page.locator("#history-search input, #history-search textarea").first.fill("no such prompt")
+    page.locator("#history-search input, #history-search textarea").first.press("Enter")
+    page.wait_for_function("document.querySelector('#history-page').innerText.includes('0 generations')")
+    assert page.locator("#history img").count() == 0
+    page.locator("#history-search input, #history-search textarea").first.fill("red circle")
+    page.locator("#history-search input, #history-search textarea").first.press("Enter")
+    page.wait_for_selector("#history img")
+    page.locator("#history img").first.click()
+    page.wait_for_function("document.querySelector('#history-details').innerText.includes('Seed:')")
+    assert in_viewport(page, "#history-details") or page.locator("#history-details").is_visible()
+    shot(page, "8-history")
+
+
+def test_api_docs_render_offline(browser, studio_url):
+    """/docs once loaded Swagger UI from a CDN, so it was blank on a machine without the internet."""
+    docs = browser.new_page()
+    docs.goto(studio_url + "/docs")
+    docs.wait_for_selector(".opblock", timeout=30_000)
+    assert docs.locator(".opblock").count() >= 6 and "/v1/generations" in docs.content()
+    docs.close()

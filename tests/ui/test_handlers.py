@@ -31,20 +31,24 @@ def run(studio, **fields):
     return job
 
 
-FORM = dict(
+FORM = h.FormValues(
     prompt="a red circle",
-    negative="",
+    negative_prompt="",
     size="Custom",
     width=256,
     height=256,
-    seed=5,
-    randomize=False,
+    seed="5",
+    random_seed=False,
+    num_images=2,
     prior_steps=3,
     prior_guidance=4.0,
     decoder_steps=2,
     decoder_guidance=0.0,
-    num_images=2,
 )
+
+
+def form(**changes) -> h.FormValues:
+    return h.FormValues(**(FORM.as_dict() | changes))
 
 
 def test_presets_are_multiples_of_128_and_custom_sizes_snap():
@@ -60,20 +64,50 @@ def test_presets_are_multiples_of_128_and_custom_sizes_snap():
     assert h.resolve_size("Custom", 512, 640) == (512, 640, "")
 
 
-def test_token_counter_names_the_cut_words(studio):
-    assert h.token_info(studio, "a red circle") == "3 / 75 tokens"
-    text = h.token_info(studio, " ".join(["red"] * 76 + ["square"]))
-    assert text.startswith("**77 / 75 tokens**") and "*red square*" in text
+def test_token_counter_names_whole_cut_words_and_unknown_words(studio):
+    assert h.token_info(studio, "a red circle") == "<div class='cs-tokens'>3 / 75 tokens</div>"
+    text = h.token_info(studio, " ".join(["red"] * 74 + ["blue", "square"]))
+    assert "<b>76 / 75 tokens</b>" in text and "cut: <i>square</i>" in text
+    long = h.token_info(studio, " ".join(["red"] * 75 + ["blue"] * 40))
+    assert "cut: <i>blue blue" in long and long.count("blue") < 20  # a long cut is shortened, not printed whole
 
 
-def test_build_request_from_the_form(studio):
-    req = h.build_request(studio, *FORM.values())
+def test_demo_model_marks_words_it_does_not_know(tmp_path):
+    from cascade_studio.config import Settings
+    from cascade_studio.engine import CascadeEngine
+
+    store = HistoryStore(tmp_path / "h.sqlite", tmp_path / "out")
+    demo = Studio(JobQueue(CascadeEngine.from_settings(Settings(model="demo", device="cpu")), store), store)
+    try:
+        text = h.token_info(demo, "a lighthouse at dusk, oil painting")
+        assert "<mark>lighthouse</mark> <mark>dusk</mark> <mark>oil</mark> <mark>painting</mark>" in text
+        assert "This model knows only its training words: it draws 1-3 circles" in text
+        assert "<mark>" not in h.token_info(demo, "a red circle on a white background")
+        assert "22 tokens" in text  # the demo's own window, not CLIP's 75
+    finally:
+        demo.queue.close()
+
+
+def test_build_request_from_the_form_refuses_what_it_cannot_run(studio):
+    req = h.build_request(studio, FORM)
     assert (req.width, req.height, req.seed, req.num_images) == (256, 256, 5, 2)
-    assert h.build_request(studio, *(FORM | {"randomize": True}).values()).seed is None
+    assert h.build_request(studio, form(random_seed=True)).seed is None
+    assert h.build_request(studio, form(seed="")).seed is None  # an empty seed box means random
     with pytest.raises(StudioError, match=r"num_images: must be a whole number from 1 to 8 \(got 2.5\)"):
-        h.build_request(studio, *(FORM | {"num_images": 2.5}).values())
+        h.build_request(studio, form(num_images=2.5))
     with pytest.raises(StudioError, match="prior_guidance: must be a finite number from 0 to 20"):
-        h.build_request(studio, *(FORM | {"prior_guidance": 25.0}).values())
+        h.build_request(studio, form(prior_guidance=25.0))
+    with pytest.raises(StudioError) as err:  # every bad field at once, each with its range; nothing changed
+        h.build_request(studio, form(prior_steps=0, decoder_guidance=-3, seed="abc", decoder_steps=None))
+    message = str(err.value)
+    assert "prior_steps: must be a whole number from 1 to 100 (got 0)" in message
+    assert "decoder_guidance: must be a finite number from 0 to 20 (got -3.0)" in message
+    assert "seed: must be a whole number from 0 to 4294967295, or none for a random seed (got 'abc')" in message
+    assert "decoder_steps: must be a whole number from 1 to 100 (got nothing)" in message
+
+
+def test_gallery_columns_keep_every_image_in_view():
+    assert [h.gallery_columns(n) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 2, 2, 4, 4]
 
 
 def test_status_details_and_reuse(studio):
@@ -133,7 +167,20 @@ def test_sweep_grid(studio):
             pass
         images.append(Image.open(studio.store.image_file(job.images[0])).convert("RGB"))
     sheet = h.sweep_grid(images, xs, ys, "prior_guidance", "seed")
-    assert sheet.size == (120 + 2 * 256, 28 + 3 * 256)
+    import numpy as np
+
+    # Cells stand apart by a white gap, with room for labels above: with solid cells the layout is plain to see.
+    solid = [Image.new("RGB", (256, 256), (40 * k, 200, 0)) for k in range(6)]
+    grid = np.asarray(h.sweep_grid(solid, xs, ys, "prior_guidance", "seed")).astype(int)
+    reds = {(40 * k, 200, 0) for k in range(6)}
+    cells = np.array([[tuple(px) in reds for px in row] for row in grid[:, :, :]])
+    columns = [x for x in range(1, grid.shape[1]) if cells[:, x].any() and not cells[:, x - 1].any()]
+    rows = [y for y in range(1, grid.shape[0]) if cells[y].any() and not cells[y - 1].any()]
+    assert len(columns) == 2 and columns[1] - columns[0] == 256 + 8 and len(rows) == 3 and rows[1] - rows[0] == 264
+    assert rows[0] >= 32  # a label row of at least 16-px text above the cells
+    assert tuple(grid[rows[1], columns[1]]) == (120, 200, 0)  # row 2, column 2: the fourth cell
+    small = h.sweep_grid([im.resize((128, 128)) for im in images], xs, ys, "prior_guidance", "seed")
+    assert small.width > 2 * 256  # the demo's 128-px cells are enlarged so their labels fit
     path = h.save_sweep(studio.store, sheet, base, "prior_guidance", xs, "seed", ys)
     assert "Sweep: X: prior_guidance = 2.0, 6.0; Y: seed = 1, 2, 3" in Image.open(path).text["parameters"]
     with pytest.raises(StudioError, match="at most 16 cells"):
@@ -161,3 +208,56 @@ def test_small_previews_are_enlarged_for_the_page():
     assert big.size == (192, 128) and big.getpixel((100, 60)) == (255, 0, 0)
     official = Image.new("RGB", (192, 192))
     assert h.preview_image(official) is official and h.preview_image(None) is None
+
+
+def test_status_shows_a_progress_bar_queue_position_and_time_left(studio):
+    blocker = studio.queue.submit(make_request(prompt="x", width=512, height=512, prior_steps=60, decoder_steps=2))
+    next(j for j in blocker.watch(timeout=0.01) if j.status == "running")
+    waiting = studio.queue.submit(
+        make_request(prompt="y", width=256, height=256, prior_steps=2, decoder_steps=2), client="me"
+    )
+    queued = h.status_html(studio, waiting)
+    assert "Queued:</b> 1st in line · 1 waiting, 1 running · you have 1 unfinished" in queued
+    assert "<div class='cs-bar'><div style='width:0%'></div></div>" in queued
+    for seen in blocker.watch(timeout=0.05):
+        if seen.progress is not None and seen.progress.step >= 10:
+            running = h.status_html(studio, seen)
+            break
+    assert "Prior</b> step" in running and " s left" in running
+    width = int(running.split("width:")[1].split("%")[0])
+    assert 0 < width < 100
+    studio.queue.cancel(blocker.id)
+    for _ in waiting.watch():
+        pass
+    assert "cs-bar" not in h.status_html(studio, waiting) and "cs-done" in h.status_html(studio, waiting)
+    error = h.status_html(studio, message="**Error:** width: must be <a multiple>", error=True)
+    assert "cs-error" in error and "&lt;a multiple&gt;" in error  # escaped
+
+
+def test_history_pages_search_delete_and_zip(studio):
+    import zipfile
+
+    jobs = [run(studio, prompt=f"a {colour} circle", seed=i) for i, colour in enumerate(["red", "blue", "red"])]
+    page = h.history_page(studio.store, "red")
+    assert page.total_jobs == 2 and page.pages == 1 and len(page.items) == 2 and page.label.endswith("2 generations")
+    assert page.keys == [f"{jobs[2].id}:0", f"{jobs[0].id}:0"]  # newest first
+    assert h.history_page(studio.store, "RED").total_jobs == 2 and h.history_page(studio.store, "50%").total_jobs == 0
+    assert h.history_page(studio.store, "", page=99).page == 1  # clamped to the pages there are
+    path, count = h.export_history(studio.store)
+    with zipfile.ZipFile(path) as archive:
+        assert count == 3 and len(archive.namelist()) == 3 and all(n.endswith(".png") for n in archive.namelist())
+    assert h.delete_generation(studio.store, f"{jobs[0].id}:0") == f"Deleted generation {jobs[0].id[:8]} (1 image)."
+    assert h.history_page(studio.store, "red").total_jobs == 1
+    assert not studio.store.image_file(jobs[0].images[0]).exists()
+    with pytest.raises(StudioError, match="select an image in the history first"):
+        h.delete_generation(studio.store, None)
+    with pytest.raises(StudioError, match="no images to download matching 'green'"):
+        h.export_history(studio.store, "green")
+
+
+def test_many_generations_page_past_the_first_page(studio):
+    for i in range(30):  # 30 jobs of one image: more than a page holds
+        studio.store.create_job(f"{i:032x}", make_request(prompt=f"p{i}", seed=i), studio.engine.identity, "me")
+        studio.store.set_status(f"{i:032x}", "done")
+    first, second = h.history_page(studio.store, page=1), h.history_page(studio.store, page=2)
+    assert first.pages == 2 and first.total_jobs == 30 and second.page == 2

@@ -58,17 +58,29 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class PromptReport:
-    """How much of CLIP's window a prompt uses, and what falls outside it."""
+    """How much of the text encoder's window a prompt uses, the whole words that fall outside it, and, for a model
+    that knows only the words it was trained on (the demo model), the words it does not know."""
 
     tokens: int
     limit: int
     cut_text: str
+    unknown: tuple[str, ...] = ()
+    hint: str | None = None  # what the model draws, in a line
 
     @property
-    def warning(self) -> str | None:
-        if not self.cut_text:
-            return None
-        return f"prompt is {self.tokens} tokens; CLIP reads {self.limit}, so these words are cut: {self.cut_text!r}"
+    def warnings(self) -> list[str]:
+        out = []
+        if self.cut_text:
+            out.append(
+                f"prompt is {self.tokens} tokens; the text encoder reads {self.limit}, so these words are cut: "
+                f"{self.cut_text!r}"
+            )
+        if self.unknown:
+            out.append(
+                f"this model does not know the words {', '.join(map(repr, self.unknown))}"
+                + (f"; {self.hint}" if self.hint else "")
+            )
+        return out
 
 
 class CascadeEngine:
@@ -133,11 +145,30 @@ class CascadeEngine:
         return make_request(**(self.pipelines.defaults | fields))
 
     def prompt_report(self, text: str) -> PromptReport:
+        """Tokens used of the window, the whole words past it, and unknown words (closed-vocabulary models)."""
         tokenizer = self.pipelines.prior.tokenizer
-        ids = tokenizer(text, truncation=False).input_ids  # with start and end tokens
-        limit = tokenizer.model_max_length
-        cut = tokenizer.decode(ids[limit - 1 : -1]) if len(ids) > limit else ""
-        return PromptReport(tokens=len(ids) - 2, limit=limit - 2, cut_text=cut.strip())
+        limit = tokenizer.model_max_length - 2  # the window holds the start and end tokens too
+        words = text.split()
+        counts = [len(tokenizer.tokenize(word)) for word in words]
+        used, first_cut = 0, len(words)
+        for i, count in enumerate(counts):
+            used += count
+            if used > limit:
+                first_cut = i  # a word cut in the middle is cut: it is no longer the word
+                break
+        help_ = self.pipelines.prompt_help
+        unknown: tuple[str, ...] = ()
+        if help_.get("closed_vocabulary"):
+            vocab = tokenizer.get_vocab()
+            stripped = (w.strip(".,;:!?\"'()").lower() for w in words)
+            unknown = tuple(dict.fromkeys(w for w in stripped if w and f"{w}</w>" not in vocab))
+        return PromptReport(
+            tokens=len(tokenizer(text, truncation=False).input_ids) - 2,
+            limit=limit,
+            cut_text=" ".join(words[first_cut:]),
+            unknown=unknown,
+            hint=help_.get("hint"),
+        )
 
     def __call__(
         self,
@@ -146,6 +177,20 @@ class CascadeEngine:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
+        """Generate the images a request asks for.
+
+        Args:
+            request: a validated request (`make_request` or `engine.request`); without a seed a random one is fixed.
+            progress: called after every step of either stage, from this thread, with a preview of the prior's
+                latent when the model has a previewer.
+            cancel: set it from any thread to stop within the current block of a network.
+        Returns:
+            The images, image i made with seed + i, with the request (seed fixed), timings, whether the prior came
+            from the cache, the model's identity and warnings (words cut from or unknown to the text encoder).
+        Raises:
+            GenerationCancelled: the token was set; nothing of the unfinished run is kept.
+            torch.OutOfMemoryError: the device ran out of memory (the job queue fails only that job).
+        """
         request = request.with_seed()
         cancel = cancel or CancelToken()
         with self._lock, torch.inference_mode():
@@ -158,7 +203,7 @@ class CascadeEngine:
     def _generate(self, request: GenerationRequest, progress: ProgressCallback | None, cancel: CancelToken):
         start = time.perf_counter()
         timings: dict[str, float] = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
-        warnings = [w for w in (self.prompt_report(request.prompt).warning,) if w]
+        warnings = self.prompt_report(request.prompt).warnings
         if cancel.cancelled:
             raise GenerationCancelled
 
@@ -182,7 +227,9 @@ class CascadeEngine:
             timings["prior"] = _done(self.pipelines.device) - t
 
         t = time.perf_counter()
-        callback = self._callback("decoder", request.decoder_steps, start, progress, cancel, prior_cached)
+        callback = self._callback(
+            "decoder", request.decoder_steps, start, progress, cancel, cached_latents=latents if prior_cached else None
+        )
         images = self._run_decoder(request, embeddings, latents, callback)
         timings["decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
@@ -249,9 +296,12 @@ class CascadeEngine:
         start: float,
         progress: ProgressCallback | None,
         cancel: CancelToken,
-        prior_cached: bool = False,
+        cached_latents: torch.Tensor | None = None,
     ):
-        previewer = self.pipelines.previewer if stage == "prior" else None
+        """The step callback of one stage: progress (with previews of the prior's latent; on a cached prior, its
+        preview once at the decoder's first step), cancellation, and staying one step ahead of the GPU."""
+        previewer = self.pipelines.previewer
+        prior_cached = cached_latents is not None
         queued: list[torch.cuda.Event] = []  # the step before this one, on CUDA
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
@@ -263,7 +313,11 @@ class CascadeEngine:
                 if len(queued) > 1:
                     queued.pop(0).synchronize()
             if progress is not None:
-                preview = self._preview(tensors["latents"][:1]) if previewer is not None else None
+                preview = None
+                if previewer is not None and stage == "prior":
+                    preview = self._preview(tensors["latents"][:1])
+                elif previewer is not None and prior_cached and step == 0:
+                    preview = self._preview(cached_latents[:1])
                 progress(ProgressEvent(stage, step + 1, total, time.perf_counter() - start, preview, prior_cached))
             if cancel.cancelled:
                 raise GenerationCancelled

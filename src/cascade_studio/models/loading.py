@@ -46,6 +46,7 @@ class CascadePipelines:
     dtype: torch.dtype
     previewer: Previewer | None = None
     defaults: dict = field(default_factory=dict)
+    prompt_help: dict = field(default_factory=dict)
     cpu_offload: bool = False
 
 
@@ -96,6 +97,7 @@ def load_pipelines(
         dtype=dtype,
         previewer=previewer,
         defaults=source.defaults,
+        prompt_help=source.prompt_help,
         cpu_offload=cpu_offload,
     )
 
@@ -113,6 +115,7 @@ def assemble_pipelines(
     dtype: torch.dtype,
     previewer: Previewer | None = None,
     defaults: dict | None = None,
+    prompt_help: dict | None = None,
     cpu_offload: bool = False,
 ) -> CascadePipelines:
     """Both diffusers pipelines from components in memory, sharing tokenizer and text encoder; each pipeline gets
@@ -146,4 +149,6 @@ def assemble_pipelines(
             pipe.to(device)
     if previewer is not None:
         previewer = previewer.to(device).eval()
-    return CascadePipelines(prior_pipe, decoder_pipe, identity, device, dtype, previewer, defaults or {}, cpu_offload)
+    return CascadePipelines(
+        prior_pipe, decoder_pipe, identity, device, dtype, previewer, defaults or {}, prompt_help or {}, cpu_offload
+    )

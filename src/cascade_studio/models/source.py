@@ -45,6 +45,9 @@ class ModelSource:
     identity: ModelIdentity
     previewer_dir: Path | None = None
     defaults: dict = field(default_factory=dict)  # request fields this model works best with (size, steps, ...)
+    # What the studio tells a person writing a prompt: {"hint": "what it draws", "closed_vocabulary": true} for a
+    # model that knows only the words it was trained on (the demo model).
+    prompt_help: dict = field(default_factory=dict)
 
 
 def resolve_model(spec: str, *, revision: str | None = None, cache_dir: Path | None = None) -> ModelSource:
@@ -100,7 +103,11 @@ def _from_folder(root: Path) -> ModelSource:
         path=str(root.resolve()),
     )
     return ModelSource(
-        dirs, identity, previewer if has_weights(previewer, "previewer") else None, card.get("defaults", {})
+        dirs,
+        identity,
+        previewer if has_weights(previewer, "previewer") else None,
+        card.get("defaults", {}),
+        card.get("prompt", {}),
     )
 
 

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +37,7 @@ from .schemas import Cancelling, GenerationView, Health, HistoryPage, ImageView,
 log = logging.getLogger(__name__)
 
 ID = re.compile(r"[0-9a-f]{32}")
+SHORT_ID = re.compile(r"[0-9a-f]{8,31}")  # the first characters of an id, as the studio shows it
 PAGING = {"limit": (1, 100), "offset": (0, 10**9)}  # /v1/history's query parameters: allowed ranges
 RETRY_AFTER = 10  # seconds a refused client is told to wait (the queue moves at least this fast)
 MAX_STREAMS = 8  # open event streams per client
@@ -107,10 +109,11 @@ def _images(records) -> list[ImageView]:
 
 
 def create_api(queue: JobQueue) -> FastAPI:
-    app = FastAPI(
+    app = FastAPIOffline(
         title="cascade-studio",
         version=__version__,
         docs_url="/docs",
+        redoc_url="/redoc",
         openapi_url="/openapi.json",
         description="Stable Cascade text-to-image: a shared job queue with persistent history.",
     )
@@ -143,9 +146,18 @@ def create_api(queue: JobQueue) -> FastAPI:
         return problem(500, [f"internal error: {type(exc).__name__}: {str(exc)[:200]} (the server keeps running)"])
 
     def find(job_id: str) -> tuple[Job | None, JobRecord | None]:
-        """The job in memory, else its record; 404 for what is not a generation of this server. Thread pool only."""
+        """The job in memory, else its record; 404 for what is not a generation of this server. A unique prefix of
+        8 or more characters (the studio shows 8) stands for the whole id. Thread pool only."""
+        if SHORT_ID.fullmatch(job_id):
+            matches = store.job_ids_starting(job_id)
+            if len(matches) != 1:
+                several = "several generation ids; give more of it" if matches else "no generation id"
+                raise StarletteHTTPException(404, [f"id: {job_id} is the start of {several}"])
+            job_id = matches[0]
         if not ID.fullmatch(job_id):
-            raise StarletteHTTPException(404, [f"id: {job_id[:40]!r} is not a generation id (32 hex characters)"])
+            raise StarletteHTTPException(
+                404, [f"id: {job_id[:40]!r} is not a generation id (32 hex characters, or the first 8 or more of one)"]
+            )
         job = queue.get(job_id)
         record = None if job is not None else store.get_job(job_id)
         if job is None and record is None:
@@ -174,6 +186,7 @@ def create_api(queue: JobQueue) -> FastAPI:
     @app.delete("/v1/generations/{job_id}", status_code=202, response_model=Cancelling, responses=ERRORS)
     def cancel(job_id: str, request: Request):
         job, record = find(job_id)
+        job_id = job.id if job else record.id
         caller, privileged = client_of(request)
         owner = job.client if job else record.client
         if not privileged and owner != caller:
@@ -192,7 +205,7 @@ def create_api(queue: JobQueue) -> FastAPI:
     async def events(job_id: str, request: Request) -> StreamingResponse:
         job = queue.get(job_id)  # a job the server is running or just ran: no thread, no SQLite
         record = None
-        if job is None:
+        if job is None or job.id != job_id:
             job, record = await run_in_threadpool(find, job_id)
         caller = client_of(request)[0]
         if streams[caller] >= MAX_STREAMS:

@@ -25,6 +25,17 @@ class APIError(Exception):
 
 
 class CascadeClient:
+    """The /v1 API from Python, with the server's messages raised as APIError.
+
+    Args:
+        base_url: where the server listens.
+        token: the server's --api-token, sent as a Bearer token.
+        timeout: seconds for each request (event streams have none).
+    Raises (every method):
+        APIError: a 4xx/5xx answer; `.status` and `.messages` say what the server said, field by field.
+        httpx.HTTPError: the server could not be reached.
+    """
+
     def __init__(self, base_url: str = "http://127.0.0.1:7860", token: str | None = None, timeout: float = 60):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
@@ -71,7 +82,16 @@ class CascadeClient:
         return Image.open(io.BytesIO(self._check(self._http.get(f"/v1/images/{image_id}.png")).content))
 
     def generate(self, prompt: str, **fields: Any) -> tuple[list[Image.Image], list[int]]:
-        """Submit, wait, download: the images and their seeds (image i uses seed + i)."""
+        """Submit, wait, download.
+
+        Args:
+            prompt: the text; `fields` are the other request fields (width, seed, num_images, ...).
+        Returns:
+            The images and their seeds (image i uses seed + i).
+        Raises:
+            APIError: a refused request (422 with the field's message, 429 when the queue is full), or a job that
+                failed or was cancelled (status 500, with the job's error).
+        """
         job = self.wait(self.submit(prompt, **fields)["id"])
         if job["status"] != "done":
             raise APIError(500, [job.get("error") or f"generation {job['status']}"])

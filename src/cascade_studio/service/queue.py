@@ -155,10 +155,11 @@ class JobQueue:
                 raise QueueFull("the server is shutting down")
             if len(self._waiting) >= self.max_queued:
                 raise QueueFull(f"the queue is full ({len(self._waiting)} jobs waiting); try again in a few seconds")
-            mine = sum(1 for j in self._active() if j.client == client)
+            mine = self.unfinished(client)
             if mine >= self.per_client:
                 raise ClientLimitReached(f"you already have {mine} unfinished jobs (at most {self.per_client})")
-            job = Job(new_id(), request, client)
+            report = getattr(self.engine, "prompt_report", None)  # a remote engine has no tokenizer here
+            job = Job(new_id(), request, client, warnings=report(request.prompt).warnings if report else [])
             try:
                 self.store.create_job(job.id, request, self.engine.identity, client)
             except StoreError as exc:
@@ -220,6 +221,11 @@ class JobQueue:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def unfinished(self, client: str) -> int:
+        """How many of this client's jobs wait or run."""
+        with self._lock:
+            return sum(1 for j in self._active() if j.client == client)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

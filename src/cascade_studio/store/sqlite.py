@@ -211,20 +211,76 @@ class HistoryStore:
     def image_file(self, record: ImageRecord) -> Path:
         return self.output_dir / record.path
 
+    def job_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        """Ids that start with `prefix` (hex only): the studio shows a job's first 8 characters."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE id >= ? AND id < ? LIMIT ?", (prefix, prefix + "g", limit)
+            ).fetchall()
+        return [row["id"] for row in rows]
+
     def get_job(self, job_id: str) -> JobRecord | None:
         jobs = self._jobs("WHERE id=?", (job_id,))
         return jobs[0] if jobs else None
 
-    def list_jobs(self, limit: int = 20, offset: int = 0, status: str | None = "done") -> list[JobRecord]:
-        """Newest first."""
-        where, args = ("WHERE status=?", (status,)) if status else ("", ())
+    def list_jobs(
+        self, limit: int = 20, offset: int = 0, status: str | None = "done", search: str = ""
+    ) -> list[JobRecord]:
+        """Newest first; `search` keeps jobs whose prompt contains it (any case)."""
+        where, args = self._where(status, search)
         return self._jobs(f"{where} ORDER BY created DESC LIMIT ? OFFSET ?", (*args, limit, offset))
 
-    def count_jobs(self, status: str | None = "done") -> int:
+    def count_jobs(self, status: str | None = "done", search: str = "") -> int:
+        where, args = self._where(status, search)
         with self._lock:
-            if status:
-                return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status=?", (status,)).fetchone()[0]
-            return self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            return self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+
+    @staticmethod
+    def _where(status: str | None, search: str) -> tuple[str, tuple]:
+        clauses, args = [], []
+        if status:
+            clauses.append("status=?")
+            args.append(status)
+        if search:
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append("json_extract(request, '$.prompt') LIKE ? ESCAPE '\\'")
+            args.append(f"%{escaped}%")
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
+
+    def delete_job(self, job_id: str) -> int:
+        """Remove a finished job, its image records and its files; returns how many files were removed."""
+        record = self.get_job(job_id)
+        if record is None or record.status in ACTIVE:
+            return 0
+        with self._writing() as db:
+            db.execute("BEGIN")
+            db.execute("DELETE FROM images WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            db.execute("COMMIT")
+        removed = 0
+        for image in record.images:
+            path = self.image_file(image)
+            if path.is_file():
+                path.unlink()
+                removed += 1
+        return removed
+
+    def export_zip(self, target: Path, search: str = "") -> int:
+        """Every finished image (or those whose prompt matches `search`) into one zip, newest first, each PNG with its
+        metadata; returns how many images it holds."""
+        import zipfile
+
+        count, offset = 0, 0
+        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
+            while jobs := self.list_jobs(limit=200, offset=offset, search=search):
+                for job in jobs:
+                    for image in job.images:
+                        path = self.image_file(image)
+                        if path.is_file():
+                            archive.write(path, image.path.as_posix())
+                            count += 1
+                offset += len(jobs)
+        return count
 
     def get_image(self, image_id: str) -> ImageRecord | None:
         with self._lock:

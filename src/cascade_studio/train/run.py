@@ -34,6 +34,12 @@ from ..models.schedulers import VPredictionWuerstchenScheduler
 from . import stages
 from .scenes import caption, sample_scene
 
+# What the studio tells a person writing a prompt for this model (see models/source.py, prompt_help).
+DEMO_PROMPT_HELP = {
+    "closed_vocabulary": True,
+    "hint": "it draws 1-3 circles, squares or triangles in red, green, blue, yellow, orange, purple, white or black, "
+    "at a place (left, top right, centre...), on a plain background",
+}
 TEXT_LENGTH = 24  # tokens: the longest caption is 19, and the pipeline pads every prompt to this length
 
 DEMO_VQGAN = dict(
@@ -226,6 +232,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     report = {
         "name": "cascade-studio-demo",
         "defaults": DEMO_DEFAULTS,
+        "prompt": DEMO_PROMPT_HELP,
         "config": asdict(cfg),
         "seconds": seconds,
         "final_losses": {k: v[-1] for k, v in losses.items()},

@@ -1,17 +1,19 @@
 """What the studio's buttons do, as plain functions over the job queue and the history store.
 
 No generation logic lives here: requests go through the same queue (and so the same engine and store) as every
-other front end. Gradio wiring is in app.py; these functions are tested directly.
+other front end. Gradio wiring is in app.py and panels/; these functions are tested directly.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from ..engine import ALLOWED, GenerationRequest, RequestError
 from ..engine.request import MAX_SIZE, MIN_SIZE, SIZE_STEP
@@ -21,7 +23,7 @@ from ..store import HistoryStore, JobRecord
 
 
 class StudioError(Exception):
-    """A message for the person at the screen (the app shows it as a Gradio error)."""
+    """A message for the person at the screen (the page shows it in the status line)."""
 
 
 # Width x height presets, all multiples of 128 (about one megapixel, the official model's training size).
@@ -45,6 +47,7 @@ SWEEP_FIELDS = {
     "decoder_guidance": float,
 }
 MAX_SWEEP_CELLS = 16
+HISTORY_PAGE = 48  # images a history page shows
 
 
 @dataclass
@@ -56,16 +59,21 @@ class Studio:
     def engine(self):
         return self.queue.engine
 
+    @property
+    def small_images(self) -> bool:
+        """The model's own size is small (the demo model's 128²): show its images enlarged, pixels kept sharp."""
+        return self.engine.pipelines.defaults.get("width", 1024) <= 256
+
     def model_banner(self) -> str:
         p = self.engine.pipelines
         ident = p.identity
         variant = f" · {ident.variant} weights" if ident.variant else ""
-        line = f"**Model:** `{ident.name}`{variant} · running {str(p.dtype).removeprefix('torch.')} on `{p.device}`"
+        line = f"**Model:** `{ident.name}`{variant} · {str(p.dtype).removeprefix('torch.')} on `{p.device}`"
         if ident.preset == "demo":
             line += (
-                "  \n**Demo model:** this is the small model shipped with cascade-studio: it draws simple shapes on "
-                "plain backgrounds (try *a red circle on a white background*). For real images run "
-                "`cascade-studio download full` and restart."
+                "  \n**Demo model:** a tiny model shipped with cascade-studio; it draws simple shapes on plain "
+                "backgrounds (try *a red circle on a white background*). For real images: "
+                "`cascade-studio download full`, then restart."
             )
         return line
 
@@ -75,6 +83,31 @@ class Studio:
         if "width" in d and (d["width"], d["height"]) not in {(w, h) for _, w, h in SIZE_PRESETS}:
             choices.insert(0, f"{d['width']}×{d['height']} (this model's size)")
         return choices + [CUSTOM]
+
+
+@dataclass
+class FormValues:
+    """What the generation form holds, by name: the one way the studio's events read the form."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    size: str = CUSTOM
+    width: float | None = None
+    height: float | None = None
+    seed: str | float | None = None  # the seed box's text; empty (or random_seed) means a random seed
+    random_seed: bool = True
+    num_images: float | None = 1
+    prior_steps: float | None = None
+    prior_guidance: float | None = None
+    decoder_steps: float | None = None
+    decoder_guidance: float | None = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def snap(value: float) -> int:
@@ -97,49 +130,77 @@ def resolve_size(choice: str, width: float | None, height: float | None) -> tupl
 
 
 def token_info(studio: Studio, prompt: str) -> str:
+    """The token counter under the prompt: the model's real window, whole words cut, unknown words marked, and for a
+    model with a closed vocabulary a line on what it draws. HTML (escaped), for a gr.HTML."""
     report = studio.engine.prompt_report(prompt or "")
-    text = f"{report.tokens} / {report.limit} tokens"
-    return f"**{text}**: CLIP will cut *{report.cut_text}*" if report.cut_text else text
+    count = f"{report.tokens} / {report.limit} tokens"
+    parts = [f"<b>{count}</b>" if report.cut_text else count]
+    if report.cut_text:
+        cut = report.cut_text if len(report.cut_text) <= 60 else report.cut_text[:57].rsplit(" ", 1)[0] + " …"
+        parts.append(f"cut: <i>{html.escape(cut)}</i>")
+    if report.unknown:
+        marked = " ".join(f"<mark>{html.escape(w)}</mark>" for w in report.unknown)
+        parts.append(f"unknown to this model: {marked}")
+    line = " · ".join(parts)
+    if report.hint and (report.unknown or not prompt):
+        line += (
+            f"<br><span class='cs-hint'>This model knows only its training words: {html.escape(report.hint)}.</span>"
+        )
+    return f"<div class='cs-tokens'>{line}</div>"
 
 
-def build_request(
-    studio: Studio,
-    prompt: str,
-    negative: str,
-    size: str,
-    width: float | None,
-    height: float | None,
-    seed: float | None,
-    randomize: bool,
-    prior_steps: float,
-    prior_guidance: float,
-    decoder_steps: float,
-    decoder_guidance: float,
-    num_images: float,
-) -> GenerationRequest:
-    w, h, _ = resolve_size(size, width, height)
-    fields = dict(
-        prompt=prompt or "",
-        negative_prompt=negative or "",
-        width=w,
-        height=h,
-        prior_steps=_whole(prior_steps, "prior_steps"),
-        prior_guidance=float(prior_guidance),
-        decoder_steps=_whole(decoder_steps, "decoder_steps"),
-        decoder_guidance=float(decoder_guidance),
-        num_images=_whole(num_images, "num_images"),
-        seed=None if randomize or seed is None else _whole(seed, "seed"),
-    )
+def build_request(studio: Studio, form: FormValues) -> GenerationRequest:
+    """The request the form describes, or StudioError naming every bad field and its allowed values. Nothing is
+    changed silently: a number outside its range is refused, as the API refuses it (only a custom size snaps to a
+    multiple of 128, with a note under it)."""
+    w, h, _ = resolve_size(form.size, form.width, form.height)
+    problems: list[str] = []
+
+    def whole(name: str, value: float | None) -> int | float | None:
+        if value is None:
+            problems.append(f"{name}: must be {ALLOWED[name]} (got nothing)")
+            return None
+        if float(value) != int(value):
+            problems.append(f"{name}: must be {ALLOWED[name]} (got {value:g})")
+            return None
+        return int(value)
+
+    def number(name: str, value: float | None) -> float | None:
+        if value is None:
+            problems.append(f"{name}: must be {ALLOWED[name]} (got nothing)")
+        return None if value is None else float(value)
+
+    values = {
+        "prior_steps": whole("prior_steps", form.prior_steps),
+        "decoder_steps": whole("decoder_steps", form.decoder_steps),
+        "num_images": whole("num_images", form.num_images),
+        "prior_guidance": number("prior_guidance", form.prior_guidance),
+        "decoder_guidance": number("decoder_guidance", form.decoder_guidance),
+        "seed": None if form.random_seed else _seed(form.seed, problems),
+    }
+    fields_ = dict(prompt=form.prompt or "", negative_prompt=form.negative_prompt or "", width=w, height=h)
+    fields_ |= {k: v for k, v in values.items() if v is not None}
     try:
-        return studio.engine.request(**fields)
+        request = studio.engine.request(**fields_)
     except RequestError as exc:
-        raise StudioError("; ".join(exc.messages)) from None
+        problems += exc.messages
+    if problems:
+        raise StudioError("; ".join(dict.fromkeys(problems)))
+    return request
 
 
-def _whole(value: float, field: str) -> int:
-    if float(value) != int(value):
-        raise StudioError(f"{field}: must be {ALLOWED[field]} (got {value})")
-    return int(value)
+def _seed(value: str | float | None, problems: list[str]) -> int | None:
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return None
+    try:
+        number = float(text)
+        if number == int(number):
+            return int(number)
+    except (ValueError, OverflowError):
+        pass
+    problems.append(f"seed: must be {ALLOWED['seed']} (got {text[:20]!r})")
+    return None
 
 
 def submit(studio: Studio, request: GenerationRequest, client: str) -> Job:
@@ -157,23 +218,34 @@ def preview_image(preview: Image.Image | None) -> Image.Image | None:
     if preview is None or max(preview.size) >= PREVIEW_SIDE:
         return preview
     k = -(-PREVIEW_SIDE // max(preview.size))
-    return preview.resize((preview.width * k, preview.height * k), Image.Resampling.BILINEAR)
+    return preview.resize((preview.width * k, preview.height * k), Image.Resampling.NEAREST)
 
 
 def status_text(studio: Studio, job: Job) -> str:
-    """One line on the job's state; it ends with the job's short id, which the history and API use too."""
+    """One line on the job's state; it ends with the job's short id, which the history and the API take too."""
     return f"{_state_text(studio, job)} · job {job.id[:8]}"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _state_text(studio: Studio, job: Job) -> str:
     if job.status == "queued":
-        return f"**Queued:** position {studio.queue.position(job)} in line"
+        position = studio.queue.position(job) or 0
+        stats = studio.queue.stats()
+        mine = studio.queue.unfinished(job.client)
+        return (
+            f"**Queued:** {_ordinal(position)} in line · {stats['queued']} waiting, {stats['running']} running · "
+            f"you have {mine} unfinished"
+        )
     if job.status == "running":
         p = job.progress
         if p is None:
             return "**Starting…**"
         cached = " (prior: cached)" if p.prior_cached else ""
-        return f"**{p.stage.capitalize()}** step {p.step}/{p.total} · {p.elapsed:.1f} s{cached}"
+        eta = _eta(job)
+        return f"**{p.stage.capitalize()}** step {p.step}/{p.total} · {p.elapsed:.1f} s{eta}{cached}"
     if job.status == "done":
         t = job.timings
         prior = "prior: cached" if job.prior_cached else f"prior {t['prior']:.2f} s"
@@ -186,8 +258,52 @@ def _state_text(studio: Studio, job: Job) -> str:
     return f"**Failed:** {job.error}"
 
 
+def progress_fraction(job: Job) -> float:
+    """How far the job is, 0-1, counting each step of either stage alike (a rough but steady measure)."""
+    r, p = job.request, job.progress
+    if job.status == "done":
+        return 1.0
+    if p is None:
+        return 0.0
+    done = p.step if p.stage == "prior" else (0 if p.prior_cached else r.prior_steps) + p.step
+    total = (0 if p.prior_cached else r.prior_steps) + r.decoder_steps
+    return min(1.0, done / total)
+
+
+def _eta(job: Job) -> str:
+    fraction = progress_fraction(job)
+    if job.progress is None or fraction <= 0.05:
+        return ""
+    left = job.progress.elapsed / fraction - job.progress.elapsed
+    return f" · about {math.ceil(left)} s left"
+
+
+def status_html(studio: Studio, job: Job | None = None, message: str | None = None, error: bool = False) -> str:
+    """The status line as HTML: the job's state with a progress bar, or a message (an error in red)."""
+    if job is None:
+        kind = "cs-error" if error else "cs-idle"
+        return f"<div id='status-box' class='{kind}'>{_inline(message or 'Ready.')}</div>"
+    bar = ""
+    if job.status in ("queued", "running"):
+        bar = f"<div class='cs-bar'><div style='width:{100 * progress_fraction(job):.0f}%'></div></div>"
+    kind = {"failed": "cs-error", "cancelled": "cs-idle", "done": "cs-done"}.get(job.status, "cs-busy")
+    return f"<div id='status-box' class='{kind}'>{_inline(status_text(studio, job))}{bar}</div>"
+
+
+def _inline(markdown: str) -> str:
+    """The few bits of Markdown the status line uses (bold, line breaks), as escaped HTML."""
+    text = html.escape(markdown).replace("  \n", "<br>")
+    parts = text.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def gallery_items(store: HistoryStore, record_images) -> list[tuple[str, str]]:
     return [(str(store.image_file(im)), f"seed {im.seed}") for im in record_images]
+
+
+def gallery_columns(n: int) -> int:
+    """One large image alone, two side by side, up to eight in two rows: every image in view at once."""
+    return 1 if n == 1 else 2 if n <= 4 else 4
 
 
 def image_details(record: JobRecord, index: int) -> str:
@@ -199,7 +315,7 @@ def image_details(record: JobRecord, index: int) -> str:
         f"**Seed:** {seed} (image {index + 1} of {r.num_images}; regenerates alone with this seed)",
         f"**Size:** {r.width}×{r.height} · **Prior:** {r.prior_steps} steps, guidance {r.prior_guidance:g} · "
         f"**Decoder:** {r.decoder_steps} steps, guidance {r.decoder_guidance:g}",
-        f"**Model:** {record.model.name}",
+        f"**Model:** {record.model.name} · **Job:** `{record.id}`",
     ]
     if record.timings:
         lines.append(f"**Time:** {record.timings['total']:.2f} s" + (" (prior cached)" if record.prior_cached else ""))
@@ -242,12 +358,60 @@ def history_choices(store: HistoryStore, limit: int = 60) -> list[tuple[str, str
     return out
 
 
+@dataclass
+class HistoryPage:
+    items: list[tuple[str, str]]  # (file, caption) for the gallery
+    keys: list[str]  # 'job_id:index' of each item
+    page: int  # 1-based, after clamping
+    pages: int
+    total_jobs: int
+
+    @property
+    def label(self) -> str:
+        return f"Page {self.page} of {self.pages} · {self.total_jobs} generations"
+
+
+def history_page(store: HistoryStore, search: str = "", page: int = 1) -> HistoryPage:
+    """One page of the history, newest first, about HISTORY_PAGE images (whole jobs), filtered by prompt text."""
+    total = store.count_jobs(search=search or "")
+    # Jobs hold 1-8 images; page by jobs so that a job's images stay together, ~HISTORY_PAGE images a page.
+    per_page = max(1, HISTORY_PAGE // 2)
+    pages = max(1, -(-total // per_page))
+    page = min(max(1, int(page or 1)), pages)
+    items, keys = [], []
+    for job in store.list_jobs(limit=per_page, offset=(page - 1) * per_page, search=search or ""):
+        for im in job.images:
+            items.append((str(store.image_file(im)), f"seed {im.seed}"))
+            keys.append(f"{job.id}:{im.index}")
+    return HistoryPage(items, keys, page, pages, total)
+
+
 def lookup(store: HistoryStore, key: str) -> tuple[JobRecord, int]:
     job_id, index = key.rsplit(":", 1)
     record = store.get_job(job_id)
     if record is None or int(index) >= len(record.images):
         raise StudioError("that image is no longer in the history")
     return record, int(index)
+
+
+def delete_generation(store: HistoryStore, key: str | None) -> str:
+    """Delete the selected image's whole generation (its batch) from the history and the disk."""
+    if not key:
+        raise StudioError("select an image in the history first")
+    record, _ = lookup(store, key)
+    removed = store.delete_job(record.id)
+    return f"Deleted generation {record.id[:8]} ({removed} image{'s' * (removed != 1)})."
+
+
+def export_history(store: HistoryStore, search: str = "") -> tuple[Path, int]:
+    """A zip of every image in the history (or those matching the search), with their metadata."""
+    target = store.output_dir / "exports" / f"cascade-studio-history-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    count = store.export_zip(target, search=search or "")
+    if not count:
+        target.unlink(missing_ok=True)
+        raise StudioError("there are no images to download" + (f" matching {search!r}" if search else ""))
+    return target, count
 
 
 def compare(store: HistoryStore, key_a: str, key_b: str) -> tuple[tuple[str, str], str]:
@@ -258,24 +422,24 @@ def compare(store: HistoryStore, key_a: str, key_b: str) -> tuple[tuple[str, str
 
 def settings_of(record: JobRecord, index: int) -> dict:
     """The request fields of one image, seed included: what 'use these settings' puts back in the form."""
-    fields = record.request.model_dump()
-    fields["seed"] = record.request.image_seeds[index]
-    fields["num_images"] = 1
-    return fields
+    fields_ = record.request.model_dump()
+    fields_["seed"] = record.request.image_seeds[index]
+    fields_["num_images"] = 1
+    return fields_
 
 
 def settings_from_png(path: str) -> dict:
     """Settings from a PNG made by this app, or any PNG with an A1111 `parameters` chunk."""
     try:
         meta = read_png(Path(path))
-        fields = meta.alone().model_dump()
+        fields_ = meta.alone().model_dump()
     except Exception:
         with Image.open(path) as img:
             text = (getattr(img, "text", {}) or {}).get(PARAMETERS_KEY)
         if not text:
             raise StudioError("this PNG carries no generation parameters") from None
-        fields = parse_parameters(text)
-    return fields
+        fields_ = parse_parameters(text)
+    return fields_
 
 
 def parse_values(field: str, text: str) -> list:
@@ -299,27 +463,42 @@ def sweep_requests(base: GenerationRequest, x_field: str, x_text: str, y_field: 
     cells = []
     for y in ys:
         for x in xs:
-            fields = base.model_dump() | {x_field: x} | ({y_field: y} if y_field else {})
+            values = base.model_dump() | {x_field: x} | ({y_field: y} if y_field else {})
             try:
-                cells.append((y, x, GenerationRequest(**fields)))
+                cells.append((y, x, GenerationRequest(**values)))
             except Exception as exc:
                 raise StudioError(f"sweep value {x_field}={x}{f', {y_field}={y}' if y_field else ''}: {exc}") from None
     return xs, ys, cells
 
 
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
 def sweep_grid(images: list[Image.Image], xs: list, ys: list, x_field: str, y_field: str | None) -> Image.Image:
-    """A labelled X/Y grid, like A1111's X/Y plot."""
+    """A labelled X/Y grid, like A1111's X/Y plot: cells apart by a gap, labels readable at the page's size. Small
+    images (the demo model's) are enlarged with sharp pixels first, so the labels fit them."""
     w, h = images[0].size
-    left, top = (120 if y_field else 0), 28
-    sheet = Image.new("RGB", (left + w * len(xs), top + h * len(ys)), "white")
+    scale = max(1, 256 // max(w, h))
+    if scale > 1:
+        images = [im.resize((w * scale, h * scale), Image.Resampling.NEAREST) for im in images]
+        w, h = w * scale, h * scale
+    gap, font = 8, _font(max(16, w // 14))
+    label_h = font.size + 16
+    left = (max(font.getlength(f"{LABELS.get(y_field, y_field)} = {y}") for y in ys) + 24) if y_field else 0
+    left = int(left)
+    sheet = Image.new("RGB", (left + (w + gap) * len(xs) + gap, label_h + (h + gap) * len(ys) + gap), "white")
     draw = ImageDraw.Draw(sheet)
     for i, x in enumerate(xs):
-        draw.text((left + i * w + 6, 8), f"{LABELS.get(x_field, x_field)} = {x}", fill="black")
+        draw.text((left + gap + i * (w + gap), 8), f"{LABELS.get(x_field, x_field)} = {x}", fill="black", font=font)
     for j, y in enumerate(ys):
+        top = label_h + j * (h + gap)
         if y_field:
-            draw.text((6, top + j * h + h // 2), f"{LABELS.get(y_field, y_field)}\n= {y}", fill="black")
+            draw.text(
+                (12, top + h // 2 - font.size // 2), f"{LABELS.get(y_field, y_field)} = {y}", fill="black", font=font
+            )
         for i in range(len(xs)):
-            sheet.paste(images[j * len(xs) + i], (left + i * w, top + j * h))
+            sheet.paste(images[j * len(xs) + i], (left + gap + i * (w + gap), top))
     return sheet
 
 
@@ -333,20 +512,15 @@ def save_sweep(
     ys: list,
 ) -> Path:
     """The grid PNG, with the base settings and the axes in its metadata."""
-    path = (
-        store.output_dir
-        / "sweeps"
-        / f"{time.strftime('%Y%m%d-%H%M%S')}-{x_field}{'-' + y_field if y_field else ''}.png"
-    )
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{x_field}{'-' + y_field if y_field else ''}.png"
+    path = store.output_dir / "sweeps" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     axes = f"X: {x_field} = {', '.join(map(str, xs))}" + (
         f"; Y: {y_field} = {', '.join(map(str, ys))}" if y_field else ""
     )
     info.add_text(PARAMETERS_KEY, f"{base.prompt}\nSweep: {axes}")
-    info.add_text(
-        "cascade_studio_sweep",
-        json.dumps({"base": base.model_dump(), "x": [x_field, xs], "y": [y_field, ys] if y_field else None}),
-    )
+    sweep = {"base": base.model_dump(), "x": [x_field, xs], "y": [y_field, ys] if y_field else None}
+    info.add_text("cascade_studio_sweep", json.dumps(sweep))
     sheet.save(path, pnginfo=info)
     return path

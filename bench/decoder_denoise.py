@@ -20,7 +20,7 @@ from PIL import Image
 
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
-from cascade_studio.models.source import resolve_model
+from cascade_studio.models.source import source_for
 from cascade_studio.train.evaluate import decoded_image, scene_pixels, score_splits
 from cascade_studio.train.scenes import Scene
 from cascade_studio.train.stages import ImageEncoder, alpha_cumprod, encode_captions, encoder_view
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = Settings(model=args.model, device="cpu")
     engine = CascadeEngine.from_settings(settings)
-    source = resolve_model(settings.model, revision=settings.revision, cache_dir=settings.cache_dir)
+    source = source_for(settings)
     encoder = ImageEncoder.from_pretrained(source.dirs["decoder"].parent / "image_encoder").eval()
     pipe = engine.pipelines.decoder
     scale, side = pipe.vqgan.config.scale_factor, engine.request(prompt="").width

@@ -108,7 +108,7 @@ def test_missing_weights_offline_explain_the_download(tmp_path):
     proc = run_cli("generate", "a cat", "--model", "full", "--cache-dir", str(tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Stable Cascade 'full' weights are not on this machine" in proc.stderr
-    assert "about 11.7 GB in all. Get them with `cascade-studio download full`" in proc.stderr
+    assert "about 11.8 GB in all. Get them with `cascade-studio download full`" in proc.stderr
 
 
 def test_download_offline_fails_cleanly(tmp_path):

@@ -21,7 +21,7 @@ from . import __version__  # noqa: E402
 from .config import Settings  # noqa: E402
 from .engine.request import ALLOWED, RequestError, make_request  # noqa: E402
 from .models.errors import ModelConfigError, ModelNotFoundError  # noqa: E402
-from .models.presets import PRESETS  # noqa: E402
+from .models.presets import DECODER_REPO, PRESETS, PRIOR_REPO  # noqa: E402
 
 
 class UsageError(Exception):
@@ -160,7 +160,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if meta.model is None or not (meta.model.path or meta.model.preset):
             raise UsageError("model: the image does not say which model made it; pass --model")
         args.model = meta.model.preset or meta.model.path
+        if meta.model.preset in PRESETS:  # the same commits of each repo, unless told otherwise
+            revisions = meta.model.revisions
+            args.prior_revision = args.prior_revision or revisions.get(PRIOR_REPO)
+            args.decoder_revision = args.decoder_revision or revisions.get(DECODER_REPO)
+    _check_single_files(meta, args)
     settings = _settings(args)
+    _check_revisions_on_disk(meta, settings)
     request = meta.alone() if args.alone else meta.request
     _, paths = _run(_load_engine(settings), request, settings.output_dir, index=None if args.alone else meta.index)
     with Image.open(path) as a, Image.open(paths[0]) as b:
@@ -169,11 +175,63 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_single_files(meta, args) -> None:
+    """An image made with a single-file prior or decoder needs that file again: say which, if it is not given."""
+    from .models.hashing import short_hash
+
+    for role, recorded in (meta.model.files if meta.model else {}).items():
+        given = getattr(args, f"{role}_file", None)
+        name, _, digest = recorded.partition(" sha256:")
+        if given is None:
+            raise ModelNotFoundError(
+                f"reproduce: the image was made with the {role} file {name} (sha256:{digest}); "
+                f"pass it with --{role}-file PATH"
+            )
+        if Path(given).is_file() and short_hash(Path(given)) != digest:
+            print(
+                f"warning: {given} is not the {role} file the image was made with ({name}, sha256:{digest}); the "
+                "pixels will differ",
+                file=sys.stderr,
+            )
+
+
+def _check_revisions_on_disk(meta, settings) -> None:
+    """A preset image made at commits that are not in the cache: say which, and how to fetch them."""
+    from huggingface_hub import constants as hf_constants
+
+    from .models.source import snapshot_dir
+
+    if meta.model is None or meta.model.preset not in PRESETS:
+        return
+    cache = Path(settings.cache_dir or hf_constants.HF_HUB_CACHE)
+    wanted = {PRIOR_REPO: settings.prior_revision, DECODER_REPO: settings.decoder_revision}
+    missing = [f"{repo}@{rev[:10]}" for repo, rev in wanted.items() if rev and snapshot_dir(cache, repo, rev) is None]
+    if missing:
+        flags = f" --prior-revision {wanted[PRIOR_REPO]} --decoder-revision {wanted[DECODER_REPO]}"
+        raise ModelNotFoundError(
+            f"reproduce: the image was made with {', '.join(missing)}, which is not on this "
+            f"machine; get it with `cascade-studio download {meta.model.preset}{flags}`, or pass "
+            "--model to use another model (the pixels will differ)"
+        )
+
+
+def _revisions(settings: Settings) -> dict:
+    from .models.source import repo_revisions
+
+    return repo_revisions(settings.revision, settings.prior_revision, settings.decoder_revision)
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .models.hub import download
 
     settings = _settings(args)
-    download(PRESETS[args.preset], revision=settings.revision, cache_dir=settings.cache_dir)
+    download(
+        PRESETS[args.preset],
+        revisions=_revisions(settings),
+        cache_dir=settings.cache_dir,
+        image_prompts=args.with_image_prompts,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     print(f'stable-cascade-{args.preset} is ready: cascade-studio generate "..." --model {args.preset}')
     return 0
 
@@ -181,7 +239,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.hub import cached_models
 
-    for line in cached_models(_settings(args).cache_dir):
+    settings = _settings(args)
+    for line in cached_models(settings.cache_dir, _revisions(settings)):
         print(line)
     return 0
 
@@ -220,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_space_export(args: argparse.Namespace) -> int:
     from .space import export_space
 
-    for path in export_space(Path(args.dir)):
+    for path in export_space(Path(args.dir), args.cache_dir, log=lambda line: print(line, file=sys.stderr)):
         print(path)
     return 0
 
@@ -252,7 +311,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     import json
 
-    from .models.source import resolve_model
+    from .models.source import source_for
     from .train.evaluate import evaluate, evaluate_decoder, evaluate_vqgan, grid, json_ready, table
     from .train.stages import ImageEncoder
 
@@ -273,7 +332,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     if args.stage == "decoder":
         if set(settings) - {"decoder_steps", "decoder_guidance"}:
             raise UsageError("stage: the decoder alone takes only --decoder-steps and --decoder-guidance")
-        source = resolve_model(config.model, revision=config.revision, cache_dir=config.cache_dir)
+        source = source_for(config)
         folder = source.dirs["decoder"].parent / "image_encoder"
         if not folder.is_dir():
             raise UsageError(
@@ -309,8 +368,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="auto, demo, full, lite, or a folder in the official layout (default: "
         "$CASCADE_MODEL or auto: full when downloaded, else demo)",
     )
-    p.add_argument("--revision", help="pinned Hub revision for the presets")
-    p.add_argument("--cache-dir", dest="cache_dir", help="Hugging Face cache folder")
+    _add_hub_options(p)
+    p.add_argument(
+        "--prior-file",
+        dest="prior_file",
+        help="Stability's original-format Stage C file (stage_c_bf16.safetensors, a fine-tune) as the prior",
+    )
+    p.add_argument(
+        "--decoder-file",
+        dest="decoder_file",
+        help="Stability's original-format Stage B file (stage_b_bf16.safetensors) as the decoder",
+    )
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], help="default auto: bf16 on GPU, fp32 on CPU")
     p.add_argument(
@@ -328,6 +396,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
     p.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads for torch")
+
+
+def _add_hub_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--revision",
+        help="a branch or tag of both official repos (a commit belongs to one repo: use the two options below)",
+    )
+    p.add_argument("--prior-revision", dest="prior_revision", help="commit, tag or branch of the prior repo")
+    p.add_argument("--decoder-revision", dest="decoder_revision", help="commit, tag or branch of the decoder repo")
+    p.add_argument("--cache-dir", dest="cache_dir", help="Hugging Face cache folder (default: huggingface_hub's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-token", dest="api_token", help="require 'Authorization: Bearer TOKEN' on /v1 (or $CASCADE_API_TOKEN)"
     )
     s.add_argument("--max-queued", dest="max_queued", type=int, help="jobs that may wait (default 16)")
+    s.add_argument(
+        "--model-dir",
+        dest="model_dir",
+        help="folder of local models (model folders, Stage C/B single files) the studio can switch to "
+        "(or $CASCADE_MODEL_DIR)",
+    )
+    s.add_argument(
+        "--no-model-switch",
+        dest="model_switch",
+        action="store_false",
+        default=None,
+        help="keep the model given at start: studio and API users cannot switch it",
+    )
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
 
@@ -378,14 +469,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("download", help="fetch only the files a preset needs, with progress")
     d.add_argument("preset", choices=list(PRESETS))
-    d.add_argument("--revision")
-    d.add_argument("--cache-dir", dest="cache_dir")
+    d.add_argument(
+        "--with-image-prompts",
+        action="store_true",
+        help="also the prior repo's CLIP image tower (image_encoder/, feature_extractor/), for image prompts",
+    )
+    _add_hub_options(d)
     d.set_defaults(func=cmd_download)
 
     sp = sub.add_parser("space", help="Hugging Face Space tools")
     space_sub = sp.add_subparsers(dest="space_command", parser_class=_Parser, metavar="command", required=True)
     se = space_sub.add_parser("export", help="write a folder a Gradio Space (ZeroGPU ready) runs as is")
     se.add_argument("dir")
+    se.add_argument(
+        "--cache-dir",
+        dest="cache_dir",
+        help="the Hugging Face cache whose full preset decides which files "
+        "the Space preloads (default: huggingface_hub's)",
+    )
     se.set_defaults(func=cmd_space_export)
 
     t = sub.add_parser("train-demo", help="train the demo model from scratch (47-100 min on 2 CPU threads)")
@@ -444,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_demo)
 
     m = sub.add_parser("models", help="list the Stable Cascade weights on this machine and their disk use")
-    m.add_argument("--cache-dir", dest="cache_dir")
+    _add_hub_options(m)
     m.set_defaults(func=cmd_models)
     return parser
 

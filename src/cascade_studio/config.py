@@ -21,7 +21,18 @@ class Settings(BaseSettings):
         "auto",
         description="auto (full when its weights are on disk, else demo), demo, full, lite, or a local folder.",
     )
-    revision: str | None = Field(None, description="Pinned Hub revision (commit hash or tag) for the presets.")
+    revision: str | None = Field(None, description="A branch or tag of both official repos (commits differ per repo).")
+    prior_revision: str | None = Field(None, description="Revision (commit, tag, branch) of the prior repo.")
+    decoder_revision: str | None = Field(None, description="Revision (commit, tag, branch) of the decoder repo.")
+    prior_file: Path | None = Field(None, description="Stability's original-format Stage C file, for the prior.")
+    decoder_file: Path | None = Field(None, description="Stability's original-format Stage B file, for the decoder.")
+    model_dir: Path | None = Field(
+        None,
+        description="Folder of local models (model folders, single-file checkpoints) the studio and API can switch to.",
+    )
+    model_switch: bool = Field(
+        True, description="Let studio and API users switch the loaded model (--no-model-switch)."
+    )
     cache_dir: Path | None = Field(None, description="Hugging Face Hub cache; None uses the library default.")
     device: str = Field("auto", description="auto (cuda > mps > cpu), or a torch device such as cuda:1.")
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"

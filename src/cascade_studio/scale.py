@@ -14,6 +14,7 @@ with what is missing, instead of Ray waiting for it forever.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import socket
@@ -137,7 +138,7 @@ class RemoteEngine:
         while True:
             try:
                 return response.result(timeout_s=0.2)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on; 3.10 too
                 if cancel.cancelled:
                     response.cancel()
                     raise GenerationCancelled from None

@@ -21,9 +21,9 @@ def test_exported_folder_runs_the_studio_offline(tmp_path):
     for line in (
         "sdk: gradio",
         "app_file: app.py",
-        'python_version: "3.11"',
+        'python_version: "3.10.13"',  # what ZeroGPU runs (its docs); the export once wrote 3.11
         "suggested_hardware: zero-a10g",
-        "  - stabilityai/stable-cascade-prior prior/*.json,prior/*.bf16.safetensors",
+        "  - stabilityai/stable-cascade-prior prior/config.json,prior/diffusion_pytorch_model.bf16.safetensors",
         "license: other",
     ):
         assert line in readme
@@ -70,3 +70,42 @@ def test_zerogpu_wraps_only_when_spaces_is_importable(engine, monkeypatch):
     assert wrapped(request).seeds == [1]  # off ZeroGPU, spaces.GPU hands back the function itself
     monkeypatch.setitem(sys.modules, "spaces", None)  # not importable
     assert with_zerogpu(engine) is engine
+
+
+def test_preload_lists_what_the_cached_preset_really_holds(tmp_path):
+    """A sharded prior and an fp32-only Stage A are preloaded as they are: the same rule as `download`."""
+    from cascade_studio.models.hub import download
+    from cascade_studio.models.presets import PRESETS
+    from cascade_studio.space import front_matter, preload_files
+    from tests.models.fake_hub import FakeHub, Served, build_repos
+
+    repos = build_repos(tmp_path / "repos")
+    with Served(FakeHub(repos)) as hub:
+        download(PRESETS["full"], cache_dir=tmp_path / "cache", endpoint=hub.url, log=lambda _: None)
+    files, chosen_from = preload_files(tmp_path / "cache")
+    assert chosen_from.startswith("the files of the cached preset")
+    prior = files["stabilityai/stable-cascade-prior"]
+    assert "prior/diffusion_pytorch_model.safetensors.index.bf16.json" in prior and len(prior) == 1 + 1 + 7
+    assert "vqgan/diffusion_pytorch_model.safetensors" in files["stabilityai/stable-cascade"]
+    assert "prior/diffusion_pytorch_model.safetensors" not in prior  # the fp32 file beside the shards: not needed
+    header = front_matter(tmp_path / "cache").splitlines()
+    prior_line = next(line for line in header if line.startswith("  - stabilityai/stable-cascade-prior "))
+    assert "prior/diffusion_pytorch_model.bf16-00001-of-00007.safetensors" in prior_line
+    known, known_from = preload_files(tmp_path / "empty")
+    assert (
+        known_from.startswith("the official repos' layout")
+        and "vqgan/diffusion_pytorch_model.safetensors" in known["stabilityai/stable-cascade"]
+    )
+
+
+def test_zerogpu_never_runs_a_speedup(monkeypatch, tmp_path):
+    from cascade_studio.config import Settings
+    from cascade_studio.space import create_space_app, zerogpu_notes
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    monkeypatch.setitem(sys.modules, "spaces", None)  # the engine unwrapped, so the demo model runs here
+    demo = create_space_app(Settings(model="demo", device="cpu", speedup="compile", output_dir=tmp_path))
+    assert demo is not None
+    from cascade_studio import space
+
+    assert any("no torch.compile" in note for note in zerogpu_notes()) and space.ZEROGPU_PYTHON == "3.10.13"

@@ -12,8 +12,9 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.models import ModelConfigError, ModelNotFoundError, load_pipelines, resolve_model
 from cascade_studio.models.device import resolve_device, resolve_dtype
-from cascade_studio.models.presets import PRESETS
+from cascade_studio.models.presets import DECODER_REPO, PRESETS, PRIOR_REPO
 from cascade_studio.models.schedulers import WuerstchenScheduler
+from cascade_studio.models.source import repo_revisions
 from tests.conftest import small_request, write_hub_snapshot
 
 
@@ -47,18 +48,27 @@ def test_the_official_scheduler_name_loads_ours_one_per_pipeline(tiny_model_dir,
     assert p.prior.scheduler is not p.decoder.scheduler  # each keeps its own timesteps while sampling
 
 
-def test_pinned_revision(hub_cache):
-    with pytest.raises(ModelNotFoundError, match="--revision v2"):
-        resolve_model("full", revision="v2", cache_dir=hub_cache)
+def test_pinned_revisions_per_repo(hub_cache):
+    with pytest.raises(ModelNotFoundError, match="--prior-revision v2 --decoder-revision v2"):
+        resolve_model("full", revisions={PRIOR_REPO: "v2", DECODER_REPO: "v2"}, cache_dir=hub_cache)
     prior_repo = hub_cache / "models--stabilityai--stable-cascade-prior"
     decoder_repo = hub_cache / "models--stabilityai--stable-cascade"
     for repo in (prior_repo, decoder_repo):
         (repo / "refs" / "v2").write_text((repo / "refs" / "main").read_text())
     try:
-        assert resolve_model("full", revision="v2", cache_dir=hub_cache).identity.preset == "full"
+        both = {PRIOR_REPO: "v2", DECODER_REPO: "v2"}
+        assert resolve_model("full", revisions=both, cache_dir=hub_cache).identity.preset == "full"
+        # A commit names one repo: each repo takes its own.
+        source = resolve_model("full", revisions={PRIOR_REPO: "a" * 40, DECODER_REPO: "b" * 40}, cache_dir=hub_cache)
+        assert source.identity.revisions == {PRIOR_REPO: "a" * 40, DECODER_REPO: "b" * 40}
+        with pytest.raises(ModelNotFoundError, match=f"stabilityai/stable-cascade at {'a' * 40}: decoder"):
+            resolve_model("full", revisions={DECODER_REPO: "a" * 40}, cache_dir=hub_cache)
     finally:
         for repo in (prior_repo, decoder_repo):
             (repo / "refs" / "v2").unlink()
+    with pytest.raises(ModelConfigError, match="is a commit of one repo"):
+        repo_revisions("c" * 40)
+    assert repo_revisions("v1", decoder_revision="d" * 40) == {PRIOR_REPO: "v1", DECODER_REPO: "d" * 40}
 
 
 def test_missing_weights_say_what_size_and_how(tmp_path, tiny_model_dir, hub_cache):
@@ -67,28 +77,28 @@ def test_missing_weights_say_what_size_and_how(tmp_path, tiny_model_dir, hub_cac
     msg = str(err.value)
     assert "stabilityai/stable-cascade-prior: prior (7.2 GB)" in msg
     assert "stabilityai/stable-cascade: decoder (3.1 GB), vqgan, text_encoder (1.4 GB), tokenizer, scheduler" in msg
-    assert "about 11.7 GB in all" in msg and "cascade-studio download full" in msg
+    assert "about 11.8 GB in all" in msg and "cascade-studio download full" in msg
 
-    # An fp32-only prior does not count: the preset asks for the bf16 files.
+    # An fp32-only prior counts: it is loaded and cast (the official Stage A may have no bf16 file at all).
     write_hub_snapshot(tmp_path, "stabilityai/stable-cascade-prior", "c" * 40, tiny_model_dir, ["prior"])
-    with pytest.raises(ModelNotFoundError, match=r"stable-cascade-prior: prior \(7.2 GB\)"):
-        resolve_model("full", cache_dir=tmp_path)
-    # Only the prior repo cached: the message names just the decoder side.
-    bf16_source = hub_cache.parent / "src-full"
-    write_hub_snapshot(tmp_path, "stabilityai/stable-cascade-prior", "c" * 40, bf16_source, ["prior"])
     with pytest.raises(ModelNotFoundError) as err:
         resolve_model("full", cache_dir=tmp_path)
-    assert "stable-cascade-prior" not in str(err.value) and "about 4.5 GB in all" in str(err.value)
+    assert "stable-cascade-prior" not in str(err.value) and "about 4.6 GB in all" in str(err.value)
+    subfolders = ["decoder", "vqgan", "text_encoder", "tokenizer", "scheduler"]
+    write_hub_snapshot(tmp_path, "stabilityai/stable-cascade", "d" * 40, tiny_model_dir, subfolders)
+    source = resolve_model("full", cache_dir=tmp_path)
+    assert source.weights["prior"].variant is None and source.identity.variant is None
+    engine = CascadeEngine.from_settings(Settings(model="full", cache_dir=tmp_path, device="cpu", dtype="bf16"))
+    assert engine.pipelines.prior.prior.dtype == torch.bfloat16  # the fp32 files, cast as they load
+    assert engine(small_request(seed=2, width=128, height=128)).images[0].size == (128, 128)
 
 
-def test_lite_preset_needs_the_lite_files_only():
-    full, lite = PRESETS["full"].files_by_repo(), PRESETS["lite"].files_by_repo()
-    assert list(lite["stabilityai/stable-cascade-prior"]) == ["prior_lite"]
-    patterns = [p for subs in lite.values() for pats in subs.values() for p in pats]
-    assert "decoder_lite/*.bf16.safetensors" in patterns and not any(
-        p.startswith(("prior/", "decoder/")) for p in patterns
-    )
-    assert "prior/*.bf16.safetensors" in full["stabilityai/stable-cascade-prior"]["prior"]
+def test_each_preset_fetches_its_own_components_only():
+    full, lite = PRESETS["full"].components(), PRESETS["lite"].components()
+    assert lite["prior"] == (PRIOR_REPO, "prior_lite") and lite["decoder"] == (DECODER_REPO, "decoder_lite")
+    assert full["prior"] == (PRIOR_REPO, "prior") and full["text_encoder"] == (DECODER_REPO, "text_encoder")
+    assert set(PRESETS["full"].by_repo()[PRIOR_REPO]) == {"prior"}  # one text encoder, from the decoder repo
+    assert "image_encoder" in PRESETS["full"].components(image_prompts=True)
     assert PRESETS["full"].approx_gb() > PRESETS["lite"].approx_gb()
 
 

@@ -41,7 +41,7 @@ def _remount(disk: Path, mode: str) -> None:
 def _fill(disk: Path) -> Path:
     """Fill the disk to the last block."""
     filler = disk / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush when it closes
         try:
             while True:
                 f.write(b"\0" * 65536)

@@ -24,11 +24,11 @@ from PIL import Image
 from ..config import Settings
 from ..models.device import resolve_device, resolve_dtype
 from ..models.loading import CascadePipelines, load_pipelines
-from ..models.source import ModelIdentity, resolve_model
+from ..models.source import ModelIdentity, source_for
 from .cache import LRUCache
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
 from .request import GenerationRequest, make_request
-from .speed import Speedup, optimize, resolve_speedup
+from .speed import Speedup, optimize, release, resolve_speedup
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -99,6 +99,7 @@ class CascadeEngine:
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
         self._lock = threading.Lock()
         self._cancel: CancelToken | None = None  # the running call's token; calls are serialised by _lock
+        self._hooks: list = []
         decoder = pipelines.decoder
         for blocks in (
             *pipelines.prior.prior.down_blocks,
@@ -108,7 +109,7 @@ class CascadeEngine:
             decoder.vqgan.up_blocks,
         ):
             for block in blocks:
-                block.register_forward_pre_hook(self._check_cancel)
+                self._hooks.append(block.register_forward_pre_hook(self._check_cancel))
         self.speedups = optimize(pipelines, speedup)  # see engine/speed.py
 
     def _check_cancel(self, module, args) -> None:
@@ -117,14 +118,28 @@ class CascadeEngine:
             raise GenerationCancelled
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CascadeEngine:
+    def from_settings(cls, settings: Settings, progress=None) -> CascadeEngine:
+        """Load the model the settings name; `progress(done, total, what)` as each component loads."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        source = resolve_model(settings.model, revision=settings.revision, cache_dir=settings.cache_dir)
+        source = source_for(settings)
         speedup = resolve_speedup(settings.speedup, device, settings.cpu_offload)
-        return cls(load_pipelines(source, device, dtype, cpu_offload=settings.cpu_offload), speedup=speedup)
+        pipelines = load_pipelines(source, device, dtype, cpu_offload=settings.cpu_offload, progress=progress)
+        return cls(pipelines, speedup=speedup)
+
+    def close(self) -> None:
+        """Let go of the model: weights, caches, CUDA graphs and compiled blocks, so a model switch can reuse the
+        memory. The engine cannot generate afterwards."""
+        with self._lock:
+            self._text_cache.clear()
+            self._prior_cache.clear()
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks.clear()
+            release(self.pipelines)
+            self.pipelines = None
 
     @property
     def identity(self) -> ModelIdentity:

@@ -162,6 +162,14 @@ def optimize(pipelines: CascadePipelines, speedup: Speedup) -> list[str]:
     return applied + ["CUDA graphs"]
 
 
+def release(pipelines: CascadePipelines) -> None:
+    """Undo every speed-up (CUDA graphs, compiled blocks), so nothing keeps the model's tensors alive."""
+    for unet in _unets(pipelines):
+        vars(unet).pop("forward", None)
+    for block in _compilable_blocks(pipelines):
+        vars(block).pop("forward", None)
+
+
 def resolve_speedup(speedup: str, device: torch.device, cpu_offload: bool) -> Speedup:
     """auto: CUDA graphs where they work (CUDA, no offload), else nothing."""
     if speedup == "auto":

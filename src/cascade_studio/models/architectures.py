@@ -146,6 +146,11 @@ OFFICIAL_TEXT = dict(
     projection_dim=1280,
     hidden_act="gelu",
 )
+# The official architectures by role, for single-file checkpoints (models/single_file.py matches their shapes).
+OFFICIAL = {
+    "prior": {"full": OFFICIAL_PRIOR, "lite": OFFICIAL_PRIOR_LITE},
+    "decoder": {"full": OFFICIAL_DECODER, "lite": OFFICIAL_DECODER_LITE},
+}
 # name -> (prior, decoder, text encoder, VQGAN) configs; "tiny" is what the tests use.
 ARCHITECTURES = {
     "full": (OFFICIAL_PRIOR, OFFICIAL_DECODER, OFFICIAL_TEXT, {}),

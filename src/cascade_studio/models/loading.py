@@ -9,6 +9,8 @@ text encoder (about 1.4 GB for the official model) and guarantees that only safe
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +52,7 @@ class CascadePipelines:
     cpu_offload: bool = False
 
 
-def _variant(folder: Path) -> str | None:
-    return "bf16" if any(folder.glob("*.bf16.safetensors")) else None
+log = logging.getLogger(__name__)
 
 
 def load_scheduler(folder: Path):
@@ -66,32 +67,58 @@ def load_scheduler(folder: Path):
 
 
 def load_pipelines(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, cpu_offload: bool = False
+    source: ModelSource, device: torch.device, dtype: torch.dtype, cpu_offload: bool = False, progress=None
 ) -> CascadePipelines:
-    """Read every component from its folder (safetensors only) and assemble the prior and decoder pipelines."""
-    d = source.dirs
+    """Read every component from its folder (safetensors only) and assemble the prior and decoder pipelines.
 
-    def unet(folder: Path) -> StableCascadeUNet:
-        return StableCascadeUNet.from_pretrained(
-            folder, variant=_variant(folder), torch_dtype=dtype, use_safetensors=True
-        )
+    A component without the bf16 variant is read from its plain file and cast to `dtype` (said in the log); a
+    single-file checkpoint in the source replaces the prior or decoder. `progress(done, total, what)` is told as
+    each component has loaded (the studio's model switch shows it)."""
+    d, names = source.dirs, ("prior", "decoder", "text_encoder", "vqgan", "tokenizer", "scheduler")
 
+    def step(i: int, what: str) -> None:
+        if progress is not None:
+            progress(i, len(names), what)
+
+    def variant(role: str) -> str | None:
+        weights = source.weights.get(role)
+        wanted = "bf16" if dtype == torch.bfloat16 else None
+        if weights is not None and weights.variant is None and dtype == torch.bfloat16:
+            log.info("%s: no bf16 weights in %s; loading the full-precision file and casting it to bf16", role, d[role])
+        return weights.variant if weights is not None else wanted
+
+    def unet(role: str) -> StableCascadeUNet:
+        if role in source.single_files:
+            return _single_file_unet(source, role, dtype)
+        with warnings.catch_warnings():  # legacy shard names load fine; diffusers' advice to re-save is not the user's
+            warnings.filterwarnings("ignore", "This serialization format is now deprecated", FutureWarning)
+            return StableCascadeUNet.from_pretrained(
+                d[role], variant=variant(role), torch_dtype=dtype, use_safetensors=True
+            )
+
+    prior = unet("prior")
+    step(1, "prior")
+    decoder = unet("decoder")
+    step(2, "decoder")
     text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        d["text_encoder"], variant=_variant(d["text_encoder"]), dtype=dtype, use_safetensors=True
+        d["text_encoder"], variant=variant("text_encoder"), dtype=dtype, use_safetensors=True
     )
-    vqgan = PaellaVQModel.from_pretrained(
-        d["vqgan"], variant=_variant(d["vqgan"]), torch_dtype=dtype, use_safetensors=True
-    )
+    step(3, "text encoder")
+    vqgan = PaellaVQModel.from_pretrained(d["vqgan"], variant=variant("vqgan"), torch_dtype=dtype, use_safetensors=True)
+    step(4, "Stage A")
+    tokenizer = CLIPTokenizer.from_pretrained(d["tokenizer"])
+    scheduler = load_scheduler(d["scheduler"])
+    step(5, "tokenizer and scheduler")
     previewer = None
     if source.previewer_dir is not None:
         previewer = Previewer.from_pretrained(source.previewer_dir, use_safetensors=True, torch_dtype=torch.float32)
-    return assemble_pipelines(
-        prior=unet(d["prior"]),
-        decoder=unet(d["decoder"]),
+    pipelines = assemble_pipelines(
+        prior=prior,
+        decoder=decoder,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(d["tokenizer"]),
+        tokenizer=tokenizer,
         vqgan=vqgan,
-        scheduler=load_scheduler(d["scheduler"]),
+        scheduler=scheduler,
         identity=source.identity,
         device=device,
         dtype=dtype,
@@ -100,6 +127,24 @@ def load_pipelines(
         prompt_help=source.prompt_help,
         cpu_offload=cpu_offload,
     )
+    step(6, f"on {device}")
+    return pipelines
+
+
+def _single_file_unet(source: ModelSource, role: str, dtype: torch.dtype) -> StableCascadeUNet:
+    """A prior or decoder from an original-format file; its architecture is whichever candidate fits the file: the
+    official full or lite, or the model folder's own."""
+    from .architectures import OFFICIAL
+    from .single_file import load_unet
+
+    candidates = dict(OFFICIAL[role])
+    config_file = source.dirs[role] / "config.json" if role in source.dirs else None
+    if config_file is not None and config_file.is_file():
+        own = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+        candidates = {"this model's": own} | candidates
+    model, matched = load_unet(source.single_files[role], role, candidates, dtype)
+    log.info("%s: %s read as the %s architecture", role, source.single_files[role].name, matched)
+    return model
 
 
 def assemble_pipelines(

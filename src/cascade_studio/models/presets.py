@@ -1,4 +1,8 @@
-"""The official Stable Cascade weights: which repos, subfolders and files each preset needs."""
+"""The official Stable Cascade weights: which repo and subfolder holds each component of a preset.
+
+Which files of a subfolder are needed is not listed here: `files.py` chooses them from what the repo (or the disk)
+actually holds, so a sharded or fp32-only component is found the same way as a single bf16 file.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,23 @@ from dataclasses import dataclass
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 DECODER_REPO = "stabilityai/stable-cascade"
+REPOS = (PRIOR_REPO, DECODER_REPO)
 
-# Components every preset needs from the decoder repo, beside the decoder itself.
-SHARED_COMPONENTS = ("vqgan", "text_encoder", "tokenizer", "scheduler")
-
-# Approximate bf16 download sizes in GB (parameter count x 2 bytes), for the missing-weights message.
+# Approximate bf16 download sizes in GB (parameter count x 2 bytes), for messages before the Hub is asked.
 APPROX_GB = {
     "prior": 7.2,
     "prior_lite": 2.0,
     "decoder": 3.1,
     "decoder_lite": 1.4,
     "text_encoder": 1.4,
-    "vqgan": 0.04,
+    "vqgan": 0.074,  # fp32: no public source shows a bf16 file of Stage A
     "tokenizer": 0.004,
     "scheduler": 0.0,
+    "image_encoder": 1.2,  # CLIP ViT-L/14 vision tower, fp32
+    "feature_extractor": 0.0,
 }
+ROLES = ("prior", "decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")
+IMAGE_PROMPT_ROLES = ("image_encoder", "feature_extractor")  # `download --with-image-prompts`
 
 
 @dataclass(frozen=True)
@@ -36,28 +42,30 @@ class ModelPreset:
     def display_name(self) -> str:
         return f"stable-cascade-{self.name}"
 
-    def files_by_repo(self) -> dict[str, dict[str, list[str]]]:
-        """repo -> subfolder -> glob patterns of the files this preset needs (and no others).
-
-        The repos also hold fp32 weights, the other preset and original-format checkpoints; downloading only
-        these patterns keeps `full` near 12 GB and `lite` near 5 GB instead of the repos' ~100 GB.
-        """
-        return {
-            PRIOR_REPO: {self.prior_subfolder: self._weight_patterns(self.prior_subfolder)},
-            DECODER_REPO: {
-                self.decoder_subfolder: self._weight_patterns(self.decoder_subfolder),
-                "vqgan": self._weight_patterns("vqgan"),
-                "text_encoder": self._weight_patterns("text_encoder"),
-                "tokenizer": ["tokenizer/*.json", "tokenizer/*.txt"],
-                "scheduler": ["scheduler/*.json"],
-            },
+    def components(self, image_prompts: bool = False) -> dict[str, tuple[str, str]]:
+        """role -> (repo, subfolder). The decoder repo's text encoder is the same model as the prior repo's, so it
+        is fetched once, from the decoder repo, and shared by both pipelines."""
+        out = {
+            "prior": (PRIOR_REPO, self.prior_subfolder),
+            "decoder": (DECODER_REPO, self.decoder_subfolder),
+            "vqgan": (DECODER_REPO, "vqgan"),
+            "text_encoder": (DECODER_REPO, "text_encoder"),
+            "tokenizer": (DECODER_REPO, "tokenizer"),
+            "scheduler": (DECODER_REPO, "scheduler"),
         }
+        if image_prompts:
+            out |= {role: (PRIOR_REPO, role) for role in IMAGE_PROMPT_ROLES}
+        return out
 
-    def _weight_patterns(self, subfolder: str) -> list[str]:
-        return [f"{subfolder}/*.json", f"{subfolder}/*.{self.variant}.safetensors"]
+    def by_repo(self, image_prompts: bool = False) -> dict[str, dict[str, str]]:
+        """repo -> subfolder -> role."""
+        out: dict[str, dict[str, str]] = {}
+        for role, (repo, sub) in self.components(image_prompts).items():
+            out.setdefault(repo, {})[sub] = role
+        return out
 
-    def approx_gb(self) -> float:
-        return sum(APPROX_GB[sub] for subs in self.files_by_repo().values() for sub in subs)
+    def approx_gb(self, image_prompts: bool = False) -> float:
+        return sum(APPROX_GB[sub] for _, sub in self.components(image_prompts).values())
 
 
 PRESETS: dict[str, ModelPreset] = {

@@ -29,10 +29,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import RequestError
-from ..store import JobRecord
+from ..store import JobRecord, TaskRecord
 from ..store.sqlite import StoreError
 from .queue import ClientLimitReached, Job, JobQueue, QueueFull
-from .schemas import Cancelling, GenerationView, Health, HistoryPage, ImageView, Problem, ProgressView
+from .schemas import (
+    Cancelling,
+    GenerationView,
+    Health,
+    HistoryPage,
+    ImageView,
+    ModelEntry,
+    ModelList,
+    ModelState,
+    Problem,
+    ProgressView,
+    TaskView,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +114,43 @@ def view(queue: JobQueue, job: Job | None, record: JobRecord | None) -> Generati
         created=record.created,
         finished=record.finished,
     )
+
+
+def task_view(queue: JobQueue, job: Job | None, record: TaskRecord | None) -> TaskView:
+    if job is not None:
+        return TaskView(
+            id=job.id,
+            kind=job.task.kind,
+            status=job.status,
+            spec=job.task.describe(),
+            position=queue.position(job),
+            progress=job.task_progress,
+            result=job.result,
+            error=job.error,
+            created=job.created,
+            finished=job.finished_at,
+        )
+    return TaskView(
+        id=record.id,
+        kind=record.kind,
+        status=record.status,
+        spec=record.spec,
+        position=None,
+        result=record.result,
+        error=record.error,
+        created=record.created,
+        finished=record.finished,
+    )
+
+
+def find_task(queue: JobQueue, job_id: str, kind: str) -> TaskView:
+    """A task of this kind, from memory or the store; 404 otherwise. Thread pool only."""
+    job = queue.get(job_id) if ID.fullmatch(job_id) else None
+    record = None if job is not None else (queue.store.get_task(job_id) if ID.fullmatch(job_id) else None)
+    found_kind = job.task.kind if job is not None and job.task else record.kind if record else None
+    if found_kind != kind:
+        raise StarletteHTTPException(404, [f"id: no {kind} job {job_id[:40]!r}"])
+    return task_view(queue, job, record)
 
 
 def _images(records) -> list[ImageView]:
@@ -251,6 +300,65 @@ def create_api(queue: JobQueue) -> FastAPI:
         return HistoryPage(
             total=store.count_jobs(), limit=limit, offset=offset, items=[view(queue, queue.get(r.id), r) for r in jobs]
         )
+
+    # --- models: what this server can run, and switching the loaded one ---------------------------------------
+
+    def switchable() -> bool:
+        return queue.settings is not None and queue.settings.model_switch
+
+    def entries() -> list[ModelEntry]:
+        from .switch import available_models
+
+        loaded = queue.model_choice.id if queue.model_choice else None
+        choices = available_models(queue.settings) if queue.settings is not None else []
+        if queue.model_choice is not None and loaded not in {c.id for c in choices}:
+            choices = [queue.model_choice, *choices]
+        return [ModelEntry(id=c.id, label=c.label, loaded=c.id == loaded) for c in choices]
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    def models():
+        """Every model this server can run (the OpenAI shape: `data[].id`), and which is loaded."""
+        return ModelList(data=entries())
+
+    @app.get("/v1/model", response_model=ModelState, responses=ERRORS)
+    def model():
+        choice = queue.model_choice
+        loaded = ModelEntry(id=choice.id if choice else "remote", label=queue.engine.identity.name, loaded=True)
+        described = queue.engine.describe()
+        return ModelState(
+            loaded=loaded,
+            device=described["device"],
+            dtype=described["dtype"],
+            switchable=switchable(),
+            switches=[task_view(queue, j, None) for j in queue.pending("model")],
+        )
+
+    @app.post("/v1/model", status_code=202, response_model=TaskView, responses=ERRORS)
+    async def switch(request: Request):
+        from .switch import SwitchModel, available_models
+
+        if not switchable():
+            return problem(403, ["model: this server keeps the model it started with (--no-model-switch)"])
+        body = parse_json(await request.body())
+        if isinstance(body, JSONResponse):
+            return body
+        wanted = body.get("model")
+        choices = {c.id: c for c in await run_in_threadpool(available_models, queue.settings)}
+        if not isinstance(wanted, str) or wanted not in choices:
+            return problem(422, [f"model: must be one of {', '.join(choices)} (got {str(wanted)[:40]!r})"])
+        if queue.model_choice is not None and wanted == queue.model_choice.id and not queue.pending("model"):
+            return problem(409, [f"model: {wanted} is loaded already"])
+        try:
+            job = await run_in_threadpool(
+                queue.submit_task, SwitchModel(choices[wanted], queue.settings), client_of(request)[0]
+            )
+        except (QueueFull, ClientLimitReached) as exc:
+            return problem(429, [str(exc)], headers={"Retry-After": str(RETRY_AFTER)})
+        return task_view(queue, job, None)
+
+    @app.get("/v1/model/switches/{job_id}", response_model=TaskView, responses=ERRORS)
+    def switch_status(job_id: str):
+        return find_task(queue, job_id, "model")
 
     @app.get("/v1/health", response_model=Health)
     async def health():

@@ -203,7 +203,7 @@ class Guard:
                 return await receive()  # after the body: disconnect notices, which may take as long as they like
             try:
                 message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on; 3.10 too
                 raise HTTPException(408, [f"request body: nothing arrived for {BODY_TIMEOUT:.0f} s"]) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))

@@ -19,8 +19,9 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -43,10 +44,22 @@ class ClientLimitReached(Exception):
     """One client already has its maximum of unfinished jobs."""
 
 
+class Task(Protocol):
+    """Work that is not a generation but takes the device, so it waits in the same line: a model switch, a LoRA
+    training. `run` reports progress as small dicts and returns its result (JSON-ready); it raises
+    GenerationCancelled when `cancel` is set."""
+
+    kind: str
+
+    def describe(self) -> dict: ...
+
+    def run(self, queue: JobQueue, report: Callable[[dict], None], cancel: CancelToken) -> dict: ...
+
+
 @dataclass(eq=False)  # a job is itself, not its field values
 class Job:
     id: str
-    request: GenerationRequest  # seed fixed at submission, so the job's seeds are known while it waits
+    request: GenerationRequest | None  # seed fixed at submission, so the job's seeds are known while it waits
     client: str
     status: str = "queued"
     progress: ProgressEvent | None = None
@@ -60,6 +73,9 @@ class Job:
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished_at: float | None = None
+    task: Task | None = None  # a job that is not a generation; then request is None
+    task_progress: dict | None = None
+    result: dict | None = None
     version: int = 0  # bumped on every change; watchers wait for it to move
     cancel_token: CancelToken = field(default_factory=CancelToken)
     _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -106,7 +122,7 @@ class Job:
                 if self.version == seen:
                     try:
                         await asyncio.wait_for(entry[1].wait(), timeout)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on; 3.10 too
                         pass
                 entry[1].clear()
                 seen = self.version
@@ -130,6 +146,10 @@ class JobQueue:
         self._running: set[Job] = set()
         self._faults: dict[str, str] = {}  # "database" / "images" -> the last write failure, until one succeeds
         self._closed = False
+        # Set by open_queue: the settings the model was loaded with, and which of the server's models it is (for
+        # model switches; a Ray Serve ingress has neither and cannot switch).
+        self.settings = None
+        self.model_choice = None
         self._workers = [
             threading.Thread(target=self._work, name=f"cascade-worker-{i}", daemon=True) for i in range(workers)
         ]
@@ -151,13 +171,7 @@ class JobQueue:
         """
         request = request.with_seed()
         with self._lock:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.max_queued:
-                raise QueueFull(f"the queue is full ({len(self._waiting)} jobs waiting); try again in a few seconds")
-            mine = self.unfinished(client)
-            if mine >= self.per_client:
-                raise ClientLimitReached(f"you already have {mine} unfinished jobs (at most {self.per_client})")
+            self._admit(client)
             report = getattr(self.engine, "prompt_report", None)  # a remote engine has no tokenizer here
             job = Job(new_id(), request, client, warnings=report(request.prompt).warnings if report else [])
             try:
@@ -170,6 +184,42 @@ class JobQueue:
             self._waiting.append(job)
             self._lock.notify_all()
         return job
+
+    def submit_task(self, task: Task, client: str = "local") -> Job:
+        """Queue a task (a model switch, a LoRA training) in the same line as generations.
+
+        Returns:
+            Its job, with `request` None; `task_progress` and, at the end, `result` say how it went.
+        Raises:
+            QueueFull, ClientLimitReached, StoreError: as `submit`.
+        """
+        with self._lock:
+            self._admit(client)
+            job = Job(new_id(), None, client, task=task)
+            try:
+                self.store.create_task(job.id, task.kind, task.describe(), client)
+            except StoreError as exc:
+                self._fault(exc)
+                raise
+            self._jobs[job.id] = job
+            self._waiting.append(job)
+            self._lock.notify_all()
+        return job
+
+    def _admit(self, client: str) -> None:
+        """Refuse a new job when the server closes, the line is full or the client has its share."""
+        if self._closed:
+            raise QueueFull("the server is shutting down")
+        if len(self._waiting) >= self.max_queued:
+            raise QueueFull(f"the queue is full ({len(self._waiting)} jobs waiting); try again in a few seconds")
+        mine = self.unfinished(client)
+        if mine >= self.per_client:
+            raise ClientLimitReached(f"you already have {mine} unfinished jobs (at most {self.per_client})")
+
+    def pending(self, kind: str) -> list[Job]:
+        """Waiting and running tasks of a kind (e.g. a model switch under way), oldest first."""
+        with self._lock:
+            return [j for j in [*self._running, *self._waiting] if j.task is not None and j.task.kind == kind]
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -292,15 +342,40 @@ class JobQueue:
         if job.finished:
             return
         try:
-            self.store.set_status(job.id, status, error, tb)
+            if job.task is not None:
+                self.store.set_task_status(job.id, status, job.result, error, tb)
+            else:
+                self.store.set_status(job.id, status, error, tb)
             self._cleared("database")
         except StoreError as exc:
             self._fault(exc)
         job._update(status=status, error=error, traceback=tb, finished_at=time.time())
 
-    def _run(self, job: Job) -> None:
+    def _run_task(self, job: Job) -> None:
         try:
-            self.store.set_status(job.id, "running")
+            self.store.set_task_status(job.id, "running")
+        except StoreError as exc:
+            self._fault(exc)
+            self._finish(job, "failed", f"could not record the job: {exc}")
+            return
+        job._update(status="running", started=time.time())
+        try:
+            result = job.task.run(self, lambda report: job._update(task_progress=report), job.cancel_token)
+        except GenerationCancelled:
+            self._finish(job, *(("failed", INTERRUPTED) if self._closed else ("cancelled",)))
+            return
+        except Exception as exc:  # noqa: BLE001 - the worker must survive any single job
+            log.exception("%s job %s failed", job.task.kind, job.id)
+            self._finish(job, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            return
+        job.result = result
+        self._finish(job, "done")
+
+    def _run(self, job: Job) -> None:
+        if job.task is not None:
+            return self._run_task(job)
+        try:  # the model that runs it: a model switch queued before it may have changed it since submission
+            self.store.set_status(job.id, "running", model=self.engine.identity)
         except StoreError as exc:
             self._fault(exc)
             self._finish(job, "failed", f"could not record the job: {exc}")

@@ -9,6 +9,10 @@ from .queue import JobQueue
 
 
 def open_queue(settings: Settings, engine: CascadeEngine | None = None) -> JobQueue:
+    from .switch import current_choice
+
     engine = engine or CascadeEngine.from_settings(settings)
     store = HistoryStore(settings.history_db or settings.output_dir / "history.sqlite", settings.output_dir)
-    return JobQueue(engine, store, max_queued=settings.max_queued, per_client=settings.per_client_jobs)
+    queue = JobQueue(engine, store, max_queued=settings.max_queued, per_client=settings.per_client_jobs)
+    queue.settings, queue.model_choice = settings, current_choice(settings, engine)
+    return queue

@@ -69,3 +69,46 @@ class Health(BaseModel):
     dtype: str
     speedups: str
     queue: dict[str, int]
+
+
+class TaskView(BaseModel):
+    """A job that is not a generation: a model switch, a LoRA training."""
+
+    id: str
+    kind: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    spec: dict
+    position: int | None = Field(description="0 while running, 1 for the next to run, ...; null once ended")
+    progress: dict | None = Field(None, description="e.g. {'stage': 'loading prior', 'step': 2, 'total': 7}")
+    result: dict | None = None
+    error: str | None = None
+    created: float
+    finished: float | None = None
+
+
+class ModelEntry(BaseModel):
+    """One model this server can run (OpenAI's model object, with our label and whether it is loaded)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "cascade-studio"
+    label: str
+    loaded: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
+class ModelState(BaseModel):
+    loaded: ModelEntry
+    device: str
+    dtype: str
+    switchable: bool = Field(description="false when the server was started with --no-model-switch")
+    switches: list[TaskView] = Field(description="model switches waiting or running")
+
+
+class SwitchRequest(BaseModel):
+    model: str = Field(description="an id from GET /v1/models", examples=["lite"])

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL, seed INTEGER NOT NULL,
     path TEXT NOT NULL, created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, created REAL NOT NULL, finished REAL, status TEXT NOT NULL,
+    client TEXT NOT NULL, spec TEXT NOT NULL, result TEXT, error TEXT, traceback TEXT
+);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created DESC);
 CREATE INDEX IF NOT EXISTS images_job ON images(job_id, idx);
 """
@@ -54,6 +58,21 @@ class StoreError(RuntimeError):
     def __init__(self, what: str, exc: BaseException):
         super().__init__(f"{what}: {exc}")
         self.what = what  # "database" or "images"
+
+
+class TaskRecord(BaseModel):
+    """A job that is not a generation (a model switch, a LoRA training), as the store keeps it."""
+
+    id: str
+    kind: str
+    created: float
+    finished: float | None
+    status: str
+    client: str
+    spec: dict
+    result: dict | None
+    error: str | None
+    traceback: str | None = None
 
 
 class ImageRecord(BaseModel):
@@ -121,12 +140,12 @@ class HistoryStore:
 
     def _fail_interrupted(self) -> int:
         """Jobs a crash left queued or running are marked failed: never silently lost, never 'running' forever."""
+        count = 0
         with self._writing() as db:
-            cur = db.execute(
-                "UPDATE jobs SET status='failed', error=?, finished=? WHERE status IN (?, ?)",
-                (INTERRUPTED, time.time(), *ACTIVE),
-            )
-        return cur.rowcount
+            for table in ("jobs", "tasks"):
+                sql = f"UPDATE {table} SET status='failed', error=?, finished=? WHERE status IN (?, ?)"
+                count += db.execute(sql, (INTERRUPTED, time.time(), *ACTIVE)).rowcount
+        return count
 
     def _remove_leftovers(self) -> list[Path]:
         """Files a crash left: temporary PNGs of an unfinished write, and images of jobs whose result was never
@@ -158,13 +177,22 @@ class HistoryStore:
                 (job_id, time.time(), client, request.model_dump_json(), model.model_dump_json()),
             )
 
-    def set_status(self, job_id: str, status: str, error: str | None = None, traceback: str | None = None) -> None:
+    def set_status(
+        self,
+        job_id: str,
+        status: str,
+        error: str | None = None,
+        traceback: str | None = None,
+        model: ModelIdentity | None = None,
+    ) -> None:
         finished = None if status in ACTIVE else time.time()
         with self._writing() as db:
             db.execute(
                 "UPDATE jobs SET status=?, error=?, traceback=?, finished=? WHERE id=?",
                 (status, error, traceback, finished, job_id),
             )
+            if model is not None:
+                db.execute("UPDATE jobs SET model=? WHERE id=?", (model.model_dump_json(), job_id))
 
     def save_result(self, job_id: str, result: GenerationResult) -> list[ImageRecord]:
         """Write every image (PNG with metadata, atomically), then record them and mark the job done. If any write
@@ -207,6 +235,56 @@ class HistoryStore:
     def _unlink(self, records: list[ImageRecord]) -> None:
         for record in records:
             self.image_file(record).unlink(missing_ok=True)
+
+    def create_task(self, task_id: str, kind: str, spec: dict, client: str) -> None:
+        with self._writing() as db:
+            db.execute(
+                "INSERT INTO tasks (id, kind, created, status, client, spec) VALUES (?, ?, ?, 'queued', ?, ?)",
+                (task_id, kind, time.time(), client, json.dumps(spec)),
+            )
+
+    def set_task_status(
+        self,
+        task_id: str,
+        status: str,
+        result: dict | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        finished = None if status in ACTIVE else time.time()
+        result_json = json.dumps(result) if result is not None else None
+        with self._writing() as db:
+            db.execute(
+                "UPDATE tasks SET status=?, result=?, error=?, traceback=?, finished=? WHERE id=?",
+                (status, result_json, error, traceback, finished, task_id),
+            )
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        tasks = self._tasks("WHERE id=?", (task_id,))
+        return tasks[0] if tasks else None
+
+    def list_tasks(self, kind: str, limit: int = 50) -> list[TaskRecord]:
+        """Newest first."""
+        return self._tasks("WHERE kind=? ORDER BY created DESC LIMIT ?", (kind, limit))
+
+    def _tasks(self, clause: str, args: tuple) -> list[TaskRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM tasks {clause}", args).fetchall()
+        return [
+            TaskRecord(
+                id=r["id"],
+                kind=r["kind"],
+                created=r["created"],
+                finished=r["finished"],
+                status=r["status"],
+                client=r["client"],
+                spec=json.loads(r["spec"]),
+                result=json.loads(r["result"]) if r["result"] else None,
+                error=r["error"],
+                traceback=r["traceback"],
+            )
+            for r in rows
+        ]
 
     def image_file(self, record: ImageRecord) -> Path:
         return self.output_dir / record.path

@@ -17,6 +17,7 @@ from ..service.guard import IMAGE_BODY
 from . import handlers as h
 from .handlers import FormValues, Studio, StudioError
 from .panels.form import build_prompt_bar, build_settings, wire_form
+from .panels.models import build_model_picker, wire_models
 from .panels.results import build_results, client_of, wire_generate, wire_selection
 from .panels.tabs import (
     build_compare,
@@ -103,16 +104,19 @@ PAGE = {"theme": THEME, "css": CSS, "js": JS}  # what mount() and a Space's laun
 
 def build_app(studio: Studio) -> gr.Blocks:
     store = studio.store
-    sizes = studio.size_choices()
 
     def preset_for(width: int, height: int) -> str:
-        """The size choice showing width × height, or Custom."""
-        return next((c for c in sizes if c.startswith(f"{width}×{height} ")), h.CUSTOM)
+        """The size choice showing width × height, or Custom (of the model loaded now: a switch changes them)."""
+        return next((c for c in studio.size_choices() if c.startswith(f"{width}×{height} ")), h.CUSTOM)
+
+    def sizes_of() -> tuple[list[str], str]:
+        d = studio.engine.request(prompt="")
+        return studio.size_choices(), preset_for(d.width, d.height)
 
     with gr.Blocks(title="cascade-studio") as demo:
         # 1. Header: what this is and which model runs.
         gr.Markdown("# cascade-studio · Stable Cascade", elem_id="title")
-        gr.Markdown(studio.model_banner(), elem_id="model-banner")
+        picker = build_model_picker(studio)
 
         # 2. Layout: the Generate tab (prompt bar, result, settings) and the other tabs.
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -156,6 +160,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             history.page_label,
         ]
         wire_form(studio, form)
+        wire_models(studio, picker, form, sizes_of)
         wire_generate(studio, form, results, after_done, elsewhere)
         wire_selection(studio, form, results, preset_for)
         wire_compare(studio, compare)

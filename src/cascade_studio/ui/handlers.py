@@ -203,6 +203,13 @@ def _seed(value: str | float | None, problems: list[str]) -> int | None:
     return None
 
 
+def submit_task(studio: Studio, task, client: str) -> Job:
+    try:
+        return studio.queue.submit_task(task, client=client)
+    except (QueueFull, ClientLimitReached) as exc:
+        raise StudioError(str(exc)) from None
+
+
 def submit(studio: Studio, request: GenerationRequest, client: str) -> Job:
     try:
         return studio.queue.submit(request, client=client)
@@ -226,7 +233,7 @@ def status_text(studio: Studio, job: Job) -> str:
     return f"{_state_text(studio, job)} · job {job.id[:8]}"
 
 
-def _ordinal(n: int) -> str:
+def ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
@@ -236,7 +243,7 @@ def _state_text(studio: Studio, job: Job) -> str:
         stats = studio.queue.stats()
         mine = studio.queue.unfinished(job.client)
         return (
-            f"**Queued:** {_ordinal(position)} in line · {stats['queued']} waiting, {stats['running']} running · "
+            f"**Queued:** {ordinal(position)} in line · {stats['queued']} waiting, {stats['running']} running · "
             f"you have {mine} unfinished"
         )
     if job.status == "running":

@@ -9,6 +9,9 @@ warm-up, from a single process; compare numbers only within one run (this machin
 
 from __future__ import annotations
 
+import cascade_studio  # noqa: F401 - first: it makes torchvision importable (see _torchvision.py)
+
+# isort: split
 import argparse
 import json
 import platform

@@ -11,6 +11,9 @@ Prints shape right per t0 and split and writes bench/results/decoder_denoise-<mo
 
 from __future__ import annotations
 
+import cascade_studio  # noqa: F401 - first: it makes torchvision importable (see _torchvision.py)
+
+# isort: split
 import argparse
 import json
 from pathlib import Path

@@ -12,6 +12,9 @@ Prints the rates and writes bench/results/decoder_oracle-<shapes>-<steps>.json (
 
 from __future__ import annotations
 
+import cascade_studio  # noqa: F401 - first: it makes torchvision importable (see _torchvision.py)
+
+# isort: split
 import argparse
 import json
 import random

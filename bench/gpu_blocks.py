@@ -23,6 +23,9 @@ row, so a run cut short keeps what it measured.
 
 from __future__ import annotations
 
+import cascade_studio  # noqa: F401 - first: it makes torchvision importable (see _torchvision.py)
+
+# isort: split
 import argparse
 import json
 import platform

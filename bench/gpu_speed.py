@@ -28,6 +28,9 @@ batch-1 image of the last row, per part and by kernel: the next thing to speed u
 
 from __future__ import annotations
 
+import cascade_studio  # noqa: F401 - first: it makes torchvision importable (see _torchvision.py)
+
+# isort: split
 import argparse
 import contextlib
 import gc

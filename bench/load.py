@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import cascade_studio  # noqa: F401 - first: it makes torchvision importable (see _torchvision.py)
+
+# isort: split
 import argparse
 import json
 import socket

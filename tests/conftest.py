@@ -34,6 +34,12 @@ def engine(tiny_model_dir) -> CascadeEngine:
     return CascadeEngine.from_settings(Settings(model=str(tiny_model_dir), device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def demo_engine() -> CascadeEngine:
+    """The bundled demo model (128x128 shapes), as `--model demo` loads it."""
+    return CascadeEngine.from_settings(Settings(model="demo", device="cpu"))
+
+
 def write_hub_snapshot(cache: Path, repo: str, commit: str, source: Path, subfolders: list[str]) -> Path:
     """Lay out `subfolders` of `source` as huggingface_hub caches a download of `repo` at `commit`."""
     repo_dir = cache / ("models--" + repo.replace("/", "--"))

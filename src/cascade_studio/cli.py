@@ -129,10 +129,111 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     given = {k: v for k, v in fields.items() if v is not None}
+    files = {}
+    if args.lora:
+        given["loras"], files = _lora_args(args.lora)
     make_request(**given)  # bad input fails here, before any model loads
     settings = _settings(args)
     engine = _load_engine(settings)
+    for path in files.values():
+        engine.lora_library.add(path)
     _run(engine, engine.request(**given), settings.output_dir)
+    return 0
+
+
+def _lora_args(values: list[str]) -> tuple[list[dict], dict[str, Path]]:
+    """--lora NAME_OR_PATH[:WEIGHT] (repeatable) -> request entries, and the files given by path."""
+    loras, files = [], {}
+    for value in values:
+        name, sep, weight = value.rpartition(":")
+        if not sep or not _is_number(weight):
+            name, weight = value, "1"
+        path = Path(name).expanduser()
+        if path.suffix == ".safetensors" or path.is_file():
+            if not path.is_file():
+                raise UsageError(f"lora: {path} is not a file")
+            files[path.stem] = path
+            name = path.stem
+        loras.append({"name": name, "weight": float(weight)})
+    return loras, files
+
+
+def _prompt_lines(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"preserve-prompts: cannot read {path} ({exc})") from None
+    if not lines:
+        raise UsageError(f"preserve-prompts: {path} holds no prompts (one a line)")
+    return lines
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .train.lora import LoraTrainConfig, TrainingError, train_lora
+
+    settings = _settings(args)
+    cfg = LoraTrainConfig(
+        images=Path(args.images),
+        out=Path(args.out),
+        trigger=args.trigger,
+        rank=args.rank,
+        alpha=args.alpha,
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        resolution=args.resolution,
+        seed=args.seed,
+        resume=Path(args.resume) if args.resume else None,
+        sample_every=args.sample_every,
+        save_every=args.save_every,
+        decoder=args.decoder,
+        preserve=args.preserve,
+        preserve_prompts=_prompt_lines(args.preserve_prompts),
+    )
+    engine = _load_engine(settings)
+    bar = tqdm(total=1, desc="LoRA", unit="step", file=sys.stderr, disable=None)
+
+    def on_progress(p) -> None:
+        bar.total = p.total
+        bar.n = p.step
+        bar.set_postfix(loss=f"{p.loss:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
+        summary = train_lora(engine, cfg, log=lambda line: tqdm.write(line, file=sys.stderr), progress=on_progress)
+    except TrainingError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        bar.close()
+    print(summary["file"])
+    return 0
+
+
+def cmd_loras(args: argparse.Namespace) -> int:
+    """The LoRA folder's files: name, hash, what they adapt, their trigger words and base model."""
+    from .models.lora import LoraLibrary, lora_info
+
+    settings = _settings(args)
+    library = LoraLibrary(settings.lora_folder)
+    files = library.files()
+    print(f"LoRA folder: {library.folder} ({len(files)} files)")
+    for name, path in files.items():
+        info = lora_info(path)
+        trigger = f", trigger: {info['trigger_words']}" if info["trigger_words"] else ""
+        base = f", made for {info['base_model']}" if info["base_model"] else ""
+        print(f"  {name}  sha256:{info['sha256']}  {info['format']}, adapts {info['adapts']}{trigger}{base}")
     return 0
 
 
@@ -168,11 +269,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _check_revisions_on_disk(meta, settings)
     request = meta.alone() if args.alone else meta.request
-    _, paths = _run(_load_engine(settings), request, settings.output_dir, index=None if args.alone else meta.index)
+    engine = _load_engine(settings)
+    _find_loras(request, engine, args.lora or [])
+    _, paths = _run(engine, request, settings.output_dir, index=None if args.alone else meta.index)
     with Image.open(path) as a, Image.open(paths[0]) as b:
         diff = int(np.abs(np.asarray(a.convert("RGB"), int) - np.asarray(b.convert("RGB"), int)).max())
     print("identical pixels" if diff == 0 else f"max pixel difference {diff}/255", file=sys.stderr)
     return 0
+
+
+def _find_loras(request, engine, given: list[str]) -> None:
+    """The LoRAs the image was made with, from --lora files or the LoRA folder: which is missing, if one is."""
+    for path in given:
+        if not Path(path).is_file():
+            raise UsageError(f"lora: {path} is not a file")
+        engine.lora_library.add(Path(path))
+    known = engine.lora_library.files()
+    missing = [f"{lora.name} (sha256:{lora.sha256})" for lora in request.loras if lora.name not in known]
+    if missing:
+        raise UsageError(
+            f"reproduce: the image was made with the LoRA(s) {', '.join(missing)}, not in the LoRA folder "
+            f"{engine.lora_library.folder}; pass each with --lora PATH"
+        )
 
 
 def _check_single_files(meta, args) -> None:
@@ -325,6 +443,11 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance")
         if getattr(args, k) is not None
     }
+    files = {}
+    if args.lora:
+        if args.stage != "all":
+            raise UsageError("lora: LoRAs apply to text-to-image evaluation only (--stage all)")
+        settings["loras"], files = _lora_args(args.lora)
     make_request(prompt="", **settings)
     if args.model is None:
         args.model = "demo"
@@ -346,7 +469,10 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
             raise UsageError("stage: Stage A alone (vqgan) takes no sampling settings")
         report = evaluate_vqgan(_load_engine(config), n=args.n, seeds=seeds)
     else:
-        report = evaluate(_load_engine(config), n=args.n, seeds=seeds, **settings)
+        engine = _load_engine(config)
+        for path in files.values():
+            engine.lora_library.add(path)
+        report = evaluate(engine, n=args.n, seeds=seeds, **settings)
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(json_ready(report), indent=1))
@@ -362,7 +488,8 @@ def _existing(path: str) -> Path:
     return p
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
+    """The options that load a model; `output=False` where --out names something else (train-lora's file)."""
     p.add_argument(
         "--model",
         help="auto, demo, full, lite, or a folder in the official layout (default: "
@@ -394,7 +521,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="graphs: CUDA graphs, same pixels; compile: also compiled blocks, faster after a ~1 min "
         "warm-up (default auto: graphs on CUDA without offload)",
     )
-    p.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
+    if output:
+        p.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
+    p.add_argument(
+        "--lora-dir", dest="lora_dir", help="folder of LoRA files (default: <out>/loras, or $CASCADE_LORA_DIR)"
+    )
     p.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads for torch")
 
 
@@ -454,6 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior-guidance", type=float, help=ALLOWED["prior_guidance"] + " (default 4.0)")
     g.add_argument("--decoder-steps", type=int, help=ALLOWED["decoder_steps"] + " (default 10)")
     g.add_argument("--decoder-guidance", type=float, help=ALLOWED["decoder_guidance"] + " (default 0.0)")
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME_OR_PATH[:WEIGHT]",
+        help="apply a LoRA (a name in the LoRA folder, or a file), weight default 1; repeat to stack them. "
+        "<lora:name:weight> in the prompt works too",
+    )
     _add_model_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -464,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="regenerate a PNG from its metadata and compare the pixels")
     r.add_argument("image")
     r.add_argument("--alone", action="store_true", help="generate only this image, not its whole batch")
+    r.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH",
+        help="a LoRA file the image was made with, where it is not in the LoRA folder (repeatable)",
+    )
     _add_model_options(r)
     r.set_defaults(func=cmd_reproduce)
 
@@ -541,8 +685,58 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int)
     for name in ("prior-guidance", "decoder-guidance"):
         e.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float)
+    e.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME_OR_PATH[:WEIGHT]",
+        help="score with this LoRA loaded (repeatable): does it leave what the model knew alone?",
+    )
     _add_model_options(e)
     e.set_defaults(func=cmd_eval_demo)
+
+    lt = sub.add_parser("train-lora", help="train a LoRA on a folder of captioned pictures (name.png + name.txt)")
+    lt.add_argument("images", help="folder of pictures (png, jpg, webp), each with an optional caption .txt beside it")
+    lt.add_argument("--out", required=True, help="the LoRA file to write (NAME.safetensors)")
+    lt.add_argument(
+        "--trigger", help="a word for the concept: added to every caption, and the caption of pictures without one"
+    )
+    lt.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    lt.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    lt.add_argument("--steps", type=int, help="training steps (default: the model's, 600 for the demo)")
+    lt.add_argument("--lr", type=float, help="learning rate (default: 2e-3 for the demo, 1e-4 for the official)")
+    lt.add_argument("--batch", type=int, help="pictures a step (default: 16 for the demo, 1 for the official)")
+    lt.add_argument("--resolution", type=int, help="the long side, a multiple of 128 (default: the model's size)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--resume", help="a checkpoint's .resume.safetensors, to go on from where it stopped")
+    lt.add_argument("--sample-every", dest="sample_every", type=int, default=0, help="a sample picture every N steps")
+    lt.add_argument("--save-every", dest="save_every", type=int, default=0, help="a checkpoint every N steps")
+    lt.add_argument(
+        "--decoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also adapt Stage B (default: yes for the demo model, no for the official ones)",
+    )
+    lt.add_argument(
+        "--preserve",
+        type=int,
+        metavar="N",
+        help="N pictures the base model draws from the captions without the trigger word, trained on beside yours "
+        "so the LoRA changes only what the word adds (default: 40 for the demo model, 0 for the official ones)",
+    )
+    lt.add_argument(
+        "--preserve-prompts",
+        dest="preserve_prompts",
+        metavar="FILE",
+        help="the prompts they are drawn from, one a line (default: the demo model's own scenes, or your "
+        "captions without the trigger word)",
+    )
+    _add_model_options(lt, output=False)
+    lt.set_defaults(func=cmd_train_lora)
+
+    lo = sub.add_parser("loras", help="list the LoRA files in the LoRA folder")
+    lo.add_argument("--lora-dir", dest="lora_dir", help="the folder (default: <out>/loras, or $CASCADE_LORA_DIR)")
+    lo.add_argument("--out", dest="output_dir", help="output folder (default: ./outputs)")
+    lo.set_defaults(func=cmd_loras)
 
     m = sub.add_parser("models", help="list the Stable Cascade weights on this machine and their disk use")
     _add_hub_options(m)

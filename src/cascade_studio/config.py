@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     decoder_revision: str | None = Field(None, description="Revision (commit, tag, branch) of the decoder repo.")
     prior_file: Path | None = Field(None, description="Stability's original-format Stage C file, for the prior.")
     decoder_file: Path | None = Field(None, description="Stability's original-format Stage B file, for the decoder.")
+    lora_dir: Path | None = Field(
+        None,
+        description="Folder of LoRA files (.safetensors); a LoRA is asked for by its file name without the suffix.",
+    )
     model_dir: Path | None = Field(
         None,
         description="Folder of local models (model folders, single-file checkpoints) the studio and API can switch to.",
@@ -52,3 +56,8 @@ class Settings(BaseSettings):
     max_queued: int = Field(16, ge=1, le=1000, description="Jobs that may wait; more are refused (queue full).")
     per_client_jobs: int = Field(4, ge=1, le=100, description="Unfinished jobs one client may have at once.")
     api_token: str | None = Field(None, description="If set, /v1 requests need 'Authorization: Bearer <token>'.")
+
+    @property
+    def lora_folder(self) -> Path:
+        """Where LoRAs are found by name and trained LoRAs land: lora_dir, else <output_dir>/loras."""
+        return Path(self.lora_dir or self.output_dir / "loras").expanduser()

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from . import __version__
-from .engine.request import GenerationRequest
+from .engine.request import GenerationRequest, split_lora_tags
 from .models.source import ModelIdentity
 
 _UMASK = os.umask(0)
@@ -65,7 +65,8 @@ def _quote(value: Any) -> str:
 
 def parameters_text(meta: ImageMetadata) -> str:
     req = meta.request
-    lines = [req.prompt]
+    tags = " ".join(f"<lora:{lora.name}:{lora.weight:g}>" for lora in req.loras)  # A1111 keeps them in the prompt
+    lines = [f"{req.prompt} {tags}".strip()]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     fields = {
@@ -77,6 +78,7 @@ def parameters_text(meta: ImageMetadata) -> str:
         "Model": meta.model.name if meta.model else None,
         "Decoder steps": req.decoder_steps,
         "Decoder CFG scale": req.decoder_guidance,
+        "Lora hashes": ", ".join(f"{lora.name}: {lora.sha256}" for lora in req.loras if lora.sha256) or None,
         "Version": f"cascade-studio {__version__}",
     }
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
@@ -102,6 +104,16 @@ def parse_parameters(text: str) -> dict[str, Any]:
         elif key == "Size" and "x" in raw:
             width, height = raw.split("x", 1)
             fields["width"], fields["height"] = int(width), int(height)
+    # <lora:name:weight> tags become the request's LoRAs (as make_request reads them), with A1111's hashes.
+    prompt, loras = split_lora_tags(fields["prompt"])
+    if loras:
+        hashes = dict(
+            part.strip().split(": ", 1) for part in params.get("Lora hashes", "").strip('"').split(",") if ": " in part
+        )
+        fields["prompt"] = prompt
+        fields["loras"] = [
+            lora | ({"sha256": hashes[lora["name"]]} if lora["name"] in hashes else {}) for lora in loras
+        ]
     return fields
 
 

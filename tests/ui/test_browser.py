@@ -281,7 +281,7 @@ def test_cancel_stops_a_sweep(browser, studio_url, studio_out):
 
 def test_phone_layout_shows_the_result_after_generate_and_every_tab(browser, studio_url):
     phone = open_page(browser, studio_url, 390, 844)
-    for name in ("Generate", "Compare A/B", "Sweep", "History", "PNG info"):  # no tab hidden behind a "⋯" menu
+    for name in ("Generate", "Compare A/B", "Sweep", "History", "PNG info", "Train"):  # none hidden in a "⋯" menu
         tab = phone.get_by_role("button", name=name, exact=True).or_(phone.get_by_role("tab", name=name)).first
         assert tab.is_visible(), name
     phone.locator("#prompt textarea").fill(PROMPT)
@@ -312,6 +312,49 @@ def test_history_search_and_select(page):
     page.wait_for_function("document.querySelector('#history-details').innerText.includes('Seed:')")
     assert in_viewport(page, "#history-details") or page.locator("#history-details").is_visible()
     shot(page, "8-history")
+
+
+def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path):
+    """Pictures uploaded with their kohya captions, a short training with its loss and samples shown as it runs,
+    then the new LoRA picked on the Generate tab, its trigger word put in the prompt, and the image made with it."""
+    from cascade_studio.train.concepts import write_concept
+
+    folder = write_concept("teal", tmp_path / "teal", n=6)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-files input[type=file]").set_input_files(sorted(str(p) for p in folder.iterdir()))
+    page.wait_for_function(
+        "document.querySelector('#train-captions [role=grid]').getAttribute('aria-rowcount') === '7'", timeout=30_000
+    )  # a header and one row a picture, with the caption from its .txt
+    table = page.locator("#train-captions").inner_text()
+    assert "teal-00.png" in table and (folder / "teal-00.txt").read_text() in table
+    page.locator("#train-name input").fill("browser-teal")
+    page.locator("#train-trigger input").fill("teal")
+    set_number(page, "train-steps", 24)
+    set_number(page, "train-sample-every", 8)
+    set_number(page, "train-preserve", 4)
+    page.locator("#train-start").click()
+    page.wait_for_function(
+        "document.querySelector('#train-status').innerText.includes('Training step')", timeout=120_000
+    )
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes('Done')", timeout=240_000)
+    assert "browser-teal" in page.locator("#train-status").inner_text()
+    page.wait_for_function("!document.querySelector('#train-start').disabled")  # ready for the next one
+    assert page.locator("#train-samples img").count() == 3  # steps 8, 16 and 24
+    assert page.locator("#train-loss canvas, #train-loss svg").count() >= 1
+    shot(page, "9-train")
+
+    page.get_by_role("tab", name="Generate").click()
+    if not page.locator("#lora-1").is_visible():
+        page.locator("#loras").get_by_text("LoRAs").first.click()
+    page.locator("#lora-1 input").click()
+    page.get_by_role("option", name="browser-teal").click()
+    page.wait_for_function("document.querySelector('#lora-words').innerText.includes('browser-teal: teal')")
+    page.locator("#prompt textarea").fill("a circle on a white background")
+    page.locator("#lora-insert").click()
+    page.wait_for_function("document.querySelector('#prompt textarea').value.startsWith('teal, a circle')")
+    generate(page)
+    page.wait_for_function("document.querySelector('#details').innerText.includes('browser-teal × 1')")
+    shot(page, "10-lora")
 
 
 def test_api_docs_render_offline(browser, studio_url):

@@ -261,3 +261,83 @@ def test_many_generations_page_past_the_first_page(studio):
         studio.store.set_status(f"{i:032x}", "done")
     first, second = h.history_page(studio.store, page=1), h.history_page(studio.store, page=2)
     assert first.pages == 2 and first.total_jobs == 30 and second.page == 2
+
+
+# --- LoRAs and training ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def demo_studio(tmp_path, demo_engine):
+    """The demo model (a closed vocabulary, so unknown words are marked) with a LoRA folder holding one LoRA whose
+    header names its trigger word."""
+    from cascade_studio.models.lora import LoraLibrary
+    from tests.models.test_lora import write
+
+    saved = demo_engine.lora_library
+    demo_engine.lora_library = LoraLibrary(tmp_path / "loras")
+    demo_engine.lora_library.folder.mkdir()
+    write(demo_engine, "style", metadata={"cascade_studio.trigger_words": "tealish"})
+    store = HistoryStore(tmp_path / "h.sqlite", tmp_path / "out")
+    queue = JobQueue(demo_engine, store, max_queued=4, per_client=4)
+    yield Studio(queue, store)
+    queue.close()
+    demo_engine.remove_loras()
+    demo_engine.lora_library = saved
+
+
+def test_picked_loras_reach_the_request_and_the_image_details(demo_studio):
+    studio = demo_studio
+    assert studio.lora_names() == ["style"]
+    picked = form(width=128, height=128, num_images=1, lora_1="style", lora_1_weight=0.5, lora_3=h.NO_LORA)
+    request = h.build_request(studio, picked)
+    assert [(lora.name, lora.weight) for lora in request.loras] == [("style", 0.5)]
+    assert request.loras[0].sha256 and len(request.loras[0].sha256) == 12
+    job = studio.queue.submit(request)
+    for _ in job.watch():
+        pass
+    assert job.status == "done", job.error
+    record = studio.store.get_job(job.id)
+    assert f"**LoRAs:** style × 0.5 (sha256 {request.loras[0].sha256})" in h.image_details(record, 0)
+    plain = h.build_request(studio, form(width=128, height=128))
+    assert "LoRAs none → style × 0.5" in h.describe_changes(plain, 5, request, 5)
+
+    with pytest.raises(StudioError, match=r"loras\.0\.weight: .*-4 to 4"):
+        h.build_request(studio, picked.__class__(**(picked.as_dict() | {"lora_1_weight": 9})))
+    with pytest.raises(StudioError, match=r"loras\.0\.weight"):
+        h.build_request(studio, picked.__class__(**(picked.as_dict() | {"lora_1_weight": None})))
+    with pytest.raises(StudioError, match=r"loras\.0\.name: no LoRA named 'gone'.*known: style"):
+        h.build_request(studio, form(lora_1="gone"))
+
+
+def test_trigger_words_are_shown_inserted_once_and_not_marked_unknown(demo_studio):
+    studio = demo_studio
+    assert studio.lora_words_text(["style", h.NO_LORA]) == "**style**: tealish"
+    assert studio.with_trigger_words("a red circle", ["style"]) == "tealish, a red circle"
+    assert studio.with_trigger_words("tealish, a red circle", ["style"]) == "tealish, a red circle"
+    assert studio.with_trigger_words("", ["style"]) == "tealish"
+    assert "<mark>tealish</mark>" in h.token_info(studio, "a tealish circle")
+    assert "tealish" not in h.token_info(studio, "a tealish circle", ("style",))
+
+
+def test_the_train_tab_reads_captions_and_names_what_is_missing(tmp_path):
+    from cascade_studio.ui.panels.train import caption_rows, training_spec
+
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (32, 32), "teal").save(tmp_path / name)
+    (tmp_path / "a.txt").write_text("a teal square\n")
+    paths = [str(tmp_path / n) for n in ("b.png", "a.png", "a.txt")]
+    rows = caption_rows(paths)
+    assert rows == [["a.png", "a teal square"], ["b.png", ""]]
+
+    with pytest.raises(StudioError, match="caption: b.png has no caption; write one or give a trigger word"):
+        training_spec(paths, rows, name="mine")
+    rows[1][1] = "a teal circle"  # edited in the table
+    spec = training_spec(paths, rows, name="mine", steps=20.0, rank=4.0, trigger="")
+    assert [p.caption for p in spec.images] == ["a teal square", "a teal circle"] and spec.steps == 20
+    assert training_spec(paths, [], name="mine", trigger="sks").trigger == "sks"
+    with pytest.raises(StudioError, match="pictures: add 1 to 200 pictures"):
+        training_spec([str(tmp_path / "a.txt")], [], name="mine", trigger="sks")
+    with pytest.raises(StudioError, match="name: .*letters, digits"):
+        training_spec(paths, rows, name="my lora!")
+    with pytest.raises(StudioError, match=r"steps: must be a whole number from 1 to 1000000 \(got 0\)"):
+        training_spec(paths, rows, name="mine", steps=0)

@@ -14,21 +14,26 @@ What it adds to calling the two pipelines directly:
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..config import Settings
 from ..models.device import resolve_device, resolve_dtype
+from ..models.errors import ModelConfigError
+from ..models.image_encoder import load_image_encoder
 from ..models.loading import CascadePipelines, load_pipelines
+from ..models.lora import LoraLibrary, LoraStack, LoraWeights, read_lora
 from ..models.source import ModelIdentity, source_for
 from .cache import LRUCache
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
-from .request import GenerationRequest, make_request
-from .speed import Speedup, optimize, release, resolve_speedup
+from .request import GenerationRequest, RequestError, make_request
+from .speed import Speedup, optimize, release, reset_graphs, resolve_speedup
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -93,8 +98,18 @@ class CascadeEngine:
         speedup: Speedup = "off",
         text_cache_size: int = 32,
         prior_cache_size: int = 8,
+        lora_dir: Path | None = None,
     ):
         self.pipelines = pipelines
+        self.lora_library = LoraLibrary(lora_dir)
+        self.loras = LoraStack(
+            {
+                "prior": pipelines.prior.prior,
+                "decoder": pipelines.decoder.decoder,
+                "text_encoder": pipelines.prior.text_encoder,
+            }
+        )
+        self._lora_files: LRUCache[LoraWeights] = LRUCache(16)
         self._text_cache: LRUCache[Embeddings] = LRUCache(text_cache_size)
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
         self._lock = threading.Lock()
@@ -127,7 +142,34 @@ class CascadeEngine:
         source = source_for(settings)
         speedup = resolve_speedup(settings.speedup, device, settings.cpu_offload)
         pipelines = load_pipelines(source, device, dtype, cpu_offload=settings.cpu_offload, progress=progress)
-        return cls(pipelines, speedup=speedup)
+        return cls(pipelines, speedup=speedup, lora_dir=settings.lora_folder)
+
+    def image_encoder(self) -> torch.nn.Module:
+        """The model's image encoder (image -> Stage C latent), loaded the first time it is needed.
+
+        Raises:
+            ModelConfigError: the model has none on disk (the official one comes with `cascade-studio download`).
+        """
+        if getattr(self, "_image_encoder", None) is None:
+            path = self.pipelines.image_encoder_path
+            if path is None:
+                raise ModelConfigError(
+                    f"image encoder: {self.identity.name} has none on this machine "
+                    "(for the official models `cascade-studio download full` fetches "
+                    "effnet_encoder.safetensors)"
+                )
+            self._image_encoder = load_image_encoder(path, self.pipelines.device, self.pipelines.dtype)
+        return self._image_encoder
+
+    def remove_loras(self) -> None:
+        """Back to the base model (LoRA training adapts the bare model, whatever the last request used)."""
+        if self.loras.activate([]):
+            reset_graphs(self.pipelines)
+
+    def clear_caches(self) -> None:
+        """Forget cached text embeddings and prior outputs (the weights under them changed: LoRA training)."""
+        self._text_cache.clear()
+        self._prior_cache.clear()
 
     def close(self) -> None:
         """Let go of the model: weights, caches, CUDA graphs and compiled blocks, so a model switch can reuse the
@@ -135,6 +177,7 @@ class CascadeEngine:
         with self._lock:
             self._text_cache.clear()
             self._prior_cache.clear()
+            self.loras.unload()
             for hook in self._hooks:
                 hook.remove()
             self._hooks.clear()
@@ -156,11 +199,13 @@ class CascadeEngine:
         }
 
     def request(self, /, **fields) -> GenerationRequest:
-        """A validated request in which unset fields take this model's defaults (the demo model: 128x128)."""
-        return make_request(**(self.pipelines.defaults | fields))
+        """A validated request in which unset fields take this model's defaults (the demo model: 128x128), its
+        LoRAs found and checked against this model."""
+        return self.prepare(make_request(**(self.pipelines.defaults | fields)))
 
-    def prompt_report(self, text: str) -> PromptReport:
-        """Tokens used of the window, the whole words past it, and unknown words (closed-vocabulary models)."""
+    def prompt_report(self, text: str, known: frozenset[str] = frozenset()) -> PromptReport:
+        """Tokens used of the window, the whole words past it, and unknown words (closed-vocabulary models; `known`:
+        words the active LoRAs were trained on)."""
         tokenizer = self.pipelines.prior.tokenizer
         limit = tokenizer.model_max_length - 2  # the window holds the start and end tokens too
         words = text.split()
@@ -176,7 +221,7 @@ class CascadeEngine:
         if help_.get("closed_vocabulary"):
             vocab = tokenizer.get_vocab()
             stripped = (w.strip(".,;:!?\"'()").lower() for w in words)
-            unknown = tuple(dict.fromkeys(w for w in stripped if w and f"{w}</w>" not in vocab))
+            unknown = tuple(dict.fromkeys(w for w in stripped if w and f"{w}</w>" not in vocab and w not in known))
         return PromptReport(
             tokens=len(tokenizer(text, truncation=False).input_ids) - 2,
             limit=limit,
@@ -206,23 +251,90 @@ class CascadeEngine:
             GenerationCancelled: the token was set; nothing of the unfinished run is kept.
             torch.OutOfMemoryError: the device ran out of memory (the job queue fails only that job).
         """
-        request = request.with_seed()
+        request = self.prepare(request).with_seed()
         cancel = cancel or CancelToken()
-        with self._lock, torch.inference_mode():
-            self._cancel = cancel
-            try:
-                return self._generate(request, progress, cancel)
-            finally:
-                self._cancel = None
+        with self._lock:
+            lora_key = self._activate_loras(request)  # outside inference mode: peft's layers must stay trainable
+            with torch.inference_mode():
+                self._cancel = cancel
+                try:
+                    return self._generate(request, progress, cancel, lora_key)
+                finally:
+                    self._cancel = None
 
-    def _generate(self, request: GenerationRequest, progress: ProgressCallback | None, cancel: CancelToken):
+    def read_lora(self, path: Path) -> LoraWeights:
+        """A LoRA file read and mapped onto this model (kept for the next run while the file is unchanged)."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        weights = self._lora_files.get(key)
+        if weights is None:
+            weights = read_lora(path, self.loras.models)
+            self._lora_files.put(key, weights)
+        return weights
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with each LoRA found, checked against this model and its file's hash filled in.
+
+        Raises:
+            RequestError: a LoRA that is not there, does not fit this model, or is not the file a hash names.
+        """
+        if not request.loras:
+            return request
+        problems, specs = [], []
+        for i, spec in enumerate(request.loras):
+            try:
+                weights = self.read_lora(self.lora_library.find(spec.name))
+            except ModelConfigError as exc:
+                problems.append(f"loras.{i}.name: {str(exc).removeprefix('lora: ')}")
+                continue
+            if spec.sha256 and spec.sha256 != weights.sha256:
+                problems.append(
+                    f"loras.{i}.sha256: the file named {spec.name!r} here is sha256:{weights.sha256}, "
+                    f"not the sha256:{spec.sha256} asked for"
+                )
+            specs.append(spec.model_copy(update={"sha256": weights.sha256}))
+        if problems:
+            raise RequestError(problems)
+        return request.model_copy(update={"loras": specs})
+
+    def warnings(self, request: GenerationRequest) -> list[str]:
+        """What to tell the person about their prompt: words cut off, words the model (and its LoRAs) never saw."""
+        return self.prompt_report(request.prompt, self.lora_words(request)).warnings
+
+    def lora_words(self, request: GenerationRequest) -> frozenset[str]:
+        """The words the request's LoRAs were trained on (their trigger words and captions, as the files say)."""
+        return self.words_of_loras([spec.name for spec in request.loras])
+
+    def words_of_loras(self, names: list[str]) -> frozenset[str]:
+        words: set[str] = set()
+        for name in names:
+            try:
+                metadata = self.read_lora(self.lora_library.find(name)).metadata
+            except (ModelConfigError, OSError):
+                continue  # gone since the request was checked: its run says so
+            for key in ("cascade_studio.trigger_words", "cascade_studio.caption_words"):
+                words |= {w.lower() for w in re.split(r"[,\s]+", metadata.get(key, "")) if w}
+        return frozenset(words)
+
+    def _activate_loras(self, request: GenerationRequest) -> tuple:
+        """Put exactly the request's LoRAs on the model; their key, for the caches (and CUDA graphs, captured with
+        the layers they had, are captured again)."""
+        loras = [(self.read_lora(self.lora_library.find(s.name)), s.weight) for s in request.loras]
+        if self.loras.activate(loras):
+            reset_graphs(self.pipelines)
+        return self.loras.key()
+
+    def _generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None, cancel: CancelToken, lora_key: tuple = ()
+    ):
         start = time.perf_counter()
         timings: dict[str, float] = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
-        warnings = self.prompt_report(request.prompt).warnings
+        warnings = self.warnings(request)
         if cancel.cancelled:
             raise GenerationCancelled
 
-        text_key = (request.prompt, request.negative_prompt)
+        text_loras = lora_key if "text_encoder" in self.loras.roles else ()  # a LoRA of the text encoder too
+        text_key = (request.prompt, request.negative_prompt, text_loras)
         embeddings = self._text_cache.get(text_key)
         if embeddings is None:
             t = time.perf_counter()
@@ -231,7 +343,15 @@ class CascadeEngine:
             timings["text"] = _done(self.pipelines.device) - t
 
         seeds = request.image_seeds
-        prior_key = (text_key, request.width, request.height, request.prior_steps, request.prior_guidance, tuple(seeds))
+        prior_key = (
+            text_key,
+            lora_key,
+            request.width,
+            request.height,
+            request.prior_steps,
+            request.prior_guidance,
+            tuple(seeds),
+        )
         latents = self._prior_cache.get(prior_key)
         prior_cached = latents is not None
         if latents is None:

@@ -7,6 +7,7 @@ message that names the field and the allowed values.
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 128, 128, 2048
 MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 100, 20.0, 8
+MAX_LORAS, MAX_LORA_WEIGHT = 8, 4.0
 
 # The allowed values of each field, in words: used for error messages, CLI help and UI hints alike.
 ALLOWED = {
@@ -29,12 +31,44 @@ ALLOWED = {
     "decoder_guidance": f"a finite number from 0 to {MAX_GUIDANCE:g}",
     "num_images": f"a whole number from 1 to {MAX_IMAGES}",
     "seed": f"a whole number from 0 to {MAX_SEED}, or none for a random seed",
+    "loras": f'a list of at most {MAX_LORAS} LoRAs, each {{"name": ..., "weight": ...}}',
+    "loras.name": "a LoRA's name: its file name without .safetensors (letters, digits, '.', '-', '_')",
+    "loras.weight": f"a finite number from -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",
+    "loras.sha256": "the first 12 hex digits of the file's SHA-256",
 }
 
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 Size = Annotated[int, Field(ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_STEP)]
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+
+
+class LoraSpec(BaseModel):
+    """One LoRA to apply: its name (the file's stem in the LoRA folder) and strength. `sha256` is filled in when it
+    runs, so a stored request names the exact file."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[\w.\-]{1,120}$")]
+    weight: Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)] = 1.0
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{12}$")] | None = None
+
+
+# A1111's way of asking for a LoRA in the prompt: <lora:name:weight>, the weight optional.
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[dict]]:
+    """The prompt without its <lora:name:weight> tags, and the LoRAs they ask for (as request fields)."""
+    loras = []
+    for name, weight in LORA_TAG.findall(prompt):
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            value = weight  # left as text: validation names the field and its range
+        loras.append({"name": name.strip(), "weight": value})
+    cleaned = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(LORA_TAG.sub(" ", prompt).split()))
+    return cleaned.strip(" ,"), loras
 
 
 class GenerationRequest(BaseModel):
@@ -52,6 +86,7 @@ class GenerationRequest(BaseModel):
     decoder_guidance: Guidance = 0.0
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    loras: Annotated[list[LoraSpec], Field(max_length=MAX_LORAS)] = []
 
     @model_validator(mode="after")
     def _last_seed_in_range(self) -> GenerationRequest:
@@ -88,19 +123,26 @@ def _describe(error: dict[str, Any]) -> str:
     if not error["loc"]:  # a cross-field rule; its message names the field itself
         return error["msg"].removeprefix("Value error, ")
     field = ".".join(str(p) for p in error["loc"])
+    kind = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))  # loras.0.weight -> loras.weight
     if error["type"] == "extra_forbidden":
-        return f"{field}: unknown field (known fields: {', '.join(GenerationRequest.model_fields)})"
+        model = LoraSpec if kind.startswith("loras.") else GenerationRequest
+        return f"{field}: unknown field (known fields: {', '.join(model.model_fields)})"
     if error["type"] == "missing":
-        return f"{field}: required ({ALLOWED.get(field, 'a value')})"
-    if field in ALLOWED:
+        return f"{field}: required ({ALLOWED.get(kind, 'a value')})"
+    if kind in ALLOWED:
         got = repr(error.get("input"))
         got = got if len(got) <= 40 else got[:37] + "..."
-        return f"{field}: must be {ALLOWED[field]} (got {got})"
+        return f"{field}: must be {ALLOWED[kind]} (got {got})"
     return f"{field}: {error['msg']}"
 
 
 def make_request(**fields: Any) -> GenerationRequest:
-    """Build a request or raise RequestError with one message per bad field."""
+    """Build a request or raise RequestError with one message per bad field. `<lora:name:weight>` tags in the
+    prompt (A1111's form) become entries of `loras`, and leave the prompt."""
+    if isinstance(fields.get("prompt"), str) and "<lora:" in fields["prompt"]:
+        prompt, tagged = split_lora_tags(fields["prompt"])
+        given = fields.get("loras", [])
+        fields = fields | {"prompt": prompt, "loras": [*given, *tagged] if isinstance(given, list) else given}
     try:
         return GenerationRequest(**fields)
     except ValidationError as exc:

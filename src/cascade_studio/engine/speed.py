@@ -162,6 +162,14 @@ def optimize(pipelines: CascadePipelines, speedup: Speedup) -> list[str]:
     return applied + ["CUDA graphs"]
 
 
+def reset_graphs(pipelines: CascadePipelines) -> None:
+    """Forget the captured CUDA graphs: they replay the layers the UNets had when captured (a LoRA changes them)."""
+    for unet in _unets(pipelines):
+        forward = vars(unet).get("forward")
+        if isinstance(forward, GraphedForward):
+            forward.graphs.clear()
+
+
 def release(pipelines: CascadePipelines) -> None:
     """Undo every speed-up (CUDA graphs, compiled blocks), so nothing keeps the model's tensors alive."""
     for unet in _unets(pipelines):

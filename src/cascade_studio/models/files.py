@@ -23,6 +23,7 @@ WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' name, transfor
 CONFIGS = {
     "tokenizer": ("tokenizer_config.json",),
     "scheduler": ("scheduler_config.json",),
+    "feature_extractor": ("preprocessor_config.json",),
 }
 TOKENIZER_FILES = re.compile(r"[^/]+\.(json|txt|model)$")  # vocab.json, merges.txt, tokenizer.json, ...
 

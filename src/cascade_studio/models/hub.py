@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .errors import ModelNotFoundError
 from .files import ComponentState, files_to_fetch
-from .presets import PRESETS, REPOS, ModelPreset
+from .presets import EXTRA_FILES, PRESETS, REPOS, ModelPreset
 from .source import preset_states, resolve_model
 
 DISK_MARGIN = 1.02  # ask for 2% more free space than the files take
@@ -117,6 +117,10 @@ def plan(
                 )
             for name in chosen:
                 path = f"{sub}/{name}"
+                cached = try_to_load_from_cache(repo, path, cache_dir=cache_dir, revision=commits[repo])
+                files.append(PlannedFile(repo, path, listing[path], isinstance(cached, str)))
+        for path in EXTRA_FILES.get(repo, ()):
+            if path in listing:
                 cached = try_to_load_from_cache(repo, path, cache_dir=cache_dir, revision=commits[repo])
                 files.append(PlannedFile(repo, path, listing[path], isinstance(cached, str)))
     return files, commits

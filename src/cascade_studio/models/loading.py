@@ -50,6 +50,7 @@ class CascadePipelines:
     defaults: dict = field(default_factory=dict)
     prompt_help: dict = field(default_factory=dict)
     cpu_offload: bool = False
+    image_encoder_path: Path | None = None  # loaded when first needed (image inputs, LoRA training)
 
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def load_pipelines(
         prompt_help=source.prompt_help,
         cpu_offload=cpu_offload,
     )
+    pipelines.image_encoder_path = source.image_encoder
     step(6, f"on {device}")
     return pipelines
 

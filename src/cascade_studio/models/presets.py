@@ -26,6 +26,9 @@ APPROX_GB = {
     "feature_extractor": 0.0,
 }
 ROLES = ("prior", "decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")
+# Single files a preset's download fetches beside its components (what image-to-image and LoRA training need):
+# Stability's EfficientNet image encoder, about 80 MB. Text-to-image works without it.
+EXTRA_FILES = {DECODER_REPO: ("effnet_encoder.safetensors",)}
 IMAGE_PROMPT_ROLES = ("image_encoder", "feature_extractor")  # `download --with-image-prompts`
 
 

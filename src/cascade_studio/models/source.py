@@ -23,6 +23,7 @@ from .presets import APPROX_GB, DECODER_REPO, PRESETS, PRIOR_REPO, ROLES, ModelP
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 MODEL_CARD = "cascade_studio.json"  # optional: a folder's display name and its own default settings
+EFFNET_FILE = "effnet_encoder.safetensors"  # Stability's image encoder, at the root of stabilityai/stable-cascade
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -54,6 +55,9 @@ class ModelSource:
     prompt_help: dict = field(default_factory=dict)
     weights: dict[str, WeightFiles] = field(default_factory=dict)  # role -> the files chosen in its folder
     single_files: dict[str, Path] = field(default_factory=dict)  # "prior" / "decoder" -> an original-format file
+    # image -> Stage C latent, for image-to-image and LoRA training: the demo's image_encoder/ folder, or
+    # Stability's effnet_encoder.safetensors beside the official decoder repo's folders; None if not on disk.
+    image_encoder: Path | None = None
 
 
 def repo_revisions(
@@ -142,6 +146,9 @@ def _from_folder(root: Path, replaced: dict[str, Path]) -> ModelSource:
         variant=weights["prior"].variant if "prior" in weights else None,
         path=str(root.resolve()),
     )
+    encoder = root / "image_encoder"
+    if not has_weights(encoder, "image_encoder"):
+        encoder = root / EFFNET_FILE if (root / EFFNET_FILE).is_file() else None
     return ModelSource(
         {role: root / sub for role, sub in subfolders.items()},
         identity,
@@ -149,6 +156,7 @@ def _from_folder(root: Path, replaced: dict[str, Path]) -> ModelSource:
         card.get("defaults", {}),
         card.get("prompt", {}),
         weights,
+        image_encoder=encoder,
     )
 
 
@@ -195,7 +203,8 @@ def _from_hub_cache(
             repo: folder.parent.name for role, folder in dirs.items() for repo in [preset.components()[role][0]]
         },
     )
-    return ModelSource(dirs, identity, weights=weights)
+    effnet = dirs["decoder"].parent / EFFNET_FILE if "decoder" in dirs else None  # the decoder repo's root
+    return ModelSource(dirs, identity, weights=weights, image_encoder=effnet if effnet and effnet.is_file() else None)
 
 
 def missing_message(
@@ -243,5 +252,12 @@ def _with_single_files(source: ModelSource, replaced: dict[str, Path]) -> ModelS
         update={"files": files, "name": source.identity.name + " + " + " + ".join(p.stem for p in replaced.values())}
     )
     return ModelSource(
-        source.dirs, identity, source.previewer_dir, source.defaults, source.prompt_help, source.weights, dict(replaced)
+        source.dirs,
+        identity,
+        source.previewer_dir,
+        source.defaults,
+        source.prompt_help,
+        source.weights,
+        dict(replaced),
+        source.image_encoder,
     )

@@ -7,6 +7,9 @@
     GET    /v1/images/{image_id}.png     the PNG, metadata included
     GET    /v1/history                   finished generations, newest first, paged
     GET    /v1/health                    liveness, model, queue length, and "degraded" with reasons
+    GET    /v1/models, /v1/model         the models this server can run; POST /v1/model switches (a queued job)
+    GET    /v1/loras                     the LoRA folder: names, hashes, trigger words
+    POST   /v1/trainings                 train a LoRA (a queued job); GET/DELETE /v1/trainings/{id}, .../events
 
 Routes never run SQLite or wait for a job on the event loop: event streams wait on the job's own notifications
 (no thread each), other work goes to the thread pool. Who may call is decided by the guard (guard.py) in front.
@@ -219,7 +222,8 @@ def create_api(queue: JobQueue) -> FastAPI:
         if isinstance(body, JSONResponse):
             return body
         try:
-            generation = queue.engine.request(**body)  # unset fields take the model's defaults, as in the CLI and UI
+            # Unset fields take the model's defaults, as in the CLI and UI; LoRA files are read: not on the loop.
+            generation = await run_in_threadpool(lambda: queue.engine.request(**body))
         except RequestError as exc:
             return problem(422, exc.messages)
         try:
@@ -256,6 +260,10 @@ def create_api(queue: JobQueue) -> FastAPI:
         record = None
         if job is None or job.id != job_id:
             job, record = await run_in_threadpool(find, job_id)
+        return stream(request, _sse(queue, job, record))
+
+    def stream(request: Request, chunks: AsyncIterator[str]) -> StreamingResponse | JSONResponse:
+        """An event stream, counted against the caller's MAX_STREAMS."""
         caller = client_of(request)[0]
         if streams[caller] >= MAX_STREAMS:
             return problem(
@@ -267,7 +275,7 @@ def create_api(queue: JobQueue) -> FastAPI:
 
         async def counted() -> AsyncIterator[str]:
             try:
-                async for chunk in _sse(queue, job, record):
+                async for chunk in chunks:
                     yield chunk
             finally:
                 streams[caller] -= 1
@@ -366,6 +374,10 @@ def create_api(queue: JobQueue) -> FastAPI:
         return Health(
             status=status, reasons=reasons, version=__version__, **queue.engine.describe(), queue=queue.stats()
         )
+
+    from .api_training import training_routes  # here: it builds on this module's helpers
+
+    training_routes(app, queue, stream)
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def unknown(rest: str):

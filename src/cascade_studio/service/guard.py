@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 KIB, MIB = 1024, 1024**2
 DEFAULT_BODY = 64 * KIB  # a prompt is at most 2000 characters: a JSON request of ours is far smaller
 IMAGE_BODY = 32 * MIB  # routes that take images (documented in the README)
+DATASET_BODY = 96 * MIB  # a LoRA training's pictures, base64 in one JSON body
 BODY_LIMITS = {  # path prefix -> bytes; the longest matching prefix wins
     "/gradio_api/upload": IMAGE_BODY,
+    "/v1/trainings": DATASET_BODY,
     "/gradio_api/": 1 * MIB,
 }
 BODY_TIMEOUT = 30.0  # seconds a started body may go without sending a byte

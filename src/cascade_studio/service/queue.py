@@ -172,8 +172,8 @@ class JobQueue:
         request = request.with_seed()
         with self._lock:
             self._admit(client)
-            report = getattr(self.engine, "prompt_report", None)  # a remote engine has no tokenizer here
-            job = Job(new_id(), request, client, warnings=report(request.prompt).warnings if report else [])
+            warnings = getattr(self.engine, "warnings", None)  # a remote engine has no tokenizer here
+            job = Job(new_id(), request, client, warnings=warnings(request) if warnings else [])
             try:
                 self.store.create_job(job.id, request, self.engine.identity, client)
             except StoreError as exc:

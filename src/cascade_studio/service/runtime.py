@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import Settings
 from ..engine import CascadeEngine
+from ..models.lora import LoraLibrary
 from ..store import HistoryStore
 from .queue import JobQueue
 
@@ -12,6 +13,8 @@ def open_queue(settings: Settings, engine: CascadeEngine | None = None) -> JobQu
     from .switch import current_choice
 
     engine = engine or CascadeEngine.from_settings(settings)
+    if hasattr(engine, "lora_library"):  # the server's settings say where its LoRAs are (a remote engine has its own)
+        engine.lora_library = LoraLibrary(settings.lora_folder)
     store = HistoryStore(settings.history_db or settings.output_dir / "history.sqlite", settings.output_dir)
     queue = JobQueue(engine, store, max_queued=settings.max_queued, per_client=settings.per_client_jobs)
     queue.settings, queue.model_choice = settings, current_choice(settings, engine)

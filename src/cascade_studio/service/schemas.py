@@ -112,3 +112,20 @@ class ModelState(BaseModel):
 
 class SwitchRequest(BaseModel):
     model: str = Field(description="an id from GET /v1/models", examples=["lite"])
+
+
+class LoraEntry(BaseModel):
+    """A LoRA file in the LoRA folder, as its header describes it."""
+
+    name: str = Field(description='what requests call it: {"loras": [{"name": ...}]} or <lora:name:0.8>')
+    sha256: str = Field(description="the first 12 hex digits of the file's SHA-256 (A1111's short hash)")
+    format: str = Field(description="kohya, peft or stability")
+    adapts: str = Field(description="the parts of the model it changes: prior, decoder, text_encoder")
+    trigger_words: str
+    base_model: str
+    rank: str
+
+
+class LoraList(BaseModel):
+    folder: str | None
+    data: list[LoraEntry]

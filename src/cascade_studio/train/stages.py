@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..models.image_encoder import ImageEncoder  # noqa: F401 - trained here, used by models/ and train/
 from .scenes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, caption, mentioned, render, sample_scene
 
 Log = Callable[[str], None]
@@ -76,28 +75,6 @@ def v_loss(
 
 SIDE = 128  # training images: Stage C latents 16x3x3 (one cell per named place), Stage B latents 4x32x32
 ENCODER_SIDE = 96  # the image encoder sees scenes at 3/4 size: four stride-2 convs give 6x6, pooled evenly to 3x3
-
-
-class ImageEncoder(ModelMixin, ConfigMixin):
-    """Image (B, 3, 96, 96) in [0, 1] -> Stage C latent (B, 16, 3, 3) of the 128x128 scene, unit variance.
-
-    Saved with the model (image_encoder/) although generation never uses it: it makes the true Stage C latent of
-    any scene, which is what scoring the decoder alone needs (`cascade-studio eval-demo --stage decoder`)."""
-
-    @register_to_config
-    def __init__(self, channels: int = 16, width: int = 48):
-        super().__init__()
-        layers, c = [], 3
-        for c_next in (width // 2, width, width * 2, width * 2):
-            layers += [nn.Conv2d(c, c_next, 3, stride=2, padding=1), nn.GroupNorm(8, c_next), nn.GELU()]
-            c = c_next
-        self.features = nn.Sequential(*layers)
-        self.out = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, channels, 1))
-        self.norm = nn.BatchNorm2d(channels, affine=False)
-
-    def forward(self, images: torch.Tensor, size: tuple[int, int] = (3, 3)) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(self.features(images * 2 - 1), size)
-        return self.norm(self.out(x))
 
 
 def encoder_view(images: torch.Tensor) -> torch.Tensor:

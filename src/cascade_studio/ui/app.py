@@ -1,4 +1,5 @@
-"""The studio's page: a header with the loaded model, then tabs (Generate, Compare A/B, Sweep, History, PNG info).
+"""The studio's page: a header with the loaded model, then tabs (Generate, Compare A/B, Sweep, History, PNG info,
+Train).
 Started by `cascade-studio serve` (or plain `cascade-studio`).
 
 The page is put together in steps, the way a diffusers pipeline's `__call__` is: each panel's builder lays it out
@@ -30,6 +31,7 @@ from .panels.tabs import (
     wire_png_info,
     wire_sweep,
 )
+from .panels.train import build_train, wire_train
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate")
 CSS = """
@@ -45,6 +47,9 @@ CSS = """
   #main {grid-template-columns: minmax(0, 1fr); grid-template-areas: "prompt" "results" "settings"}
   #title h1 {font-size: 1.2em}
   #model-banner {font-size: 0.8em; line-height: 1.35}
+  #model-row {flex-direction: column !important}
+  #model-row > * {width: 100% !important; min-width: 0 !important}
+  #train-main {flex-direction: column !important}
   #actions {flex-wrap: nowrap !important}
   #actions button {min-width: 0 !important}
   #gallery, #gallery .grid-wrap {height: min(92vw, 460px) !important}
@@ -136,6 +141,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 history = build_history(studio)
             with gr.Tab("PNG info", id="png", elem_id="tab-png"):
                 png = build_png_info()
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = build_train(studio)
 
         # 3. Wiring, one feature at a time.
         def after_done(record, key, previous) -> dict:
@@ -167,6 +174,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         wire_sweep(studio, form, results, sweep)
         wire_history(studio, form, history, tabs, preset_for)
         wire_png_info(form, png, preset_for)
+        wire_train(studio, train, form.loras)
 
         def on_load():
             choices = h.history_choices(store)

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from ..engine import ALLOWED, GenerationRequest, RequestError
 from ..engine.request import MAX_SIZE, MIN_SIZE, SIZE_STEP
 from ..metadata import PARAMETERS_KEY, parse_parameters, read_png
+from ..models.lora import lora_info
 from ..service import ClientLimitReached, Job, JobQueue, QueueFull
 from ..store import HistoryStore, JobRecord
 
@@ -48,6 +49,8 @@ SWEEP_FIELDS = {
 }
 MAX_SWEEP_CELLS = 16
 HISTORY_PAGE = 48  # images a history page shows
+NO_LORA = "(none)"
+LORA_ROWS = 3  # LoRAs the picker stacks (more: <lora:name:weight> in the prompt)
 
 
 @dataclass
@@ -84,6 +87,35 @@ class Studio:
             choices.insert(0, f"{d['width']}×{d['height']} (this model's size)")
         return choices + [CUSTOM]
 
+    def lora_names(self) -> list[str]:
+        return sorted(self.engine.lora_library.files())
+
+    def lora_words(self, name: str) -> str:
+        """A LoRA's trigger words, from its file's header ("" for none, or for a file gone since it was listed)."""
+        path = self.engine.lora_library.files().get(name)
+        if path is None:
+            return ""
+        try:
+            return lora_info(path)["trigger_words"]
+        except (OSError, ValueError):
+            return ""
+
+    def lora_words_text(self, names) -> str:
+        lines = [f"**{n}**: {self.lora_words(n) or 'no trigger words recorded'}" for n in names if n != NO_LORA]
+        return "  \n".join(lines)
+
+    def with_trigger_words(self, prompt: str, names) -> str:
+        """The prompt with the chosen LoRAs' trigger words put in front, each once."""
+        have = {w.lower() for w in prompt.replace(",", " ").split()}
+        words = [
+            w.strip()
+            for n in names
+            if n != NO_LORA
+            for w in self.lora_words(n).split(",")
+            if w.strip() and w.strip().lower() not in have
+        ]
+        return ", ".join(dict.fromkeys(words)) + (", " if words and prompt else "") + prompt
+
 
 @dataclass
 class FormValues:
@@ -101,6 +133,17 @@ class FormValues:
     prior_guidance: float | None = None
     decoder_steps: float | None = None
     decoder_guidance: float | None = None
+    lora_1: str = NO_LORA
+    lora_1_weight: float | None = 1.0
+    lora_2: str = NO_LORA
+    lora_2_weight: float | None = 1.0
+    lora_3: str = NO_LORA
+    lora_3_weight: float | None = 1.0
+
+    def loras(self) -> list[dict]:
+        """The picked LoRAs as request fields (a row left at "(none)" adds nothing)."""
+        rows = [(getattr(self, f"lora_{i}"), getattr(self, f"lora_{i}_weight")) for i in range(1, LORA_ROWS + 1)]
+        return [{"name": n, "weight": None if w is None else float(w)} for n, w in rows if n and n != NO_LORA]
 
     @classmethod
     def names(cls) -> list[str]:
@@ -129,10 +172,12 @@ def resolve_size(choice: str, width: float | None, height: float | None) -> tupl
     return w, h, ("Snapped to multiples of 128: " + ", ".join(changed)) if changed else ""
 
 
-def token_info(studio: Studio, prompt: str) -> str:
-    """The token counter under the prompt: the model's real window, whole words cut, unknown words marked, and for a
-    model with a closed vocabulary a line on what it draws. HTML (escaped), for a gr.HTML."""
-    report = studio.engine.prompt_report(prompt or "")
+def token_info(studio: Studio, prompt: str, loras: tuple[str, ...] = ()) -> str:
+    """The token counter under the prompt: the model's real window, whole words cut, unknown words marked (not the
+    words the picked LoRAs learnt), and for a model with a closed vocabulary a line on what it draws. HTML
+    (escaped), for a gr.HTML."""
+    known = studio.engine.words_of_loras([n for n in loras if n != NO_LORA])
+    report = studio.engine.prompt_report(prompt or "", known)
     count = f"{report.tokens} / {report.limit} tokens"
     parts = [f"<b>{count}</b>" if report.cut_text else count]
     if report.cut_text:
@@ -179,6 +224,7 @@ def build_request(studio: Studio, form: FormValues) -> GenerationRequest:
         "seed": None if form.random_seed else _seed(form.seed, problems),
     }
     fields_ = dict(prompt=form.prompt or "", negative_prompt=form.negative_prompt or "", width=w, height=h)
+    fields_["loras"] = form.loras()
     fields_ |= {k: v for k, v in values.items() if v is not None}
     try:
         request = studio.engine.request(**fields_)
@@ -324,6 +370,9 @@ def image_details(record: JobRecord, index: int) -> str:
         f"**Decoder:** {r.decoder_steps} steps, guidance {r.decoder_guidance:g}",
         f"**Model:** {record.model.name} · **Job:** `{record.id}`",
     ]
+    if r.loras:
+        used = ", ".join(f"{lora.name} × {lora.weight:g} (sha256 {lora.sha256})" for lora in r.loras)
+        lines.insert(4, f"**LoRAs:** {used}")
     if record.timings:
         lines.append(f"**Time:** {record.timings['total']:.2f} s" + (" (prior cached)" if record.prior_cached else ""))
     return "  \n".join(lines)
@@ -338,6 +387,7 @@ LABELS = {
     "prior_guidance": "prior guidance",
     "decoder_steps": "decoder steps",
     "decoder_guidance": "decoder guidance",
+    "loras": "LoRAs",
 }
 
 
@@ -347,12 +397,19 @@ def describe_changes(a: GenerationRequest, seed_a: int, b: GenerationRequest, se
     for field, label in LABELS.items():
         va, vb = getattr(a, field), getattr(b, field)
         if va != vb:
-            show = (
-                (lambda v: repr(v)) if isinstance(va, str) else (lambda v: f"{v:g}" if isinstance(v, float) else str(v))
-            )
-            parts.append(f"{label} {show(va)} → {show(vb)}")
+            parts.append(f"{label} {_shown(va)} → {_shown(vb)}")
     parts.append("seed same" if seed_a == seed_b else f"seed {seed_a} → {seed_b}")
     return ", ".join(parts)
+
+
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):  # LoRAs
+        return ", ".join(f"{lora.name} × {lora.weight:g}" for lora in value) or "none"
+    return str(value)
 
 
 def history_choices(store: HistoryStore, limit: int = 60) -> list[tuple[str, str]]:

@@ -2,13 +2,15 @@
 advanced in an accordion). Numbers are plain number boxes without clamping, so a bad value reaches the handler
 and is refused with its allowed range instead of being changed behind the user's back."""
 
+import re
 from dataclasses import dataclass
 
 import gradio as gr
 
 from ...engine.request import ALLOWED, GenerationRequest
 from .. import handlers as h
-from ..handlers import FormValues, Studio
+from ..handlers import LORA_ROWS, NO_LORA, FormValues, Studio
+from .loras import LoraPicker, build_lora_picker, wire_lora_picker
 
 
 @dataclass
@@ -31,7 +33,16 @@ class Form:
     prior_guidance: gr.Number
     decoder_steps: gr.Number
     decoder_guidance: gr.Number
+    loras: LoraPicker
     defaults: GenerationRequest  # the model's defaults, for filling the form
+
+    def __getattr__(self, name: str):
+        """lora_2, lora_2_weight, ...: the LoRA picker's rows, by FormValues' names."""
+        match = re.fullmatch(r"lora_(\d)(_weight)?", name)
+        if match is None:
+            raise AttributeError(name)
+        row = int(match[1]) - 1
+        return self.loras.weights[row] if match[2] else self.loras.names[row]
 
     def inputs(self) -> set:
         """The components an event reads to build a request (Gradio passes their values as one dict)."""
@@ -61,6 +72,11 @@ class Form:
             decoder_steps=settings.get("decoder_steps", d.decoder_steps),
             decoder_guidance=settings.get("decoder_guidance", d.decoder_guidance),
         )
+        picked = list(settings.get("loras") or [])[:LORA_ROWS]
+        picked += [{"name": NO_LORA, "weight": 1.0}] * (LORA_ROWS - len(picked))
+        for i, lora in enumerate(picked, start=1):
+            setattr(values, f"lora_{i}", lora["name"])
+            setattr(values, f"lora_{i}_weight", lora.get("weight", 1.0))
         return {getattr(self, name): value for name, value in values.as_dict().items()}
 
 
@@ -152,6 +168,7 @@ def build_settings(studio: Studio, bar: dict) -> Form:
                 elem_id="decoder-guidance",
                 info=range_of("decoder_guidance"),
             )
+    loras = build_lora_picker(studio)
     return Form(
         **bar,
         negative_prompt=negative,
@@ -168,20 +185,23 @@ def build_settings(studio: Studio, bar: dict) -> Form:
         prior_guidance=prior_guidance,
         decoder_steps=decoder_steps,
         decoder_guidance=decoder_guidance,
+        loras=loras,
         defaults=d,
     )
 
 
 def wire_form(studio: Studio, form: Form) -> None:
     """What the form does by itself: token help as you type, the custom size row and its snapping note."""
-    form.prompt.change(
-        lambda p: h.token_info(studio, p),
-        inputs=form.prompt,
-        outputs=form.tokens,
-        queue=False,
-        show_progress="hidden",
-        api_visibility="private",
-    )
+    for trigger in (form.prompt.change, *(name.change for name in form.loras.names)):
+        trigger(
+            lambda p, *loras: h.token_info(studio, p, loras),
+            inputs=[form.prompt, *form.loras.names],
+            outputs=form.tokens,
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
+    wire_lora_picker(studio, form.loras, form.prompt)
 
     def on_size(choice, w, hgt):
         _, _, note = h.resolve_size(choice, w, hgt)

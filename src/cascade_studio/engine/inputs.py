@@ -1,0 +1,104 @@
+"""Pictures given to the studio (image-to-image inputs, masks, image prompts, LoRA training sets): read, checked and
+made plain RGB, with a message naming the field for anything that is not a usable picture.
+
+What arrives in the wild: files that are not images, truncated ones, decompression bombs, CMYK, 16-bit and palette
+PNGs, pictures with transparency, animated GIFs and WebPs, and phone photos that are stored sideways with an EXIF
+rotation. Each is either refused with a reason or converted as a person would expect (transparency over white, the
+first frame of an animation, the rotation applied), and what was done is said.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps
+
+from .request import RequestError
+
+MAX_PIXELS = 40_000_000  # a decompression bomb is refused before it is decoded (Pillow's guard, lowered)
+MAX_SIDE = 8192
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
+
+
+@dataclass
+class Picture:
+    image: Image.Image  # RGB (or L for masks)
+    sha256: str  # of the picture's pixels as stored (PNG), its identity in the history
+    notes: list[str] = field(default_factory=list)  # what was done to it, for the log and the response
+
+
+def decode(data: bytes | str, field_name: str, mask: bool = False) -> Picture:
+    """A picture from bytes (or base64 / a data: URL), or RequestError naming `field_name` and the reason."""
+    raw = _bytes(data, field_name)
+    notes: list[str] = []
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(io.BytesIO(raw)) as opened:
+            if opened.format not in FORMATS:
+                raise RequestError(
+                    [f"{field_name}: {opened.format} pictures are not taken (PNG, JPEG, WebP, GIF, BMP or TIFF)"]
+                )
+            if opened.width * opened.height > MAX_PIXELS or max(opened.size) > MAX_SIDE:
+                raise RequestError(
+                    [
+                        f"{field_name}: {opened.width}x{opened.height} is too large (at most "
+                        f"{MAX_PIXELS // 1_000_000} million pixels and {MAX_SIDE} on a side)"
+                    ]
+                )
+            if getattr(opened, "n_frames", 1) > 1:
+                notes.append(f"{field_name}: an animation of {opened.n_frames} frames; its first frame is used")
+            opened.seek(0)
+            image = ImageOps.exif_transpose(opened)  # phone photos stored sideways
+            if image is not opened and opened.getexif().get(0x0112, 1) != 1:
+                notes.append(f"{field_name}: turned upright by its EXIF orientation")
+            image.load()
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:
+        raise RequestError([f"{field_name}: too many pixels to decode safely (a decompression bomb?)"]) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # not an image, truncated, corrupt
+        raise RequestError([f"{field_name}: not a picture that can be read ({str(exc)[:100]})"]) from None
+    image = _plain(image, field_name, mask, notes)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Picture(image, hashlib.sha256(buffer.getvalue()).hexdigest(), notes)
+
+
+def _bytes(data: bytes | str, field_name: str) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if not isinstance(data, str) or not data:
+        raise RequestError([f"{field_name}: must be a picture, as base64 text or a data: URL"])
+    text = DATA_URL.sub("", data.strip())
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError([f"{field_name}: not valid base64 (a picture as base64 text or a data: URL)"]) from None
+
+
+def _plain(image: Image.Image, field_name: str, mask: bool, notes: list[str]) -> Image.Image:
+    """RGB for pictures, L (white = repaint) for masks, whatever mode the file was in."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")  # 16-bit: keep the range, lose the low bits
+        notes.append(f"{field_name}: 16-bit, brought to 8 bits")
+    if mask:
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            alpha = image.convert("RGBA").getchannel("A")
+            # A mask drawn as paint on transparency: what is painted is repainted.
+            if alpha.getextrema()[0] < 255:
+                return alpha
+        return image.convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append(f"{field_name}: transparency shown over white")
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "CMYK":
+        notes.append(f"{field_name}: CMYK, converted to RGB")
+    return image.convert("RGB")

@@ -1,0 +1,553 @@
+"""Train a LoRA on a folder of captioned pictures, on the loaded model, and write it in the kohya/ComfyUI format.
+
+    cascade-studio train-lora my_pictures/ --out my_style.safetensors --trigger mystyle
+
+The dataset is read once: each picture (png, jpg, webp; EXIF rotation applied) is resized and centre-cropped to
+the size its aspect ratio is nearest to among the sizes the model makes, and its caption is `name.txt` beside it
+(kohya's convention) or, without one, the trigger word. Captions are encoded by the text encoder and pictures by
+the model's image encoder (Stability's EfficientNet for the official models, the demo's own) to Stage C latents,
+so a training step runs only the prior. peft adds the LoRA to the prior's attention (q, k, v, out and the
+conditioning's kv_mapper) and feed-forward linears; `decoder=True` adapts Stage B too, on Stage A latents of the
+same pictures. The loss is the model's own target: v for the demo model, the noise for the official ones.
+
+Every `sample_every` steps a picture is made with a fixed seed; every `save_every` steps, and on Ctrl-C or a
+cancelled job, a checkpoint is written with what resuming needs (`resume=`). At the end the LoRA file (with its
+metadata: base model, rank, alpha, trigger words, steps, resolution, dataset hash, tool version), a loss plot
+beside it, and the last sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..engine import CancelToken, CascadeEngine, GenerationCancelled, make_request
+from ..models.image_encoder import encode
+from ..models.lora import KOHYA_PREFIX, LoraStack, kohya_name
+from ..models.schedulers import VPredictionWuerstchenScheduler
+from .stages import alpha_cumprod, sample_t
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The layers the LoRA adapts, as regexes over diffusers' module names (peft matches each against the names).
+TARGETS = r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|kv_mapper\.1|channelwise\.(0|4))"
+ADAPTER = "trained"  # not "training": that is a torch Module attribute
+Log = Callable[[str], None]
+
+
+class TrainingError(ValueError):
+    """A dataset or setting that cannot train: the message names the file or the field."""
+
+
+@dataclass
+class LoraTrainConfig:
+    images: Path
+    out: Path
+    trigger: str | None = None
+    rank: int = 8
+    alpha: float | None = None  # default: the rank (scale 1)
+    steps: int | None = None  # default: the model's (see defaults_for)
+    lr: float | None = None
+    batch: int | None = None
+    resolution: int | None = None  # the long side; default: the model's own size
+    seed: int = 0
+    resume: Path | None = None
+    sample_every: int = 0  # 0: no samples during training
+    save_every: int = 0  # 0: checkpoints only on Ctrl-C or cancel
+    decoder: bool | None = None  # default: the model's (the demo: yes, it must learn to draw what is new)
+    preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
+    preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
+    sample_prompt: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def defaults_for(engine: CascadeEngine) -> dict:
+    """Settings that work for the model loaded: the tiny demo model learns fast and needs its decoder taught too;
+    the official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU)."""
+    size = engine.pipelines.defaults.get("width", 1024)
+    if size <= 256:
+        return dict(steps=600, lr=2e-3, batch=16, resolution=size, decoder=True, preserve=40)
+    return dict(steps=1000, lr=1e-4, batch=1, resolution=1024, decoder=False, preserve=0)
+
+
+def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
+    d = defaults_for(engine)
+    values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else d[k]) for k in d}
+    cfg = LoraTrainConfig(**(asdict(cfg) | values))
+    if cfg.alpha is None:
+        cfg.alpha = float(cfg.rank)
+    checks = [
+        ("rank", 1 <= cfg.rank <= 256, "a whole number from 1 to 256"),
+        ("steps", 1 <= cfg.steps <= 1_000_000, "a whole number from 1 to 1000000"),
+        ("lr", 0 < cfg.lr <= 0.1, "above 0 and at most 0.1"),
+        ("batch", 1 <= cfg.batch <= 256, "a whole number from 1 to 256"),
+        (
+            "resolution",
+            cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048,
+            "a multiple of 128 from 128 to 2048",
+        ),
+        ("alpha", 0 < cfg.alpha <= 1024, "above 0 and at most 1024"),
+        ("preserve", 0 <= cfg.preserve <= 1000, "a whole number from 0 to 1000"),
+    ]
+    bad = [f"{name}: must be {allowed} (got {getattr(cfg, name)})" for name, ok, allowed in checks if not ok]
+    if bad:
+        raise TrainingError("; ".join(bad))
+    return cfg
+
+
+# --- the dataset -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    source: Path
+    image: Image.Image  # at its bucket's size
+    caption: str
+
+
+def buckets(resolution: int) -> list[tuple[int, int]]:
+    """Sizes (w, h) of about resolution² pixels, multiples of 128: the model's own aspect buckets."""
+    out = {(resolution, resolution)}
+    for w in range(128, 2 * resolution + 1, 128):
+        h = round(resolution * resolution / w / 128) * 128
+        if 128 <= h <= 2048 and 0.25 <= w / h <= 4:
+            out.add((w, h))
+    return sorted(out)
+
+
+def load_dataset(folder: Path, trigger: str | None, resolution: int, square_only: bool, log: Log) -> list[Example]:
+    """Pictures and captions; each resized and centre-cropped to its nearest bucket, the log saying to how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"images: {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TrainingError(f"images: {folder} holds no .png, .jpg or .webp pictures")
+    sizes = [(resolution, resolution)] if square_only else buckets(resolution)
+    examples, resized, cropped = [], 0, 0
+    for path in files:
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        if not caption and not trigger:
+            raise TrainingError(
+                f"images: {path.name} has no caption ({caption_file.name}) and no --trigger word "
+                "was given to caption it with"
+            )
+        if trigger and trigger not in caption.split():
+            caption = f"{trigger} {caption}".strip()
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - a picture that will not open, whatever the reason
+            raise TrainingError(f"images: {path.name} is not a picture that can be read ({exc})") from exc
+        w, h = min(sizes, key=lambda s: abs(math.log((s[0] / s[1]) / (image.width / image.height))))
+        if image.size != (w, h):
+            resized += 1
+            if abs(image.width / image.height - w / h) > 0.01:
+                cropped += 1
+            image = ImageOps.fit(image, (w, h), Image.Resampling.LANCZOS)
+        examples.append(Example(path, image, caption))
+    log(
+        f"dataset: {len(examples)} pictures from {folder}; {resized} resized ({cropped} of them cropped to their "
+        f"size's shape), {len(examples) - resized} already the right size; sizes used: "
+        f"{sorted({e.image.size for e in examples})}"
+    )
+    return examples
+
+
+def preservation(engine: CascadeEngine, examples: list[Example], cfg: LoraTrainConfig, log: Log) -> list[Example]:
+    """DreamBooth's prior preservation: pictures the base model itself draws, trained on beside the user's, so the
+    LoRA learns what the trigger word adds and leaves what the model drew before alone (kohya's regularisation
+    images, made here instead of collected). Drawn from `preserve_prompts`, else the model's own domain where it
+    has one (the demo model: its scene prompts, never its held-out pairs), else the captions without the trigger."""
+    if not cfg.preserve:
+        return []
+    prompts = cfg.preserve_prompts or domain_prompts(engine, cfg.preserve, cfg.seed)
+    if not prompts and not cfg.trigger:
+        log("preservation: skipped (it needs a trigger word to take out of the captions, or --preserve-prompts)")
+        return []
+    if not prompts:
+        trigger = (cfg.trigger or "").lower()
+        prompts = [" ".join(w for w in e.caption.split() if w.strip(",.").lower() != trigger) for e in examples]
+    started = time.perf_counter()
+    kept = []
+    for i in range(cfg.preserve):
+        prompt, (w, h) = prompts[i % len(prompts)], examples[i % len(examples)].image.size
+        image = engine(engine.request(prompt=prompt, seed=cfg.seed + i, width=w, height=h)).images[0]
+        kept.append(Example(Path(f"preservation-{i}"), image, prompt))
+    log(
+        f"preservation: the base model drew {len(kept)} pictures (prompts such as {kept[0].caption!r}) in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    return kept
+
+
+def domain_prompts(engine: CascadeEngine, n: int, seed: int) -> list[str]:
+    """Prompts from what the model was trained on, where we know it: the demo model's scenes (training pairs)."""
+    if engine.identity.preset != "demo":
+        return []
+    from .scenes import sample_scene
+
+    rng = random.Random(f"preservation-{seed}")
+    return [sample_scene(rng).prompt() for _ in range(n)]
+
+
+def dataset_hash(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(e.source.read_bytes())
+        digest.update(e.caption.encode())
+    return digest.hexdigest()[:12]
+
+
+@dataclass
+class Encoded:
+    """The dataset as training reads it: one entry per size, every tensor on the device."""
+
+    prior_latents: dict[tuple[int, int], torch.Tensor]
+    decoder_latents: dict[tuple[int, int], torch.Tensor]
+    hidden: dict[tuple[int, int], torch.Tensor]
+    pooled: dict[tuple[int, int], torch.Tensor]
+    empty: tuple[torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def encode_dataset(engine: CascadeEngine, examples: list[Example], with_decoder: bool) -> Encoded:
+    p = engine.pipelines
+    device, dtype = p.device, p.dtype
+    encoder = engine.image_encoder()
+    by_size: dict[tuple[int, int], list[Example]] = {}
+    for e in examples:
+        by_size.setdefault(e.image.size, []).append(e)
+
+    def text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled, _, _ = p.prior.encode_prompt(
+            device=device,
+            batch_size=len(captions),
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            prompt=captions,
+        )
+        return hidden, pooled
+
+    prior, decoder, hidden, pooled = {}, {}, {}, {}
+    for size, group in by_size.items():
+        pixels = torch.from_numpy(np.stack([np.asarray(e.image, dtype=np.float32) / 255 for e in group]))
+        pixels = pixels.permute(0, 3, 1, 2).to(device, dtype)
+        prior[size] = encode(encoder, pixels, *size)
+        if with_decoder:
+            decoder[size] = p.decoder.vqgan.encode(pixels).latents / p.decoder.vqgan.config.scale_factor
+        hidden[size], pooled[size] = text([e.caption for e in group])
+    return Encoded(prior, decoder, hidden, pooled, text([""]))
+
+
+# --- the LoRA --------------------------------------------------------------------------------------------------------
+
+
+def add_adapter(model: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """The training adapter on `model`; returns its parameters (the only ones that learn)."""
+    inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0), model, adapter_name=ADAPTER
+    )
+    model.requires_grad_(False)
+    params = []
+    for name, param in model.named_parameters():
+        if f".{ADAPTER}." in name:
+            param.requires_grad_(True)
+            params.append(param)
+    base = next(p for n, p in model.named_parameters() if f".{ADAPTER}." not in n)
+    for param in params:
+        param.data = param.data.to(base.device, torch.float32)  # the adapter learns in fp32 whatever the model's dtype
+    return params
+
+
+def adapter_state(models: dict[str, torch.nn.Module], alpha: float) -> dict[str, torch.Tensor]:
+    """The training adapter as kohya/ComfyUI keys."""
+    out = {}
+    for role, model in models.items():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and ADAPTER in module.lora_A:
+                key = kohya_name(name, role)
+                out[f"{key}.lora_down.weight"] = module.lora_A[ADAPTER].weight.detach().float().cpu().contiguous()
+                out[f"{key}.lora_up.weight"] = module.lora_B[ADAPTER].weight.detach().float().cpu().contiguous()
+                out[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def load_adapter_state(models: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    for role, model in models.items():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and ADAPTER in module.lora_A:
+                key = kohya_name(name, role)
+                module.lora_A[ADAPTER].weight.data.copy_(state[f"{key}.lora_down.weight"])
+                module.lora_B[ADAPTER].weight.data.copy_(state[f"{key}.lora_up.weight"])
+
+
+# --- the loop --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: float  # smoothed over the last steps (an exponential average), the way a progress bar shows it
+    steps_per_second: float
+    eta: float
+    sample: Path | None = None
+
+
+def train_lora(
+    engine: CascadeEngine,
+    cfg: LoraTrainConfig,
+    log: Log = print,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> dict:
+    """Train, write the LoRA file and its plot; return a summary (JSON-ready). The engine's model is adapted while
+    this runs and is exactly as before once it returns (or fails)."""
+    cfg = resolve(cfg, engine)
+    cancel = cancel or CancelToken()
+    p = engine.pipelines
+    engine.remove_loras()
+    models = {"prior": p.prior.prior} | ({"decoder": p.decoder.decoder} if cfg.decoder else {})
+    square = engine.pipelines.defaults.get("width", 1024) <= 256  # the demo model makes one size only
+    examples = load_dataset(cfg.images, cfg.trigger, cfg.resolution, square, log)
+    kept = preservation(engine, examples, cfg, log)
+    started = time.perf_counter()
+    data = encode_dataset(engine, examples + kept, bool(cfg.decoder))
+    log(f"encoded {len(examples)} pictures and captions in {time.perf_counter() - started:.1f} s")
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stack = LoraStack(models)
+    try:
+        params = [q for model in models.values() for q in add_adapter(model, cfg.rank, cfg.alpha)]
+        return _loop(engine, cfg, models, params, data, examples, out, log, progress, cancel)
+    finally:
+        stack.unload()  # the very same base layers back, whatever happened
+        engine.clear_caches()
+        for model in models.values():
+            model.eval()
+
+
+def _loop(engine, cfg, models, params, data, examples, out, log, progress, cancel) -> dict:
+    p = engine.pipelines
+    device = p.device
+    v_target = isinstance(p.prior.scheduler, VPredictionWuerstchenScheduler)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    start_step, losses = 0, []
+    if cfg.resume:
+        start_step, losses = _resume(cfg.resume, models, optimizer, log)
+    generator = torch.Generator().manual_seed(cfg.seed + start_step)
+    rng = random.Random(cfg.seed + start_step)
+    sizes = list(data.prior_latents)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nothing()
+    for model in models.values():
+        model.train()
+        if device.type == "cuda" and hasattr(model, "enable_gradient_checkpointing"):
+            model.enable_gradient_checkpointing()
+    window, t0, last_sample, smooth = [], time.perf_counter(), None, None
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            if cancel.cancelled:
+                raise GenerationCancelled
+            size = rng.choice(sizes)
+            idx = [rng.randrange(len(data.prior_latents[size])) for _ in range(cfg.batch)]
+            with autocast:
+                loss = _prior_loss(p.prior.prior, data, size, idx, generator, v_target)
+                if cfg.decoder:
+                    loss = loss + _decoder_loss(p.decoder.decoder, data, size, idx, generator, v_target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / 50)  # a short warm-up, then the rate as given
+            optimizer.step()
+            window.append(loss.item())
+            smooth = window[-1] if smooth is None else 0.9 * smooth + 0.1 * window[-1]  # what the progress shows
+            done = step + 1
+            if done % 10 == 0 or done == cfg.steps:
+                losses.append(sum(window) / len(window))
+                window = []
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                last_sample = _sample(engine, cfg, examples, out, done)
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                _checkpoint(cfg, models, optimizer, done, losses, out, engine, examples, log)
+            if progress is not None:
+                rate = (done - start_step) / max(1e-9, time.perf_counter() - t0)
+                progress(
+                    Progress(
+                        done,
+                        cfg.steps,
+                        smooth,
+                        rate,
+                        (cfg.steps - done) / max(rate, 1e-9),
+                        last_sample,
+                    )
+                )
+    except (KeyboardInterrupt, GenerationCancelled):
+        path = _checkpoint(cfg, models, optimizer, step, losses, out, engine, examples, log)
+        log(
+            f"stopped at step {step} of {cfg.steps}; the LoRA so far is in {path}. Resume with: cascade-studio "
+            f"train-lora {cfg.images} --out {cfg.out} --resume {path.with_suffix('.resume.safetensors')} "
+            f"--steps {cfg.steps}"
+        )
+        raise
+    seconds = time.perf_counter() - t0
+    write_lora(out, adapter_state(models, cfg.alpha), _metadata(cfg, engine, examples, cfg.steps))
+    plot_losses(losses, out.with_suffix(".loss.png"))
+    sample = _sample(engine, cfg, examples, out, cfg.steps)
+    log(
+        f"trained {cfg.steps - start_step} steps in {seconds:.0f} s -> {out} (loss plot {out.with_suffix('.loss.png')})"
+    )
+    return {
+        "file": str(out),
+        "steps": cfg.steps,
+        "seconds": round(seconds, 1),
+        "final_loss": losses[-1],
+        "losses": losses,
+        "sample": str(sample),
+        "pictures": len(examples),
+    }
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_noise_share: float):
+    t = sample_t(x0.shape[0], generator, high_noise_share).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    a = alpha_cumprod(t).to(x0.device).view(-1, *[1] * (x0.dim() - 1))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise
+    return x_t, t, target
+
+
+def _prior_loss(prior, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:
+    x0 = data.prior_latents[size][idx]
+    hidden, pooled = data.hidden[size][idx], data.pooled[size][idx]
+    drop = torch.rand(len(idx), generator=generator) < 0.1  # the empty caption, as guidance uses it
+    if drop.any():
+        hidden, pooled = hidden.clone(), pooled.clone()
+        hidden[drop], pooled[drop] = data.empty[0].to(hidden.dtype), data.empty[1].to(pooled.dtype)
+    x_t, t, target = _noised(x0, generator, v_target, 0.5)
+    no_image = torch.zeros(len(idx), 1, prior.config.clip_image_in_channels, device=x0.device, dtype=x0.dtype)
+    pred = prior(x_t, t.to(x0.dtype), clip_text_pooled=pooled, clip_text=hidden, clip_img=no_image).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _decoder_loss(decoder, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:
+    x0 = data.decoder_latents[size][idx]
+    effnet = data.prior_latents[size][idx]
+    effnet = effnet + 0.1 * torch.randn(effnet.shape, generator=generator).to(effnet.device, effnet.dtype)
+    x_t, t, target = _noised(x0, generator, v_target, 0.25)
+    pred = decoder(x_t, t.to(x0.dtype), clip_text_pooled=data.pooled[size][idx], effnet=effnet).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Example], steps: int) -> dict[str, str]:
+    ident = engine.identity
+    return {
+        "cascade_studio.version": __version__,
+        "cascade_studio.base_model": ident.name,
+        "cascade_studio.base_identity": ident.model_dump_json(),
+        "cascade_studio.rank": str(cfg.rank),
+        "cascade_studio.alpha": str(cfg.alpha),
+        "cascade_studio.trigger_words": cfg.trigger or "",
+        "cascade_studio.caption_words": " ".join(
+            sorted({w for e in examples for w in e.caption.lower().split()})[:500]
+        ),
+        "cascade_studio.steps": str(steps),
+        "cascade_studio.resolution": str(cfg.resolution),
+        "cascade_studio.learning_rate": str(cfg.lr),
+        "cascade_studio.dataset_hash": dataset_hash(examples),
+        "cascade_studio.pictures": str(len(examples)),
+        "cascade_studio.preservation_pictures": str(cfg.preserve),
+        "cascade_studio.adapts": ",".join(k.removesuffix("_") for k in KOHYA_PREFIX.values()),
+        "ss_network_dim": str(cfg.rank),  # kohya's names for the same, which other tools show
+        "ss_network_alpha": str(cfg.alpha),
+    }
+
+
+def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """The LoRA file, atomically (a checkpoint never leaves a half-written file under its name)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _checkpoint(cfg, models, optimizer, step: int, losses, out: Path, engine, examples, log) -> Path:
+    """The LoRA at `step` (a usable file), and beside it what resuming needs: optimizer moments and the losses."""
+    path = out.with_name(f"{out.stem}-step{step}.safetensors")
+    write_lora(path, adapter_state(models, cfg.alpha), _metadata(cfg, engine, examples, step))
+    moments = {}
+    for i, param in enumerate(p for g in optimizer.param_groups for p in g["params"]):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                moments[f"{i}.{key}"] = state[key].detach().cpu().contiguous()
+    resume = {"step": str(step), "losses": json.dumps(losses), "lora": path.name}
+    save_file(moments or {"none": torch.zeros(1)}, str(path.with_suffix(".resume.safetensors")), metadata=resume)
+    log(f"checkpoint at step {step}: {path}")
+    return path
+
+
+def _resume(path: Path, models, optimizer, log) -> tuple[int, list[float]]:
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "step" not in meta:
+        raise TrainingError(f"resume: {path.name} is not a checkpoint's .resume.safetensors file")
+    load_adapter_state(models, load_file(str(path.with_name(meta["lora"]))))
+    moments = load_file(str(path))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, param in enumerate(params):
+        if f"{i}.exp_avg" in moments:
+            optimizer.state[param] = {
+                "step": torch.tensor(float(meta["step"])),
+                "exp_avg": moments[f"{i}.exp_avg"].to(param.device),
+                "exp_avg_sq": moments[f"{i}.exp_avg_sq"].to(param.device),
+            }
+    log(f"resuming from step {meta['step']} ({path.name})")
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+def _sample(engine: CascadeEngine, cfg: LoraTrainConfig, examples: list[Example], out: Path, step: int) -> Path:
+    """A picture from the LoRA as it is now: the first caption (or --sample-prompt), a fixed seed."""
+    prompt = cfg.sample_prompt or examples[0].caption
+    engine.clear_caches()
+    for model in (engine.pipelines.prior.prior, engine.pipelines.decoder.decoder):
+        model.eval()
+    image = engine(make_request(**(engine.pipelines.defaults | {"prompt": prompt, "seed": cfg.seed}))).images[0]
+    for model in (engine.pipelines.prior.prior, engine.pipelines.decoder.decoder):
+        model.train()
+    path = out.with_name(f"{out.stem}.sample-{step}.png")
+    image.save(path)
+    return path
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    from .run import plot_losses as plot
+
+    plot({"LoRA loss (mean of 10 steps)": losses or [0.0]}, path)

@@ -1,0 +1,156 @@
+"""LoRA training end to end, in a few steps: the CLI writes a kohya-format file with its metadata, loss plot,
+samples and checkpoints, resumes from a checkpoint, and the result generates and lists; captions and bad datasets;
+a cancelled training leaves a checkpoint and the base model untouched; the official layout trains through
+Stability's EfficientNet encoder."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from cascade_studio.cli import main
+from cascade_studio.config import Settings
+from cascade_studio.engine import CancelToken, CascadeEngine, GenerationCancelled
+from cascade_studio.metadata import read_png
+from cascade_studio.models.image_encoder import EfficientNetEncoder
+from cascade_studio.models.source import EFFNET_FILE
+from cascade_studio.train.concepts import write_concept
+from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, train_lora
+
+
+def header(path) -> tuple[list[str], dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys()), dict(f.metadata())
+
+
+def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
+    data = write_concept("teal", tmp_path / "teal", n=6)
+    out = tmp_path / "loras" / "teal.safetensors"
+    model = ["--model", "demo", "--threads", "2"]
+    common = [*model, "--out", str(tmp_path / "outputs")]
+    train = ["train-lora", str(data), "--steps", "6", "--batch", "2", "--rank", "4", "--preserve", "2", *model]
+    assert main([*train, "--out", str(out), "--sample-every", "3", "--save-every", "4"]) == 0
+    keys, meta = header(out)
+    assert keys and all(
+        re.fullmatch(r"lora_(prior_)?unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in keys
+    )
+    assert any(k.startswith("lora_prior_unet_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+    assert meta["cascade_studio.base_model"] == "cascade-studio-demo" and meta["cascade_studio.rank"] == "4"
+    assert meta["cascade_studio.steps"] == "6" and len(meta["cascade_studio.dataset_hash"]) == 12
+    assert json.loads(meta["cascade_studio.base_identity"])["preset"] == "demo"
+    assert out.with_suffix(".loss.png").is_file() and (tmp_path / "loras" / "teal.sample-3.png").is_file()
+    checkpoint = tmp_path / "loras" / "teal-step4.resume.safetensors"
+    assert checkpoint.is_file() and (tmp_path / "loras" / "teal-step4.safetensors").is_file()
+    log = capsys.readouterr().err
+    assert "dataset: 6 pictures" in log and "already the right size" in log
+
+    resumed = tmp_path / "loras" / "teal-more.safetensors"
+    more = ["train-lora", str(data), "--steps", "8", "--batch", "2", "--rank", "4", "--preserve", "0", *model]
+    more += ["--out", str(resumed)]
+    assert main([*more, "--resume", str(checkpoint)]) == 0
+    assert "resuming from step 4" in capsys.readouterr().err and header(resumed)[1]["cascade_studio.steps"] == "8"
+
+    (tmp_path / "outputs" / "loras").mkdir(parents=True)
+    shutil.copy(out, tmp_path / "outputs" / "loras")  # into the LoRA folder: by name from now on
+    assert main(["loras", "--out", str(tmp_path / "outputs")]) == 0
+    assert re.search(r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior", capsys.readouterr().out)
+    gen = ["generate", "a large teal circle in the centre on a white background", "--seed", "1", *common]
+    assert main([*gen, "--lora", "teal:0.8", "--lora", f"{resumed}:0.5"]) == 0
+    png = sorted((tmp_path / "outputs").rglob("*.png"))[-1]
+    request = read_png(png).request
+    assert [(lora.name, lora.weight) for lora in request.loras] == [("teal", 0.8), ("teal-more", 0.5)]
+    assert all(lora.sha256 for lora in request.loras)
+
+    # reproduce: bit-identical while the files are there; which one is missing, when one is not.
+    folder = ["--lora-dir", str(tmp_path / "outputs" / "loras")]
+    assert main(["reproduce", str(png), "--lora", str(resumed), *folder, "--out", str(tmp_path / "r")]) == 0
+    assert "identical pixels" in capsys.readouterr().err
+    assert main(["reproduce", str(png), *folder, "--out", str(tmp_path / "r2")]) == 2
+    assert "made with the LoRA(s) teal-more (sha256:" in capsys.readouterr().err
+
+
+def test_captions_the_trigger_and_sizes(tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    Image.new("RGB", (300, 200), "red").save(folder / "wide.png")
+    Image.new("RGB", (256, 256), "blue").save(folder / "square.jpg")
+    (folder / "square.txt").write_text("a blue square")
+    lines = []
+    with pytest.raises(TrainingError, match=r"images: wide.png has no caption \(wide.txt\) and no --trigger"):
+        load_dataset(folder, None, 256, square_only=False, log=lines.append)
+    examples = load_dataset(folder, "zzv", 512, square_only=False, log=lines.append)
+    assert {e.source.name: e.caption for e in examples} == {"square.jpg": "zzv a blue square", "wide.png": "zzv"}
+    assert {e.source.name: e.image.size for e in examples} == {"square.jpg": (512, 512), "wide.png": (640, 384)}
+    assert "2 resized (1 of them cropped" in lines[-1] and "0 already the right size" in lines[-1]
+    (folder / "broken.png").write_bytes(b"not a picture")
+    with pytest.raises(TrainingError, match="images: broken.png is not a picture"):
+        load_dataset(folder, "zzv", 256, square_only=False, log=lines.append)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="holds no .png"):
+        load_dataset(tmp_path / "empty", "x", 256, square_only=False, log=lines.append)
+
+
+def test_a_cancelled_training_checkpoints_and_leaves_the_model_as_it_was(tmp_path, demo_engine):
+    data = write_concept("cross", tmp_path / "cross", n=4)
+    prior = demo_engine.pipelines.prior.prior
+    before = {k: v.clone() for k, v in prior.state_dict().items()}
+    cancel, lines = CancelToken(), []
+
+    def stop_at_3(p) -> None:
+        if p.step == 3:
+            cancel.cancel()
+
+    cfg = LoraTrainConfig(images=data, out=tmp_path / "cross.safetensors", steps=50, batch=2, rank=2, preserve=0)
+    with pytest.raises(GenerationCancelled):
+        train_lora(demo_engine, cfg, log=lines.append, progress=stop_at_3, cancel=cancel)
+    assert (tmp_path / "cross-step3.safetensors").is_file() and (tmp_path / "cross-step3.resume.safetensors").is_file()
+    assert any("Resume with: cascade-studio train-lora" in line for line in lines)
+    after = prior.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_official_layout_trains_through_the_efficientnet_encoder(tmp_path, tiny_model_dir):
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+
+    save_file(EfficientNetEncoder().state_dict(), str(model / EFFNET_FILE))  # random, laid out as Stability's
+    engine = CascadeEngine.from_settings(Settings(model=str(model), device="cpu"))
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "green")):
+        Image.new("RGB", (256, 384), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} picture")
+    lines: list[str] = []
+    cfg = LoraTrainConfig(images=folder, out=tmp_path / "o.safetensors", steps=2, resolution=256, preserve=2)
+    summary = train_lora(engine, cfg, log=lines.append)
+    # No trigger word to take out of the captions and no model domain to draw from: said, not guessed.
+    assert any("preservation: skipped (it needs a trigger word" in line for line in lines)
+    keys, meta = header(summary["file"])
+    assert keys and all(k.startswith("lora_prior_unet_") for k in keys)  # the official default: the prior only
+    assert meta["cascade_studio.resolution"] == "256" and summary["steps"] == 2
+
+
+def test_preservation_pictures_come_from_the_base_model_without_the_trigger_word(tmp_path, demo_engine):
+    data = write_concept("teal", tmp_path / "teal", n=4)
+    out = tmp_path / "teal.safetensors"
+    lines: list[str] = []
+    cfg = LoraTrainConfig(images=data, out=out, trigger="teal", steps=2, batch=2, rank=2, preserve=3)
+    train_lora(demo_engine, cfg, log=lines.append)
+    said = next(line for line in lines if line.startswith("preservation:"))
+    assert "drew 3 pictures" in said
+    example = re.search(r"such as '([^']*)'", said)[1]  # the demo model's own scenes, never the new word
+    assert "teal" not in example.split() and example.endswith("background")
+    assert header(out)[1]["cascade_studio.preservation_pictures"] == "3"
+
+    lines.clear()
+    cfg.preserve_prompts, cfg.preserve = ["a blue square on a white background"], 1
+    train_lora(demo_engine, cfg, log=lines.append)
+    assert any("such as 'a blue square on a white background'" in line for line in lines)

@@ -10,6 +10,8 @@
     GET    /v1/models, /v1/model         the models this server can run; POST /v1/model switches (a queued job)
     GET    /v1/loras                     the LoRA folder: names, hashes, trigger words
     POST   /v1/trainings                 train a LoRA (a queued job); GET/DELETE /v1/trainings/{id}, .../events
+    POST   /v1/images/generations        the OpenAI Images API (api_openai.py)
+    /sdapi/v1/...                        the AUTOMATIC1111 API: txt2img, sd-models, progress, ... (api_a1111.py)
 
 Routes never run SQLite or wait for a job on the event loop: event streams wait on the job's own notifications
 (no thread each), other work goes to the thread pool. Who may call is decided by the guard (guard.py) in front.
@@ -378,6 +380,18 @@ def create_api(queue: JobQueue) -> FastAPI:
     from .api_training import training_routes  # here: it builds on this module's helpers
 
     training_routes(app, queue, stream)
+
+    from .api_openai import openai_routes
+
+    def loaded_names() -> set[str]:
+        choice = queue.model_choice
+        return {queue.engine.identity.name, *([choice.id] if choice else [])}
+
+    openai_routes(app, queue, loaded_names)
+
+    from .api_a1111 import a1111_routes
+
+    a1111_routes(app, queue, loaded_names)
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def unknown(rest: str):

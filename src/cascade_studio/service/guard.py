@@ -40,6 +40,10 @@ DATASET_BODY = 96 * MIB  # a LoRA training's pictures, base64 in one JSON body
 BODY_LIMITS = {  # path prefix -> bytes; the longest matching prefix wins
     "/gradio_api/upload": IMAGE_BODY,
     "/v1/trainings": DATASET_BODY,
+    "/sdapi/v1/png-info": IMAGE_BODY,
+    "/sdapi/v1/img2img": IMAGE_BODY,
+    "/v1/images/edits": IMAGE_BODY,
+    "/v1/images/variations": IMAGE_BODY,
     "/gradio_api/": 1 * MIB,
 }
 BODY_TIMEOUT = 30.0  # seconds a started body may go without sending a byte
@@ -47,7 +51,7 @@ MAX_HEADER_BYTES = 16 * KIB  # a request's headers, all together
 MAX_FAILURES, FAILURE_WINDOW = 10, 60.0
 API_PREFIXES = ("/v1/", "/sdapi/")
 OPEN_PATHS = ("/v1/health",)  # liveness stays open for load balancers
-MULTIPART_PATHS: tuple[str, ...] = ()  # API routes whose bodies are multipart forms (files)
+MULTIPART_PATHS = ("/v1/images/edits", "/v1/images/variations")  # API routes whose bodies are multipart forms
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 

@@ -216,6 +216,12 @@ class JobQueue:
         if mine >= self.per_client:
             raise ClientLimitReached(f"you already have {mine} unfinished jobs (at most {self.per_client})")
 
+    def active(self, client: str | None = None) -> list[Job]:
+        """Running, then waiting jobs (one client's, or everyone's): what A1111's progress and interrupt act on."""
+        with self._lock:
+            jobs = [*self._running, *self._waiting]
+        return [j for j in jobs if client is None or j.client == client]
+
     def pending(self, kind: str) -> list[Job]:
         """Waiting and running tasks of a kind (e.g. a model switch under way), oldest first."""
         with self._lock:

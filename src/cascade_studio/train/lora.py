@@ -80,7 +80,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
     the official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU)."""
     size = engine.pipelines.defaults.get("width", 1024)
     if size <= 256:
-        return dict(steps=600, lr=2e-3, batch=16, resolution=size, decoder=True, preserve=40)
+        return dict(steps=1200, lr=2e-3, batch=16, resolution=size, decoder=True, preserve=40)
     return dict(steps=1000, lr=1e-4, batch=1, resolution=1024, decoder=False, preserve=0)
 
 

@@ -1,7 +1,7 @@
 """Teach the demo model two things it has never seen, with the default LoRA settings, and score the result.
 
     python bench/lora_concepts.py               # teal and cross, 2 CPU threads; writes bench/results/lora-concepts.json
-    python bench/lora_concepts.py --n 40 --eval-n 30 --concepts teal
+    python bench/lora_concepts.py --n 40 --eval-n 30 --concepts teal --steps 600 --preserve 0 --out /tmp/x.json
 
 For each concept (see cascade_studio/train/concepts.py): draw 40 captioned pictures, train a LoRA on them with the
 demo model's defaults (the time is measured), then
@@ -58,18 +58,23 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="held-out concept prompts scored per concept")
     parser.add_argument("--eval-n", type=int, default=60, help="eval-demo scenes per split")
     parser.add_argument("--threads", type=int, default=2)
+    for name, kind in (("steps", int), ("preserve", int), ("lr", float), ("rank", int)):
+        parser.add_argument(f"--{name}", type=kind, help="a training setting (default: the model's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "lora-concepts.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=args.threads))
     base = eval_rates(engine, args.eval_n, None)
-    report = {"model": engine.identity.name, "threads": args.threads, "base_eval": base, "concepts": {}}
+    settings = {k: getattr(args, k) for k in ("steps", "preserve", "lr", "rank") if getattr(args, k) is not None}
+    report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
+    report |= {"base_eval": base, "concepts": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:
             folder = write_concept(concept, Path(tmp) / concept, n=args.images)
             out = Path(tmp) / f"{concept}.safetensors"
             started = time.perf_counter()
-            summary = train_lora(engine, LoraTrainConfig(images=folder, out=out, trigger=concept), log=lambda _: None)
+            cfg = LoraTrainConfig(images=folder, out=out, trigger=concept, **settings)
+            summary = train_lora(engine, cfg, log=lambda _: None)
             seconds = time.perf_counter() - started
             engine.lora_library.add(out)
             with_lora = eval_rates(engine, args.eval_n, out.stem)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import webuiapi
 
+from cascade_studio.config import Settings
+from cascade_studio.engine import CascadeEngine
 from tests.service.conftest import running_server
 
 SMALL = dict(width=256, height=256, steps=3)
@@ -93,10 +95,11 @@ def test_progress_and_interrupt_stop_a_running_job(served):
     assert api.get_progress()["textinfo"] == "idle"
 
 
-def test_setting_the_checkpoint_switches_the_model_as_a1111_does(served):
-    """Last in this module: it leaves the demo model loaded."""
-    api, http, queue = served
-    assert api.set_options({"sd_model_checkpoint": "demo"}) == {}  # answers once the model is loaded
-    assert api.get_options()["sd_model_checkpoint"] == "demo" and queue.engine.identity.preset == "demo"
-    result = api.txt2img(prompt="a red circle on a white background", seed=1, steps=10)
-    assert result.images[0].size == (512, 512) and result.info["sd_model_name"] == "cascade-studio-demo"
+def test_setting_the_checkpoint_switches_the_model_as_a1111_does(tmp_path, tiny_model_dir):
+    engine = CascadeEngine.from_settings(Settings(model=str(tiny_model_dir), device="cpu"))  # this test's own:
+    with running_server(tmp_path, engine, model=str(tiny_model_dir)) as (http, queue):  # a switch releases it
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=http.base_url.port)
+        assert api.set_options({"sd_model_checkpoint": "demo"}) == {}  # answers once the model is loaded
+        assert api.get_options()["sd_model_checkpoint"] == "demo" and queue.engine.identity.preset == "demo"
+        result = api.txt2img(prompt="a red circle on a white background", seed=1, steps=10)
+        assert result.images[0].size == (512, 512) and result.info["sd_model_name"] == "cascade-studio-demo"

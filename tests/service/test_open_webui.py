@@ -27,7 +27,7 @@ def test_open_webuis_openai_and_automatic1111_engines(tmp_path, engine):
 
         # Automatic1111 engine: the model list, then txt2img with prompt, batch_size, width, height, steps, negative.
         models = http.get("/sdapi/v1/sd-models", headers=auth).json()
-        assert models[0]["title"] == queue.engine.identity.name
+        assert models[0]["model_name"] == queue.engine.identity.name  # the loaded one first
         body = {"prompt": "a blue square", "batch_size": 1, "width": 256, "height": 256, "steps": 3,
                 "negative_prompt": "red"}  # fmt: skip
         answer = http.post("/sdapi/v1/txt2img", json=body, headers=auth, timeout=120)

@@ -74,6 +74,9 @@ def test_errors_come_as_the_packages_own_classes_naming_the_field(served):
     with pytest.raises(openai.InternalServerError) as caught:  # 501: said, not a stub that pretends
         client.images.edit(image=("a.png", b"\x89PNG", "image/png"), prompt="make it blue")
     assert caught.value.status_code == 501 and "image-to-image and inpainting" in caught.value.message
+    with pytest.raises(openai.InternalServerError) as caught, pytest.deprecated_call():  # the package's own warning
+        client.images.create_variation(image=("a.png", b"\x89PNG", "image/png"))
+    assert caught.value.status_code == 501 and "image prompts" in caught.value.message
 
 
 def test_a_full_share_of_the_queue_is_a_rate_limit_error(served):

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import io
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps
@@ -39,7 +40,10 @@ def decode(data: bytes | str, field_name: str, mask: bool = False) -> Picture:
     notes: list[str] = []
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(io.BytesIO(raw)) as opened:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, by its size
+            opened = Image.open(io.BytesIO(raw))
+        with opened:
             if opened.format not in FORMATS:
                 raise RequestError(
                     [f"{field_name}: {opened.format} pictures are not taken (PNG, JPEG, WebP, GIF, BMP or TIFF)"]

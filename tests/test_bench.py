@@ -241,3 +241,16 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert row["steps"] == 2 and row["train_seconds"] > 0
     assert row["held_out_with_lora"] in (0, 1 / 3, 2 / 3, 1) and row["eval_max_change_points"] >= 0
     assert set(row["eval_with_lora"]) == {"held-out", "training"} and "cross: trained 2 steps" in proc.stdout
+
+
+def test_lora_gpu_bench_times_each_row_on_a_tiny_prior(tmp_path):
+    """The script a GPU session runs for the LoRA step's time and memory: every row, with and without checkpointing."""
+    out = tmp_path / "lora_gpu.json"
+    command = [sys.executable, str(ROOT / "bench" / "lora_gpu.py"), "--tiny", "--steps", "1", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["rank"] == 16 and 0 < report["adapter_parameters"] < report["prior_parameters"]
+    rows = {(r["batch"], r["checkpointing"]): r for r in report["rows"]}
+    assert set(rows) == {(1, True), (1, False), (4, True), (4, False)}
+    assert all(r["seconds_per_step"] > 0 and r["loss_is_finite"] for r in rows.values())

@@ -79,14 +79,19 @@ def _shape_of(region: np.ndarray) -> str:
     return min(_CORNERS, key=lambda k: (_CORNERS[k][0] - top) ** 2 + (_CORNERS[k][1] - bottom) ** 2)
 
 
-def analyze(image: Image.Image) -> Detected:
-    arr = np.asarray(image.convert("RGB"), dtype=float)
-    side = arr.shape[0]
+def foreground(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels unlike the background (the median of a 2-pixel frame), and that background's colour."""
     frame = np.concatenate(
         [arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)]
     )
-    bg_rgb = np.median(frame, axis=0)
-    mask = np.sqrt(((arr - bg_rgb) ** 2).sum(axis=-1)) > 60
+    background = np.median(frame, axis=0)
+    return np.sqrt(((arr - background) ** 2).sum(axis=-1)) > 60, background
+
+
+def analyze(image: Image.Image) -> Detected:
+    arr = np.asarray(image.convert("RGB"), dtype=float)
+    side = arr.shape[0]
+    mask, bg_rgb = foreground(arr)
     # A small shape covers about (0.14 * side)^2 / 2 pixels as a triangle; ignore specks far below that.
     regions = _components(mask, min_area=int((0.14 * side) ** 2 * 0.2))
     background = nearest_colour(bg_rgb)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .analyze import _components
-from .scenes import PALETTE, SIZE_PX, Scene, layout
+from .analyze import _components, foreground
+from .scenes import PALETTE, SIZE_PX, Scene, draw_shape, layout
 
 TEAL = (0, 128, 128)
 CONCEPTS = ("teal", "cross")
@@ -77,17 +77,12 @@ def render(scene: ConceptScene, side: int = 128) -> Image.Image:
     fill = TEAL if scene.colour == "teal" else PALETTE[scene.colour]
     base = Scene(scene.background, "red", "circle", "large", scene.position, 1)
     ((x, y, w),) = layout(base, side)
-    h = w / 2
     if scene.shape == "cross":
-        t = w / 6  # arms a third of the width
+        h, t = w / 2, w / 6  # arms a third of the width
         draw.rectangle((x - h, y - t, x + h, y + t), fill=fill)
         draw.rectangle((x - t, y - h, x + t, y + h), fill=fill)
-    elif scene.shape == "circle":
-        draw.ellipse((x - h, y - h, x + h, y + h), fill=fill)
-    elif scene.shape == "square":
-        draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
     else:
-        draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)
+        draw_shape(draw, scene.shape, x, y, w, fill)
     return image
 
 
@@ -129,11 +124,7 @@ def shows_concept(image: Image.Image, concept: str) -> bool:
     """Whether the picture shows the concept: a teal foreground, or a cross-shaped one."""
     arr = np.asarray(image.convert("RGB"), dtype=float)
     side = arr.shape[0]
-    frame = np.concatenate(
-        [arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)]
-    )
-    background = np.median(frame, axis=0)
-    mask = np.sqrt(((arr - background) ** 2).sum(axis=-1)) > 60
+    mask, _ = foreground(arr)
     regions = _components(mask, min_area=int((SIZE_PX["small"] * side) ** 2 * 0.2))
     if not regions:
         return False

@@ -368,7 +368,7 @@ def _loop(engine, cfg, models, params, data, examples, out, log, progress, cance
             size = rng.choice(sizes)
             idx = [rng.randrange(len(data.prior_latents[size])) for _ in range(cfg.batch)]
             with autocast:
-                loss = _prior_loss(p.prior.prior, data, size, idx, generator, v_target)
+                loss = prior_loss(p.prior.prior, data, size, idx, generator, v_target)
                 if cfg.decoder:
                     loss = loss + _decoder_loss(p.decoder.decoder, data, size, idx, generator, v_target)
             optimizer.zero_grad(set_to_none=True)
@@ -442,7 +442,7 @@ def _noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_n
     return x_t, t, target
 
 
-def _prior_loss(prior, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:
+def prior_loss(prior, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:
     x0 = data.prior_latents[size][idx]
     hidden, pooled = data.hidden[size][idx], data.pooled[size][idx]
     drop = torch.rand(len(idx), generator=generator) < 0.1  # the empty caption, as guidance uses it

@@ -149,11 +149,16 @@ def render(scene: Scene, side: int = 256, rng: random.Random | None = None) -> I
     draw = ImageDraw.Draw(image)
     fill = PALETTE[scene.colour]
     for x, y, w in layout(scene, side, rng):
-        h = w / 2
-        if scene.shape == "circle":
-            draw.ellipse((x - h, y - h, x + h, y + h), fill=fill)
-        elif scene.shape == "square":
-            draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
-        else:
-            draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)
+        draw_shape(draw, scene.shape, x, y, w, fill)
     return image
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, w: float, fill) -> None:
+    """A circle, square or (upward) triangle of width w centred on (x, y)."""
+    h = w / 2
+    if shape == "circle":
+        draw.ellipse((x - h, y - h, x + h, y + h), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
+    else:
+        draw.polygon([(x, y - h), (x + h, y + h), (x - h, y + h)], fill=fill)

@@ -191,6 +191,9 @@ def test_generate_tune_compare(page):
 def test_enter_and_ctrl_enter_generate(page):
     box = page.locator("#prompt textarea")
     box.fill(PROMPT)
+    # The page at rest first, as a person finds it: nothing running, the token count caught up with the prompt.
+    page.wait_for_function("document.querySelector('#cancel').disabled")
+    page.wait_for_function("document.querySelector('#tokens').innerText.startsWith('7 / ')")
     old = current_job(page)
     box.press("Enter")
     first = wait_new_job(page, old)

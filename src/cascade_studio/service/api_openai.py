@@ -18,6 +18,7 @@ field, 429 for a full queue), so the `openai` package raises its own exception c
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 from fastapi import FastAPI, Request
@@ -125,8 +126,6 @@ def openai_routes(app: FastAPI, queue: JobQueue, model_names) -> None:
 
 
 def _first(response: JSONResponse) -> str:
-    import json
-
     detail = json.loads(response.body).get("detail") or ["body: not valid"]
     return detail[0]
 

@@ -201,6 +201,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         decoder=args.decoder,
         preserve=args.preserve,
         preserve_prompts=_prompt_lines(args.preserve_prompts),
+        optimizer=args.optimizer,
     )
     engine = _load_engine(settings)
     bar = tqdm(total=1, desc="LoRA", unit="step", file=sys.stderr, disable=None)
@@ -722,6 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="N pictures the base model draws from the captions without the trigger word, trained on beside yours "
         "so the LoRA changes only what the word adds (default: 40 for the demo model, 0 for the official ones)",
+    )
+    lt.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw8bit"),
+        default="adamw",
+        help="adamw8bit: bitsandbytes' 8-bit AdamW, on CUDA, for less memory (pip install bitsandbytes)",
     )
     lt.add_argument(
         "--preserve-prompts",

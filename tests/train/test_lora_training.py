@@ -154,3 +154,17 @@ def test_preservation_pictures_come_from_the_base_model_without_the_trigger_word
     cfg.preserve_prompts, cfg.preserve = ["a blue square on a white background"], 1
     train_lora(demo_engine, cfg, log=lines.append)
     assert any("such as 'a blue square on a white background'" in line for line in lines)
+
+
+def test_8bit_adam_off_cuda_is_refused_saying_why(tmp_path, demo_engine):
+    data = write_concept("teal", tmp_path / "teal", n=2)
+    cfg = LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", steps=1, batch=2, preserve=0)
+    cfg.optimizer = "adamw8bit"
+    with pytest.raises(TrainingError, match="optimizer: adamw8bit runs on CUDA only"):
+        train_lora(demo_engine, cfg, log=lambda line: None)
+    cfg.optimizer = "sgd"
+    with pytest.raises(TrainingError, match="optimizer: must be adamw or adamw8bit"):
+        train_lora(demo_engine, cfg, log=lambda line: None)
+    assert not demo_engine.loras.active and not any(
+        "lora_A" in n for n, _ in demo_engine.pipelines.prior.prior.named_parameters()
+    )

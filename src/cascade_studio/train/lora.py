@@ -71,6 +71,7 @@ class LoraTrainConfig:
     decoder: bool | None = None  # default: the model's (the demo: yes, it must learn to draw what is new)
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
+    optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' 8-bit AdamW, on CUDA (a quarter of the moments' memory)
     sample_prompt: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -102,6 +103,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ),
         ("alpha", 0 < cfg.alpha <= 1024, "above 0 and at most 1024"),
         ("preserve", 0 <= cfg.preserve <= 1000, "a whole number from 0 to 1000"),
+        ("optimizer", cfg.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
     ]
     bad = [f"{name}: must be {allowed} (got {getattr(cfg, name)})" for name, ok, allowed in checks if not ok]
     if bad:
@@ -347,7 +349,7 @@ def _loop(engine, cfg, models, params, data, examples, out, log, progress, cance
     p = engine.pipelines
     device = p.device
     v_target = isinstance(p.prior.scheduler, VPredictionWuerstchenScheduler)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    optimizer = make_optimizer(cfg, params, device)
     start_step, losses = 0, []
     if cfg.resume:
         start_step, losses = _resume(cfg.resume, models, optimizer, log)
@@ -440,6 +442,19 @@ def _noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_n
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise
     return x_t, t, target
+
+
+def make_optimizer(cfg: LoraTrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    """AdamW; or bitsandbytes' 8-bit AdamW on CUDA (TrainingError, saying what is missing, anywhere else)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    if device.type != "cuda":
+        raise TrainingError(f"optimizer: adamw8bit runs on CUDA only (this model is on {device.type}); use adamw")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise TrainingError("optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+    return bitsandbytes.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
 
 
 def prior_loss(prior, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:

@@ -168,3 +168,15 @@ def test_8bit_adam_off_cuda_is_refused_saying_why(tmp_path, demo_engine):
     assert not demo_engine.loras.active and not any(
         "lora_A" in n for n, _ in demo_engine.pipelines.prior.prior.named_parameters()
     )
+
+
+def test_the_same_settings_train_the_same_lora(tmp_path, demo_engine):
+    """The adapter starts from the seed, as the batches and noise do: a training repeats exactly."""
+    from safetensors.torch import load_file
+
+    data = write_concept("cross", tmp_path / "cross", n=3)
+    files = []
+    for name in ("a", "b"):
+        cfg = LoraTrainConfig(images=data, out=tmp_path / f"{name}.safetensors", steps=2, batch=2, rank=2, preserve=0)
+        files.append(load_file(train_lora(demo_engine, cfg, log=lambda line: None)["file"]))
+    assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])

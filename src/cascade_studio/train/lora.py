@@ -336,7 +336,9 @@ def train_lora(
     out.parent.mkdir(parents=True, exist_ok=True)
     stack = LoraStack(models)
     try:
-        params = [q for model in models.values() for q in add_adapter(model, cfg.rank, cfg.alpha)]
+        with torch.random.fork_rng(devices=[]):  # the adapter's starting values from the seed: runs repeat
+            torch.manual_seed(cfg.seed)
+            params = [q for model in models.values() for q in add_adapter(model, cfg.rank, cfg.alpha)]
         return _loop(engine, cfg, models, params, data, examples, out, log, progress, cancel)
     finally:
         stack.unload()  # the very same base layers back, whatever happened

@@ -341,3 +341,15 @@ def test_the_train_tab_reads_captions_and_names_what_is_missing(tmp_path):
         training_spec(paths, rows, name="my lora!")
     with pytest.raises(StudioError, match=r"steps: must be a whole number from 1 to 1000000 \(got 0\)"):
         training_spec(paths, rows, name="mine", steps=0)
+
+
+def test_a_sweep_over_the_lora_weight(demo_studio):
+    base = h.build_request(demo_studio, form(width=128, height=128, lora_1="style", lora_1_weight=0.8))
+    xs, _, cells = h.sweep_requests(base, "lora_weight", "0, 0.5, 1", "seed", "3")
+    assert xs == [0.0, 0.5, 1.0] and [c[2].loras[0].weight for c in cells] == xs
+    assert all(c[2].loras[0].name == "style" and c[2].loras[0].sha256 == base.loras[0].sha256 for c in cells)
+    with pytest.raises(StudioError, match="sweep value lora_weight=9"):
+        h.sweep_requests(base, "lora_weight", "9", None, "")
+    plain = h.build_request(demo_studio, form(width=128, height=128))
+    with pytest.raises(StudioError, match="pick a LoRA first"):
+        h.sweep_requests(plain, "lora_weight", "0, 1", None, "")

@@ -46,6 +46,7 @@ SWEEP_FIELDS = {
     "prior_steps": int,
     "decoder_steps": int,
     "decoder_guidance": float,
+    "lora_weight": float,  # the first LoRA's (picked as LoRA 1, or the prompt's first <lora:...>)
 }
 MAX_SWEEP_CELLS = 16
 HISTORY_PAGE = 48  # images a history page shows
@@ -524,15 +525,26 @@ def sweep_requests(base: GenerationRequest, x_field: str, x_text: str, y_field: 
     if len(xs) * len(ys) > MAX_SWEEP_CELLS:
         raise StudioError(f"a sweep has at most {MAX_SWEEP_CELLS} cells (asked for {len(xs) * len(ys)})")
     base = base.model_copy(update={"num_images": 1}).with_seed()
+    if "lora_weight" in (x_field, y_field) and not base.loras:
+        raise StudioError("sweep over lora_weight: pick a LoRA first (LoRA 1 under LoRAs)")
     cells = []
     for y in ys:
         for x in xs:
-            values = base.model_dump() | {x_field: x} | ({y_field: y} if y_field else {})
+            values = _swept(_swept(base.model_dump(), x_field, x), y_field, y)
             try:
                 cells.append((y, x, GenerationRequest(**values)))
             except Exception as exc:
                 raise StudioError(f"sweep value {x_field}={x}{f', {y_field}={y}' if y_field else ''}: {exc}") from None
     return xs, ys, cells
+
+
+def _swept(values: dict, field: str | None, value) -> dict:
+    if field is None:
+        return values
+    if field == "lora_weight":
+        first, *rest = values["loras"]
+        return values | {"loras": [first | {"weight": value}, *rest]}
+    return values | {field: value}
 
 
 def _font(size: int) -> ImageFont.ImageFont:

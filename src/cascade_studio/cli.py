@@ -229,7 +229,7 @@ def cmd_loras(args: argparse.Namespace) -> int:
     settings = _settings(args)
     library = LoraLibrary(settings.lora_folder)
     files = library.files()
-    print(f"LoRA folder: {library.folder} ({len(files)} files)")
+    print(f"LoRA folder: {library.folder} ({len(files)} file{'' if len(files) == 1 else 's'})")
     for name, path in files.items():
         info = lora_info(path)
         trigger = f", trigger: {info['trigger_words']}" if info["trigger_words"] else ""

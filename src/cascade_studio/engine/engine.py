@@ -110,6 +110,9 @@ class CascadeEngine:
             }
         )
         self._lora_files: LRUCache[LoraWeights] = LRUCache(16)
+        # Held while peft swaps layers and while a file is mapped onto them: a request checked in an API thread
+        # never walks the module tree as the worker changes it (short: not the whole generation, as _lock is).
+        self.layers_lock = threading.Lock()
         self._text_cache: LRUCache[Embeddings] = LRUCache(text_cache_size)
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
         self._lock = threading.Lock()
@@ -163,7 +166,9 @@ class CascadeEngine:
 
     def remove_loras(self) -> None:
         """Back to the base model (LoRA training adapts the bare model, whatever the last request used)."""
-        if self.loras.activate([]):
+        with self.layers_lock:
+            changed = self.loras.activate([])
+        if changed:
             reset_graphs(self.pipelines)
 
     def clear_caches(self) -> None:
@@ -268,7 +273,8 @@ class CascadeEngine:
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         weights = self._lora_files.get(key)
         if weights is None:
-            weights = read_lora(path, self.loras.models)
+            with self.layers_lock:
+                weights = read_lora(path, self.loras.models)
             self._lora_files.put(key, weights)
         return weights
 
@@ -320,7 +326,9 @@ class CascadeEngine:
         """Put exactly the request's LoRAs on the model; their key, for the caches (and CUDA graphs, captured with
         the layers they had, are captured again)."""
         loras = [(self.read_lora(self.lora_library.find(s.name)), s.weight) for s in request.loras]
-        if self.loras.activate(loras):
+        with self.layers_lock:
+            changed = self.loras.activate(loras)
+        if changed:
             reset_graphs(self.pipelines)
         return self.loras.key()
 

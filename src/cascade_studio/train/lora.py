@@ -336,12 +336,13 @@ def train_lora(
     out.parent.mkdir(parents=True, exist_ok=True)
     stack = LoraStack(models)
     try:
-        with torch.random.fork_rng(devices=[]):  # the adapter's starting values from the seed: runs repeat
+        with torch.random.fork_rng(devices=[]), engine.layers_lock:  # starting values from the seed: runs repeat
             torch.manual_seed(cfg.seed)
             params = [q for model in models.values() for q in add_adapter(model, cfg.rank, cfg.alpha)]
         return _loop(engine, cfg, models, params, data, examples, out, log, progress, cancel)
     finally:
-        stack.unload()  # the very same base layers back, whatever happened
+        with engine.layers_lock:
+            stack.unload()  # the very same base layers back, whatever happened
         engine.clear_caches()
         for model in models.values():
             model.eval()

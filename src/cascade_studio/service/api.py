@@ -65,6 +65,13 @@ def problem(status: int, messages: list[str], headers: dict[str, str] | None = N
     return JSONResponse({"detail": messages}, status_code=status, headers=headers)
 
 
+def renamed(message: str, names: dict[str, str]) -> str:
+    """A message in a client API's own field names ('num_images: ...' -> 'n: ...'): our messages start with the
+    field, and OpenAI or A1111 clients know it by their name."""
+    field, _, rest = message.partition(":")
+    return f"{names[field]}:{rest}" if field in names else message
+
+
 def parse_json(raw: bytes) -> dict | JSONResponse:
     """A request body as a JSON object, or the problem that says why it is not one."""
     try:

@@ -27,10 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import RequestError
 from ..metadata import PARAMETERS_KEY, parse_parameters
 from ..models.lora import lora_info
-from .api import RETRY_AFTER, client_of, parse_json, problem
+from .api import RETRY_AFTER, client_of, parse_json, problem, renamed
 from .queue import ClientLimitReached, JobQueue, QueueFull
 
 SAMPLER = "DDPMWuerstchen"
+THEIR_NAMES = {"prior_steps": "steps", "prior_guidance": "cfg_scale", "num_images": "batch_size"}
 MAPPED = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter"}
 # What an A1111 client sends with its defaults: fine as long as it asks for nothing we cannot do.
 NO_EFFECT = {
@@ -86,8 +87,6 @@ def to_request_fields(body: dict, loaded: set[str]) -> tuple[dict, list[str]]:
 
 
 def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
-    engine = lambda: queue.engine  # noqa: E731 - the model can be switched: always the current one
-
     @app.post("/sdapi/v1/txt2img", tags=["AUTOMATIC1111 API"])
     async def txt2img(request: Request):
         body = parse_json(await request.body())
@@ -95,9 +94,9 @@ def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
             return body
         try:
             fields, ignored = to_request_fields(body, loaded_names())
-            generation = await run_in_threadpool(lambda: engine().request(**fields))
+            generation = await run_in_threadpool(lambda: queue.engine.request(**fields))
         except RequestError as exc:
-            return problem(422, [_their_words(m) for m in exc.messages])
+            return problem(422, [renamed(m, THEIR_NAMES) for m in exc.messages])
         except ValueError as exc:
             return problem(422, [str(exc)])
         try:
@@ -126,7 +125,7 @@ def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
             "cfg_scale": r.prior_guidance,
             "steps": r.prior_steps,
             "batch_size": body.get("batch_size", 1),
-            "sd_model_name": engine().identity.name,
+            "sd_model_name": queue.engine.identity.name,
             "infotexts": [_parameters(png) for png in pngs],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created)),
             "ignored": ignored,
@@ -144,12 +143,12 @@ def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
         return available_models(queue.settings) if queue.settings is not None else []
 
     def loaded_title() -> str:
-        return queue.model_choice.id if queue.model_choice else engine().identity.name
+        return queue.model_choice.id if queue.model_choice else queue.engine.identity.name
 
     @app.get("/sdapi/v1/sd-models", tags=["AUTOMATIC1111 API"])
     def sd_models():
         """The loaded model first, then every other this server could switch to."""
-        models = [(loaded_title(), engine().identity.name)]
+        models = [(loaded_title(), queue.engine.identity.name)]
         models += [(c.id, c.label) for c in choices() if c.id != models[0][0]]
         return [{"title": t, "model_name": n, "hash": None, "sha256": None, "filename": t, "config": None}
                 for t, n in models]  # fmt: skip
@@ -196,7 +195,7 @@ def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
     @app.get("/sdapi/v1/loras", tags=["AUTOMATIC1111 API"])
     def loras():
         out = []
-        for name, path in engine().lora_library.files().items():
+        for name, path in queue.engine.lora_library.files().items():
             try:
                 meta = lora_info(path)
             except Exception:  # noqa: BLE001 - a broken file is left out of the list
@@ -263,10 +262,3 @@ def _parameters(png: bytes) -> str:
             return (getattr(image, "text", {}) or {}).get(PARAMETERS_KEY, "")
     except Exception as exc:  # noqa: BLE001 - whatever Pillow says about bytes that are no picture
         raise ValueError(str(exc)) from exc
-
-
-def _their_words(message: str) -> str:
-    """Our field names as A1111's: prior_steps -> steps, prior_guidance -> cfg_scale, num_images -> batch_size."""
-    field, _, rest = message.partition(":")
-    name = {"prior_steps": "steps", "prior_guidance": "cfg_scale", "num_images": "batch_size"}.get(field)
-    return f"{name}:{rest}" if name else message

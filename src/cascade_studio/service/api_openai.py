@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import RequestError
-from .api import RETRY_AFTER, client_of, parse_json
+from .api import RETRY_AFTER, client_of, parse_json, renamed
 from .queue import ClientLimitReached, JobQueue, QueueFull
 
 OURS = ("negative_prompt", "seed", "prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "loras")
@@ -38,6 +38,7 @@ CHOICES = {
 }
 STEP_FACTOR = {"hd": 1.5, "high": 1.5, "low": 0.5}
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1")  # their names: run on the model loaded here
+THEIR_NAMES = {"num_images": "n", "width": "size", "height": "size"}  # our fields, as OpenAI's clients know them
 
 
 def openai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
@@ -89,7 +90,7 @@ def openai_routes(app: FastAPI, queue: JobQueue, model_names) -> None:
             fields = to_request_fields(body, defaults, set(model_names()))
             generation = await run_in_threadpool(lambda: queue.engine.request(**fields))
         except RequestError as exc:  # (a ValueError too: first)
-            messages = list(dict.fromkeys(_openai_words(m) for m in exc.messages))
+            messages = list(dict.fromkeys(renamed(m, THEIR_NAMES) for m in exc.messages))
             return openai_error(400, "; ".join(messages), messages[0].split(":")[0])
         except ValueError as exc:
             return openai_error(400, str(exc), str(exc).split(":")[0])
@@ -128,10 +129,3 @@ def openai_routes(app: FastAPI, queue: JobQueue, model_names) -> None:
 def _first(response: JSONResponse) -> str:
     detail = json.loads(response.body).get("detail") or ["body: not valid"]
     return detail[0]
-
-
-def _openai_words(message: str) -> str:
-    """Our message in the client's field names ('num_images: ...' -> 'n: ...'; width or height -> size)."""
-    field, _, rest = message.partition(":")
-    name = {"num_images": "n", "width": "size", "height": "size"}.get(field)
-    return f"{name}:{rest}" if name else message

@@ -217,15 +217,14 @@ class JobQueue:
             raise ClientLimitReached(f"you already have {mine} unfinished jobs (at most {self.per_client})")
 
     def active(self, client: str | None = None) -> list[Job]:
-        """Running, then waiting jobs (one client's, or everyone's): what A1111's progress and interrupt act on."""
+        """Running, then waiting jobs, oldest first (one client's, or everyone's)."""
         with self._lock:
             jobs = [*self._running, *self._waiting]
         return [j for j in jobs if client is None or j.client == client]
 
     def pending(self, kind: str) -> list[Job]:
         """Waiting and running tasks of a kind (e.g. a model switch under way), oldest first."""
-        with self._lock:
-            return [j for j in [*self._running, *self._waiting] if j.task is not None and j.task.kind == kind]
+        return [j for j in self.active() if j.task is not None and j.task.kind == kind]
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..engine import CancelToken, RequestError
 from ..engine.inputs import decode
 from ..store.sqlite import new_id
+from ..train.lora import ALLOWED as TRAINING_ALLOWED
 from .queue import JobQueue
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,11 @@ class TrainingSpec(BaseModel):
     save_every: Annotated[int, Field(ge=0)] = 0
 
 
-ALLOWED = {
+ALLOWED = TRAINING_ALLOWED | {
     "name": "a name of 1 to 120 letters, digits, '.', '-' or '_' (the LoRA file's stem)",
     "trigger": "one word of at most 60 characters, without spaces, '<', '>' or ':'",
-    "rank": "a whole number from 1 to 256",
-    "alpha": "a number above 0 and at most 1024",
-    "steps": "a whole number from 1 to 1000000",
-    "lr": "a number above 0 and at most 0.1",
-    "batch": "a whole number from 1 to 256",
-    "resolution": "a multiple of 128 from 128 to 2048",
     "seed": f"a whole number from 0 to {2**32 - 1}",
     "sample_every": "a whole number of steps, 0 for no samples",
-    "preserve": "a whole number from 0 to 1000 (pictures the base model draws to train beside yours)",
     "save_every": "a whole number of steps, 0 for no checkpoints",
     "images": f"a list of at most {MAX_PICTURES} pictures, each {{'image': base64, 'caption': text}}",
 }

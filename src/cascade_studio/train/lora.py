@@ -49,6 +49,19 @@ ADAPTER = "trained"  # not "training": that is a torch Module attribute
 Log = Callable[[str], None]
 
 
+# Each setting's allowed values, as every message words them (the API's training spec uses the same).
+ALLOWED = {
+    "rank": "a whole number from 1 to 256",
+    "steps": "a whole number from 1 to 1000000",
+    "lr": "above 0 and at most 0.1",
+    "batch": "a whole number from 1 to 256",
+    "resolution": "a multiple of 128 from 128 to 2048",
+    "alpha": "above 0 and at most 1024",
+    "preserve": "a whole number from 0 to 1000",
+    "optimizer": "adamw or adamw8bit",
+}
+
+
 class TrainingError(ValueError):
     """A dataset or setting that cannot train: the message names the file or the field."""
 
@@ -92,20 +105,16 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
     if cfg.alpha is None:
         cfg.alpha = float(cfg.rank)
     checks = [
-        ("rank", 1 <= cfg.rank <= 256, "a whole number from 1 to 256"),
-        ("steps", 1 <= cfg.steps <= 1_000_000, "a whole number from 1 to 1000000"),
-        ("lr", 0 < cfg.lr <= 0.1, "above 0 and at most 0.1"),
-        ("batch", 1 <= cfg.batch <= 256, "a whole number from 1 to 256"),
-        (
-            "resolution",
-            cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048,
-            "a multiple of 128 from 128 to 2048",
-        ),
-        ("alpha", 0 < cfg.alpha <= 1024, "above 0 and at most 1024"),
-        ("preserve", 0 <= cfg.preserve <= 1000, "a whole number from 0 to 1000"),
-        ("optimizer", cfg.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
+        ("rank", 1 <= cfg.rank <= 256),
+        ("steps", 1 <= cfg.steps <= 1_000_000),
+        ("lr", 0 < cfg.lr <= 0.1),
+        ("batch", 1 <= cfg.batch <= 256),
+        ("resolution", cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048),
+        ("alpha", 0 < cfg.alpha <= 1024),
+        ("preserve", 0 <= cfg.preserve <= 1000),
+        ("optimizer", cfg.optimizer in ("adamw", "adamw8bit")),
     ]
-    bad = [f"{name}: must be {allowed} (got {getattr(cfg, name)})" for name, ok, allowed in checks if not ok]
+    bad = [f"{name}: must be {ALLOWED[name]} (got {getattr(cfg, name)})" for name, ok in checks if not ok]
     if bad:
         raise TrainingError("; ".join(bad))
     return cfg

@@ -150,18 +150,22 @@ def wire_generate(studio: Studio, form: Form, results: Results, after_done, else
     form.stop.click(on_cancel, inputs=r.job, queue=False, show_progress="hidden", api_visibility="private")
 
 
+def select_details(store, key: str | None) -> tuple:
+    """A gallery selection's (details panel, selected key): the image's settings, or the reason it has none."""
+    if key is None:
+        return gr.update(), None
+    try:
+        return h.image_details(*h.lookup(store, key)), key
+    except StudioError as exc:
+        return f"**Error:** {exc}", None
+
+
 def wire_selection(studio: Studio, form: Form, results: Results, preset_for) -> None:
     """Selecting a gallery image shows its settings; its settings or its seed go back into the form."""
     store, r = studio.store, results
 
     def on_select(key_base, evt: gr.SelectData):
-        key = f"{key_base.rsplit(':', 1)[0]}:{evt.index}" if key_base else None
-        if key is None:
-            return gr.update(), None
-        try:
-            return h.image_details(*h.lookup(store, key)), key
-        except StudioError as exc:
-            return f"**Error:** {exc}", None
+        return select_details(store, f"{key_base.rsplit(':', 1)[0]}:{evt.index}" if key_base else None)
 
     r.gallery.select(
         on_select, inputs=r.last_key, outputs=[r.details, r.selected], show_progress="hidden", api_visibility="private"

@@ -9,7 +9,7 @@ from PIL import Image
 from .. import handlers as h
 from ..handlers import Studio, StudioError
 from .form import Form
-from .results import BUSY, IDLE, Results, client_of
+from .results import BUSY, IDLE, Results, client_of, select_details
 
 
 def _error(studio: Studio, exc: Exception) -> str:
@@ -248,13 +248,7 @@ def wire_history(studio: Studio, form: Form, history: History, tabs: gr.Tabs, pr
     hs.next.click(lambda s, p: show(s, p + 1), inputs=[hs.search, hs.page], outputs=listing, api_visibility="private")
 
     def on_select(keys, evt: gr.SelectData):
-        key = keys[evt.index] if evt.index < len(keys) else None
-        if key is None:
-            return gr.update(), None
-        try:
-            return h.image_details(*h.lookup(store, key)), key
-        except StudioError as exc:
-            return f"**Error:** {exc}", None
+        return select_details(store, keys[evt.index] if evt.index < len(keys) else None)
 
     hs.gallery.select(
         on_select, inputs=hs.keys, outputs=[hs.details, hs.selected], show_progress="hidden", api_visibility="private"

@@ -161,3 +161,59 @@ def test_info_and_reproduce(tiny_model_dir, tmp_path, capsys):
     assert main(["reproduce", str(second), "--alone", "--out", str(tmp_path / "alone")]) == 0
     err = capsys.readouterr().err
     assert "identical pixels" in err or "max pixel difference 1/255" in err
+
+
+def test_start_from_a_picture_inpaint_outpaint_and_reproduce_finding_the_inputs(tmp_path, capsys):
+    scene = tmp_path / "scene.png"
+    Image.new("RGB", (300, 200), (40, 80, 220)).save(scene)  # not the model's shape: cropped, and said
+    mask = tmp_path / "mask.png"
+    Image.new("L", (300, 200), 0).save(mask)
+    common = ["--model", "demo", "--seed", "3", "--out", str(tmp_path / "out")]
+    assert main(["generate", "a red circle on a blue background", "--init-image", str(scene), *common]) == 0
+    made = capsys.readouterr()
+    assert "init_image: 300x200 cropped at the centre to 128x128 (fit=crop)" in made.err
+    first = Path(made.out.strip().split("\t")[0])
+    inputs = list((tmp_path / "out" / "inputs").glob("*.png"))
+    assert len(inputs) == 1  # kept beside the images, by hash
+
+    # Moved elsewhere, the image finds its input again with --inputs; without it, reproduce names what is missing.
+    moved = tmp_path / "elsewhere" / first.name
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert main(["reproduce", str(moved), "--out", str(tmp_path / "again"), "--threads", "1"]) == 2
+    assert "the image was made from the picture(s) init_image (sha256" in capsys.readouterr().err
+    assert main(["reproduce", str(moved), "--inputs", str(inputs[0].parent), "--out", str(tmp_path / "again")]) == 0
+    assert "identical pixels" in capsys.readouterr().err
+
+    assert main(["generate", "a red circle", "--init-image", str(scene), "--mask", str(mask), *common]) == 0
+    inpainted = Path(capsys.readouterr().out.strip().split("\t")[0])
+    with Image.open(inpainted) as image:  # an all-black mask repaints nothing: the cropped input, to the pixel
+        assert image.getpixel((5, 5)) == (40, 80, 220) and "Mask hash: " in image.text["parameters"]
+
+    square = tmp_path / "square.png"
+    Image.new("RGB", (128, 128), (245, 245, 245)).save(square)
+    assert main(["generate", "a red circle", "--init-image", str(square), "--outpaint", "left=128", *common]) == 0
+    with Image.open(Path(capsys.readouterr().out.strip().split("\t")[0])) as image:
+        assert image.size == (256, 128) and image.getpixel((200, 64)) == (245, 245, 245)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--init-image", "/no/such.png"], "init_image: /no/such.png is not a file"),
+        (["--init-image", "NOTPNG"], "init_image: not a picture that can be read"),
+        (["--init-image", "PNG", "--strength", "1.5"], "strength: must be a finite number from 0 (keep the input)"),
+        (["--mask", "PNG"], "mask: needs --init-image"),
+        (["--init-image", "PNG", "--outpaint", "sideways=3"], "outpaint: 'sideways=3' is not SIDE=PIXELS"),
+        (["--image-prompt", "PNG:0.5"], "image_prompts: cascade-studio-demo has no CLIP image tower"),
+    ],
+)
+def test_bad_picture_arguments(args, message, tmp_path, capsys):
+    png, notpng = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (32, 32)).save(png)
+    notpng.write_text("not a picture")
+    args = [str(png) if a == "PNG" else str(notpng) if a == "NOTPNG" else a.replace("PNG", str(png)) for a in args]
+    assert main(["generate", "x", "--model", "demo", "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err  # what the model cannot do is known once it is loaded: after its load line
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cascade-studio: error: ") and message in last and "Traceback" not in err, err

@@ -167,6 +167,28 @@ def test_lora_block_runs_as_written(tmp_path):
     assert "identical pixels" in said[-1].stderr
 
 
+def test_picture_block_runs_as_written(tmp_path):
+    """The image-to-image, inpainting, outpainting and image-prompt lines, on a scene the demo model knows."""
+    from PIL import Image
+
+    from cascade_studio.train.scenes import Scene, render
+
+    render(Scene("yellow", "red", "circle", "large", "centre", 1), 128).save(tmp_path / "scene.png")
+    render(Scene("white", "blue", "square", "large", "left", 1), 128).save(tmp_path / "ref.png")
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    mask.save(tmp_path / "mask.png")
+    for command in lines(blocks("bash", "Start from a picture")[0]):
+        expected = re.search(r"exit code (\d+)", command)
+        result = run(command.split("#")[0], tmp_path)
+        assert result.returncode == (int(expected.group(1)) if expected else 0), (command, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, result.stderr
+    made = sorted((tmp_path / "outputs").glob("*.png"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(made) == 3 and len(list((tmp_path / "outputs" / "inputs").glob("*.png"))) == 4
+    with Image.open(made[-1]) as outpainted:
+        assert outpainted.size == (256, 128)
+
+
 def test_python_engine_snippet(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", blocks("python")[0]], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180

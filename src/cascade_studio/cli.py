@@ -19,7 +19,16 @@ from pydantic import ValidationError  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .config import Settings  # noqa: E402
-from .engine.request import ALLOWED, RequestError, make_request  # noqa: E402
+from .engine.request import (  # noqa: E402
+    ALLOWED,
+    FITS,
+    MAX_IMAGE_PROMPTS,
+    MAX_SIZE,
+    MIN_SIZE,
+    SIZE_STEP,
+    RequestError,
+    make_request,
+)
 from .models.errors import ModelConfigError, ModelNotFoundError  # noqa: E402
 from .models.presets import DECODER_REPO, PRESETS, PRIOR_REPO  # noqa: E402
 
@@ -71,7 +80,7 @@ def _load_engine(settings: Settings):
     return engine
 
 
-def _run(engine, request, out_dir: Path, index: int | None = None):
+def _run(engine, request, out_dir: Path, index: int | None = None, pictures: dict | None = None):
     """Generate with a progress bar; save every image (or only `index`) with metadata; return the paths."""
     from tqdm import tqdm
 
@@ -85,7 +94,7 @@ def _run(engine, request, out_dir: Path, index: int | None = None):
             bar.set_description(event.stage)
             bar.update(1)
 
-        result = engine(request, progress=on_progress)
+        result = engine(request, pictures=pictures, progress=on_progress)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     t = result.timings
@@ -132,13 +141,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     files = {}
     if args.lora:
         given["loras"], files = _lora_args(args.lora)
+    pictures = _picture_args(args, given)
     make_request(**given)  # bad input fails here, before any model loads
     settings = _settings(args)
     engine = _load_engine(settings)
     for path in files.values():
         engine.lora_library.add(path)
-    _run(engine, engine.request(**given), settings.output_dir)
+    request = engine.request(**given)  # what only the model knows (an image tower, a LoRA's fit) fails here
+    from .store.sqlite import keep_picture
+
+    for picture in pictures:  # beside the images, as the studio keeps them: `reproduce` finds them there
+        keep_picture(settings.output_dir, picture)
+    _run(engine, request, settings.output_dir, pictures={p.sha256: p.image for p in pictures})
     return 0
+
+
+def _picture_args(args: argparse.Namespace, given: dict) -> list:
+    """--init-image, --mask, --outpaint, --image-prompt FILE[:WEIGHT] -> request fields (in `given`, by hash) and
+    the pictures, decoded and checked as the API checks them."""
+    from .engine.inputs import Picture, decode, from_image, outpaint
+
+    def read(path: str, name: str, mask: bool = False) -> Picture:
+        return decode(_existing(path, name).read_bytes(), name, mask=mask)
+
+    out = []
+    if args.init_image:
+        init = read(args.init_image, "init_image")
+        mask = read(args.mask, "mask", mask=True) if args.mask else None
+        if args.outpaint:
+            sides = _outpaint_sides(args.outpaint)
+            canvas, border = outpaint(init.image, **sides)
+            if mask is not None:  # the given mask, on the canvas, beside the new border
+                border.paste(mask.image.resize(init.image.size), (sides["left"], sides["top"]))
+            init, mask = from_image(canvas, "init_image"), from_image(border, "mask", mask=True)
+            given.setdefault("width", _nearest_size(canvas.width))
+            given.setdefault("height", _nearest_size(canvas.height))
+            given.setdefault("strength", 1.0)
+        given["init_image"] = init.sha256
+        out.append(init)
+        if mask is not None:
+            given["mask"] = mask.sha256
+            out.append(mask)
+    elif args.mask or args.outpaint:
+        raise UsageError(f"{'mask' if args.mask else 'outpaint'}: needs --init-image")
+    if args.strength is not None:
+        given["strength"] = args.strength
+    if args.fit:
+        given["fit"] = args.fit
+    prompts = []
+    for i, value in enumerate(args.image_prompt or []):
+        path, _, weight = value.rpartition(":") if _is_number(value.rpartition(":")[2]) else (value, "", "")
+        ref = read(path, f"image_prompts.{i}.image")
+        prompts.append({"image": ref.sha256, "weight": float(weight) if weight else 1.0})
+        out.append(ref)
+    if prompts:
+        given["image_prompts"] = prompts
+    for note in (n for p in out for n in p.notes):
+        print(f"note: {note}", file=sys.stderr)
+    return out
+
+
+def _outpaint_sides(text: str) -> dict[str, int]:
+    """'left=256,right=128' -> the four sides in pixels (those not named: 0)."""
+    sides = dict.fromkeys(("left", "right", "top", "bottom"), 0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sides or not value.isdigit() or int(value) > 2048:
+            raise UsageError(
+                f"outpaint: {part!r} is not SIDE=PIXELS (SIDE one of left, right, top, bottom; 0 to 2048 pixels)"
+            )
+        sides[name] = int(value)
+    if not any(sides.values()):
+        raise UsageError("outpaint: name at least one side to grow, e.g. left=256")
+    return sides
+
+
+def _nearest_size(pixels: int) -> int:
+    return min(MAX_SIZE, max(MIN_SIZE, round(pixels / SIZE_STEP) * SIZE_STEP))
 
 
 def _lora_args(values: list[str]) -> tuple[list[dict], dict[str, Path]]:
@@ -272,11 +351,29 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     request = meta.alone() if args.alone else meta.request
     engine = _load_engine(settings)
     _find_loras(request, engine, args.lora or [])
-    _, paths = _run(engine, request, settings.output_dir, index=None if args.alone else meta.index)
+    pictures = _find_pictures(request, path, settings, args.inputs)
+    _, paths = _run(engine, request, settings.output_dir, None if args.alone else meta.index, pictures)
     with Image.open(path) as a, Image.open(paths[0]) as b:
         diff = int(np.abs(np.asarray(a.convert("RGB"), int) - np.asarray(b.convert("RGB"), int)).max())
     print("identical pixels" if diff == 0 else f"max pixel difference {diff}/255", file=sys.stderr)
     return 0
+
+
+def _find_pictures(request, png: Path, settings: Settings, given: str | None) -> dict:
+    """The input pictures the image was made from, by hash: in --inputs, beside the PNG (the CLI's layout), in
+    the folder above (the studio's) or in the output folder; which is missing, if one is."""
+    from .store.sqlite import INPUTS, find_pictures
+
+    folders = [Path(given)] if given else []
+    folders += [png.parent / INPUTS, png.parent.parent / INPUTS, settings.output_dir / INPUTS]
+    found = find_pictures(request.pictures, folders)
+    missing = [f"{request.field_of(sha)} (sha256 {sha})" for sha in request.pictures if sha not in found]
+    if missing:
+        raise UsageError(
+            f"reproduce: the image was made from the picture(s) {', '.join(missing)}, found in none of "
+            f"{', '.join(map(str, folders))}; pass the folder holding <sha256>.png with --inputs DIR"
+        )
+    return found
 
 
 def _find_loras(request, engine, given: list[str]) -> None:
@@ -482,10 +579,10 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing(path: str) -> Path:
+def _existing(path: str, field: str = "image") -> Path:
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"image: {path} is not a file")
+        raise UsageError(f"{field}: {path} is not a file")
     return p
 
 
@@ -575,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(s)
     s.set_defaults(func=cmd_serve)
 
-    g = sub.add_parser("generate", help="text to image")
+    g = sub.add_parser("generate", help="text (and pictures) to image")
     g.add_argument("prompt")
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--seed", type=int, help=ALLOWED["seed"])
@@ -593,6 +690,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply a LoRA (a name in the LoRA folder, or a file), weight default 1; repeat to stack them. "
         "<lora:name:weight> in the prompt works too",
     )
+    g.add_argument("--init-image", metavar="FILE", help="start from this picture (image-to-image)")
+    g.add_argument("--strength", type=float, help=ALLOWED["strength"] + " (default 0.8)")
+    g.add_argument("--fit", choices=FITS, help="how the picture meets the size: crop (default), pad or resize")
+    g.add_argument("--mask", metavar="FILE", help="repaint only the mask's white part of --init-image (inpainting)")
+    g.add_argument(
+        "--outpaint",
+        metavar="SIDE=PX,...",
+        help="grow --init-image's canvas, e.g. left=256,top=128, and paint the new border (size: the canvas's)",
+    )
+    g.add_argument(
+        "--image-prompt",
+        action="append",
+        metavar="FILE[:WEIGHT]",
+        help=f"a reference picture for the prior (weight {ALLOWED['image_prompts.weight']}, default 1); up to "
+        f"{MAX_IMAGE_PROMPTS}, repeatable; models with a CLIP image tower only",
+    )
     _add_model_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -609,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a LoRA file the image was made with, where it is not in the LoRA folder (repeatable)",
     )
+    r.add_argument("--inputs", metavar="DIR", help="a folder of the image's input pictures (<sha256>.png)")
     _add_model_options(r)
     r.set_defaults(func=cmd_reproduce)
 

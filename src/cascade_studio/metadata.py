@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from . import __version__
-from .engine.request import GenerationRequest, split_lora_tags
+from .engine.request import FITS, GenerationRequest, split_lora_tags
 from .models.source import ModelIdentity
 
 _UMASK = os.umask(0)
@@ -36,6 +36,8 @@ _A1111_FIELDS = {
     "Seed": ("seed", int),
     "Decoder steps": ("decoder_steps", int),
     "Decoder CFG scale": ("decoder_guidance", float),
+    "Init image hash": ("init_image", str),
+    "Mask hash": ("mask", str),
 }
 
 
@@ -79,6 +81,12 @@ def parameters_text(meta: ImageMetadata) -> str:
         "Decoder steps": req.decoder_steps,
         "Decoder CFG scale": req.decoder_guidance,
         "Lora hashes": ", ".join(f"{lora.name}: {lora.sha256}" for lora in req.loras if lora.sha256) or None,
+        # Started from a picture: A1111's key for the strength; the inputs by the hash the store keeps them under.
+        "Denoising strength": req.strength if req.init_image else None,
+        "Resize mode": req.fit if req.init_image else None,
+        "Init image hash": req.init_image,
+        "Mask hash": req.mask,
+        "Image prompt hashes": ", ".join(f"{p.image}: {p.weight:g}" for p in req.image_prompts) or None,
         "Version": f"cascade-studio {__version__}",
     }
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
@@ -101,6 +109,13 @@ def parse_parameters(text: str) -> dict[str, Any]:
         if key in _A1111_FIELDS:
             name, cast = _A1111_FIELDS[key]
             fields[name] = cast(raw)
+        elif key == "Denoising strength" and "Init image hash" in params:  # A1111's hires fix uses it too
+            fields["strength"] = float(raw)
+        elif key == "Resize mode" and raw in FITS:
+            fields["fit"] = raw
+        elif key == "Image prompt hashes":
+            pairs = (part.strip().rsplit(": ", 1) for part in raw.split(",") if ": " in part)
+            fields["image_prompts"] = [{"image": image, "weight": float(weight)} for image, weight in pairs]
         elif key == "Size" and "x" in raw:
             width, height = raw.split("x", 1)
             fields["width"], fields["height"] = int(width), int(height)

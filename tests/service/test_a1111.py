@@ -56,7 +56,8 @@ def test_what_cannot_be_done_is_refused_naming_the_field(served):
             api.txt2img(prompt="a red circle", **(SMALL | fields))
         status, text = caught.value.args
         assert status == 422 and words in text, (fields, text)
-    assert http.post("/sdapi/v1/img2img", json={"init_images": []}).status_code == 501
+    refused = http.post("/sdapi/v1/img2img", json={"init_images": []})
+    assert refused.status_code == 422 and refused.json()["detail"][0].startswith("init_images: must be a list of one")
 
 
 def test_models_options_samplers_loras(served):

@@ -89,7 +89,9 @@ BAD = [
     ("prompt number", "POST", "/v1/generations", {"prompt": 5}, 422, "prompt: must be text"),
     ("prompt list", "POST", "/v1/generations", {"prompt": ["a"]}, 422, "prompt: must be text"),
     ("prompt 2001 chars", "POST", "/v1/generations", {"prompt": "x" * 2001}, 422, "at most 2000 characters"),
-    ("100 kB prompt", "POST", "/v1/generations", {"prompt": "x" * 100_000}, 413, "request body: at most 65536 bytes"),
+    ("100 kB prompt", "POST", "/v1/generations", {"prompt": "x" * 100_000}, 422, "at most 2000 characters"),
+    ("33 MB body", "POST", "/v1/generations", {"init_image": "A" * 33_600_000}, 413, "at most 33554432 bytes"),
+    ("100 kB model", "POST", "/v1/model", {"model": "x" * 100_000}, 413, "request body: at most 65536 bytes"),
     (
         "negative prompt object",
         "POST",

@@ -190,7 +190,7 @@ def test_bodies_are_limited_on_the_stream_chunked_or_not(open_server):
     http, _ = open_server
     port = http.base_url.port
     head = (
-        b"POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"POST /v1/model HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     sent, answer = 0, b""
@@ -210,9 +210,7 @@ def test_bodies_are_limited_on_the_stream_chunked_or_not(open_server):
             pass
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"request body: at most 65536 bytes" in answer
-    declared = http.post(
-        "/v1/generations", content=b"{" + b" " * 70_000 + b"}", headers={"Content-Type": "application/json"}
-    )
+    declared = http.post("/v1/model", content=b"{" + b" " * 70_000 + b"}", headers={"Content-Type": "application/json"})
     assert declared.status_code == 413 and declared.json() == {"detail": ["request body: at most 65536 bytes"]}
     assert http.get("/v1/health").status_code == 200
 

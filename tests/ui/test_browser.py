@@ -198,6 +198,7 @@ def test_enter_and_ctrl_enter_generate(page):
     box.press("Enter")
     first = wait_new_job(page, old)
     assert box.input_value() == PROMPT  # Enter ran the prompt, it added no newline
+    page.wait_for_function("document.querySelector('#cancel').disabled")  # at rest again, as a person sees it
     box.press("Control+Enter")
     wait_new_job(page, re.search(r"job ([0-9a-f]{8})", first).group(1))
 
@@ -315,6 +316,33 @@ def test_history_search_and_select(page):
     page.wait_for_function("document.querySelector('#history-details').innerText.includes('Seed:')")
     assert in_viewport(page, "#history-details") or page.locator("#history-details").is_visible()
     shot(page, "8-history")
+
+
+def test_start_from_a_history_image_and_repaint_what_is_painted(page):
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_selector("#history img")
+    page.locator("#history img").first.click()
+    page.wait_for_function("document.querySelector('#history-details').innerText.includes('Seed:')")
+    page.locator("#history-start-from").click()
+    page.wait_for_selector("#init-image canvas", state="visible")  # back on Generate, the picture panel open
+    page.locator("#init-image button[aria-label='Brush']").click()
+    box = page.locator("#init-image canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x + step * 8, y + step * 2)
+    page.mouse.up()
+    page.locator("#prompt textarea").fill("a blue square on a white background")
+    text = generate(page)
+    assert "prior" in text
+    page.locator("#gallery img").first.click()
+    page.wait_for_function(
+        "document.querySelector('#details').innerText.includes('From a picture: inpainted where the mask is white')"
+    )
+    shot(page, "9-inpainted")
+    page.reload()  # the next tests start from text again
+    page.wait_for_selector("#generate", timeout=60_000)
 
 
 def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path):

@@ -353,3 +353,37 @@ def test_a_sweep_over_the_lora_weight(demo_studio):
     plain = h.build_request(demo_studio, form(width=128, height=128))
     with pytest.raises(StudioError, match="pick a LoRA first"):
         h.sweep_requests(plain, "lora_weight", "0, 1", None, "")
+
+
+@pytest.fixture
+def picture_studio(tmp_path, demo_engine):
+    store = HistoryStore(tmp_path / "h.sqlite", tmp_path / "out")
+    queue = JobQueue(demo_engine, store, max_queued=4, per_client=4)
+    yield Studio(queue, store)
+    queue.close()
+
+
+def test_the_picture_panel_gives_the_picture_its_painted_mask_and_the_outpaint_border(picture_studio):
+    picture = Image.new("RGB", (128, 128), (40, 80, 220))
+    strokes = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    strokes.paste((255, 0, 255, 255), (10, 10, 40, 40))
+    values = form(width=128, height=128, num_images=1, strength=0.6, fit="pad")
+    request = h.build_request(picture_studio, values, {"background": picture, "layers": [strokes]})
+    assert request.strength == 0.6 and request.fit == "pad"
+    store = picture_studio.store
+    with Image.open(store.picture_file(request.mask)) as mask:
+        assert mask.getpixel((20, 20)) == 255 and mask.getpixel((80, 80)) == 0  # painted = repaint
+
+    unpainted = h.build_request(picture_studio, values, {"background": picture, "layers": [None]})
+    assert unpainted.init_image == request.init_image and unpainted.mask is None  # no paint: image-to-image
+
+    grown = h.build_request(picture_studio, h.FormValues(**(values.as_dict() | {"grow": ["right"], "grow_by": 128})),
+                            {"background": picture, "layers": []})  # fmt: skip
+    assert (grown.width, grown.height) == (256, 128)
+    with Image.open(store.picture_file(grown.mask)) as mask:
+        assert mask.getpixel((200, 64)) == 255 and mask.getpixel((64, 64)) == 0
+    assert h.build_request(picture_studio, values, None).init_image is None  # an empty editor: text alone
+
+    with pytest.raises(StudioError, match="outpaint: grow by a whole number of pixels from 1 to 2048"):
+        h.build_request(picture_studio, h.FormValues(**(values.as_dict() | {"grow": ["top"], "grow_by": 0})),
+                        {"background": picture, "layers": []})  # fmt: skip

@@ -8,6 +8,9 @@ What it adds to calling the two pipelines directly:
 - progress with optional previews, per-stage timings, and cancellation that takes effect inside a step (each
   block of the two UNets and of Stage A's decoder checks the token), so a slow step does not delay Cancel;
 - prompts longer than CLIP's window reported with the words that are cut;
+- starting from a picture: image-to-image (the input's Stage C latent noised to `strength`, and only the rest of
+  the prior's steps run), inpainting (the kept part of the latent put back at every step, the kept pixels pasted
+  back after decoding) and image prompts (CLIP image embeddings, weighted);
 - on CUDA, each denoising step replayed as a CUDA graph, optionally with compiled blocks (speed.py), and the
   host one step ahead of the GPU: the schedulers never wait for it (models/schedulers.py).
 """
@@ -20,22 +23,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..config import Settings
 from ..models.device import resolve_device, resolve_dtype
 from ..models.errors import ModelConfigError
-from ..models.image_encoder import load_image_encoder
+from ..models.image_encoder import encode, latent_size, load_image_encoder
 from ..models.loading import CascadePipelines, load_pipelines
 from ..models.lora import LoraLibrary, LoraStack, LoraWeights, read_lora
 from ..models.source import ModelIdentity, source_for
 from .cache import LRUCache
+from .inputs import fit, fit_note, paste_back
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
 from .request import GenerationRequest, RequestError, make_request
 from .speed import Speedup, optimize, release, reset_graphs, resolve_speedup
 
 Embeddings = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Pictures = dict[str, Image.Image]  # sha256 -> picture: the inputs a request names, by hash (store.pictures)
 
 
 def _capturing() -> bool:
@@ -59,6 +66,17 @@ class GenerationResult:
     prior_cached: bool
     model: ModelIdentity
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Start:
+    """Where a request starts from a picture: the input at the target size and its Stage C latent; with a mask,
+    the mask at that size (white = repaint) and on the latent's grid (1 = repaint)."""
+
+    image: Image.Image
+    latent: torch.Tensor  # (1, 16, h, w)
+    mask: Image.Image | None = None
+    latent_mask: torch.Tensor | None = None  # (1, 1, h, w)
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,7 @@ class CascadeEngine:
         self.layers_lock = threading.Lock()
         self._text_cache: LRUCache[Embeddings] = LRUCache(text_cache_size)
         self._prior_cache: LRUCache[torch.Tensor] = LRUCache(prior_cache_size)
+        self._latent_cache: LRUCache[torch.Tensor] = LRUCache(8)  # encoded input pictures
         self._lock = threading.Lock()
         self._cancel: CancelToken | None = None  # the running call's token; calls are serialised by _lock
         self._hooks: list = []
@@ -175,6 +194,7 @@ class CascadeEngine:
         """Forget cached text embeddings and prior outputs (the weights under them changed: LoRA training)."""
         self._text_cache.clear()
         self._prior_cache.clear()
+        self._latent_cache.clear()
 
     def close(self) -> None:
         """Let go of the model: weights, caches, CUDA graphs and compiled blocks, so a model switch can reuse the
@@ -239,6 +259,7 @@ class CascadeEngine:
         self,
         request: GenerationRequest,
         *,
+        pictures: Pictures | None = None,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GenerationResult:
@@ -246,6 +267,7 @@ class CascadeEngine:
 
         Args:
             request: a validated request (`make_request` or `engine.request`); without a seed a random one is fixed.
+            pictures: the pictures the request names by hash (init_image, mask, image_prompts), as decoded.
             progress: called after every step of either stage, from this thread, with a preview of the prior's
                 latent when the model has a previewer.
             cancel: set it from any thread to stop within the current block of a network.
@@ -253,6 +275,7 @@ class CascadeEngine:
             The images, image i made with seed + i, with the request (seed fixed), timings, whether the prior came
             from the cache, the model's identity and warnings (words cut from or unknown to the text encoder).
         Raises:
+            RequestError: a picture the request names is not among `pictures`, or the model cannot use it.
             GenerationCancelled: the token was set; nothing of the unfinished run is kept.
             torch.OutOfMemoryError: the device ran out of memory (the job queue fails only that job).
         """
@@ -263,7 +286,7 @@ class CascadeEngine:
             with torch.inference_mode():
                 self._cancel = cancel
                 try:
-                    return self._generate(request, progress, cancel, lora_key)
+                    return self._generate(request, pictures or {}, progress, cancel, lora_key)
                 finally:
                     self._cancel = None
 
@@ -284,6 +307,7 @@ class CascadeEngine:
         Raises:
             RequestError: a LoRA that is not there, does not fit this model, or is not the file a hash names.
         """
+        self._check_pictures(request)
         if not request.loras:
             return request
         problems, specs = [], []
@@ -302,6 +326,22 @@ class CascadeEngine:
         if problems:
             raise RequestError(problems)
         return request.model_copy(update={"loras": specs})
+
+    def _check_pictures(self, request: GenerationRequest) -> None:
+        """Refuse picture inputs this model cannot take, before the request waits in a queue."""
+        problems = []
+        if request.init_image and self.pipelines.image_encoder_path is None:
+            problems.append(
+                f"init_image: {self.identity.name} has no image encoder on this machine, so it cannot start from "
+                "a picture (for the official models `cascade-studio download full` fetches effnet_encoder.safetensors)"
+            )
+        if request.image_prompts and self.pipelines.image_tower_path is None:
+            problems.append(
+                f"image_prompts: {self.identity.name} has no CLIP image tower on this machine, so it cannot take "
+                "image prompts (for the official models `cascade-studio download full --with-image-prompts` fetches it)"
+            )
+        if problems:
+            raise RequestError(problems)
 
     def warnings(self, request: GenerationRequest) -> list[str]:
         """What to tell the person about their prompt: words cut off, words the model (and its LoRAs) never saw."""
@@ -333,13 +373,23 @@ class CascadeEngine:
         return self.loras.key()
 
     def _generate(
-        self, request: GenerationRequest, progress: ProgressCallback | None, cancel: CancelToken, lora_key: tuple = ()
+        self,
+        request: GenerationRequest,
+        pictures: Pictures,
+        progress: ProgressCallback | None,
+        cancel: CancelToken,
+        lora_key: tuple = (),
     ):
         start = time.perf_counter()
         timings: dict[str, float] = {"text": 0.0, "prior": 0.0, "decoder": 0.0}
         warnings = self.warnings(request)
+        missing = [h for h in request.pictures if h not in pictures]
+        if missing:
+            raise RequestError([f"{request.field_of(h)}: no picture with sha256 {h} was given" for h in missing])
         if cancel.cancelled:
             raise GenerationCancelled
+        begin = self._start(request, pictures, warnings)
+        image_embeds = self._image_embeds(request, pictures)
 
         text_loras = lora_key if "text_encoder" in self.loras.roles else ()  # a LoRA of the text encoder too
         text_key = (request.prompt, request.negative_prompt, text_loras)
@@ -359,13 +409,14 @@ class CascadeEngine:
             request.prior_steps,
             request.prior_guidance,
             tuple(seeds),
+            (request.init_image, request.mask, request.strength, request.fit) if begin else None,
+            tuple(request.image_prompts),
         )
         latents = self._prior_cache.get(prior_key)
         prior_cached = latents is not None
         if latents is None:
             t = time.perf_counter()
-            callback = self._callback("prior", request.prior_steps, start, progress, cancel)
-            latents = self._run_prior(request, embeddings, callback)
+            latents = self._run_prior(request, embeddings, begin, image_embeds, start, progress, cancel)
             self._prior_cache.put(prior_key, latents)
             timings["prior"] = _done(self.pipelines.device) - t
 
@@ -374,6 +425,8 @@ class CascadeEngine:
             "decoder", request.decoder_steps, start, progress, cancel, cached_latents=latents if prior_cached else None
         )
         images = self._run_decoder(request, embeddings, latents, callback)
+        if begin is not None and begin.mask is not None:
+            images = [paste_back(image, begin.image, begin.mask) for image in images]
         timings["decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         return GenerationResult(request, images, seeds, timings, prior_cached, self.identity, warnings)
@@ -402,19 +455,106 @@ class CascadeEngine:
             kwargs |= {"negative_prompt_embeds": negative, "negative_prompt_embeds_pooled": negative_pooled}
         return kwargs
 
-    def _run_prior(self, request: GenerationRequest, embeddings: Embeddings, callback) -> torch.Tensor:
-        # The prior concatenates negatives whenever it is given them, so pass them only when guidance is on.
-        out = self.pipelines.prior(
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.prior_steps,
-            guidance_scale=request.prior_guidance,
-            generator=self._generators(request.image_seeds),
-            output_type="pt",
-            callback_on_step_end=callback,
-            **self._embedding_kwargs(embeddings, request.num_images, with_negative=request.prior_guidance > 1),
-        )
+    def _run_prior(
+        self,
+        request: GenerationRequest,
+        embeddings: Embeddings,
+        begin: Start | None,
+        image_embeds: torch.Tensor | None,
+        t0: float,
+        progress: ProgressCallback | None,
+        cancel: CancelToken,
+    ) -> torch.Tensor:
+        """Stage C's latents. From a picture: its latent noised to `strength` (one draw of each image's generator),
+        and only the last `strength` of the steps; with a mask, the kept part of the latent is the input's, noised
+        to each step's level, after every step. Strength 1 without a mask is text-to-image exactly."""
+        n, pipe = request.num_images, self.pipelines.prior
+        generators = self._generators(request.image_seeds)
+        kwargs = self._embedding_kwargs(embeddings, n, with_negative=request.prior_guidance > 1)
+        if image_embeds is not None:
+            kwargs["image_embeds"] = image_embeds
+        steps, strength, blend = request.prior_steps, 1.0, None
+        if begin is not None and (request.strength < 1 or begin.latent_mask is not None):
+            x0 = begin.latent.repeat(n, 1, 1, 1)
+            if request.strength == 0:
+                return x0  # the input's own latent: Stage B and A reconstruct the picture
+            strength, steps = request.strength, max(1, round(request.prior_steps * request.strength))
+            noise = randn_tensor(x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
+            kwargs["latents"] = pipe.scheduler.add_noise(x0, noise, torch.full((n,), strength, device=x0.device))
+            if begin.latent_mask is not None:
+                blend = _keeper(pipe.scheduler, x0, noise, begin.latent_mask, torch.linspace(strength, 0.0, steps + 1))
+        callback = self._callback("prior", steps, t0, progress, cancel, blend=blend)
+        pipe.scheduler.start = strength  # see models/schedulers.py
+        try:
+            # The prior concatenates negatives whenever it is given them, so pass them only when guidance is on.
+            out = pipe(
+                height=request.height,
+                width=request.width,
+                num_inference_steps=steps,
+                guidance_scale=request.prior_guidance,
+                generator=generators,
+                output_type="pt",
+                callback_on_step_end=callback,
+                **kwargs,
+            )
+        finally:
+            pipe.scheduler.start = 1.0
         return out.image_embeddings
+
+    def _start(self, request: GenerationRequest, pictures: Pictures, warnings: list[str]) -> Start | None:
+        """The input picture (and mask) at the target size, with the input's latent (cached by hash and size)."""
+        if request.init_image is None or (request.strength == 1 and request.mask is None):
+            return None  # strength 1 leaves nothing of the input: text-to-image, to the pixel
+        w, h, how = request.width, request.height, request.fit
+        source = pictures[request.init_image].convert("RGB")
+        image = fit(source, w, h, how)
+        if note := fit_note(source.size, w, h, how, "init_image"):
+            warnings.append(note)
+        key = (request.init_image, w, h, how)
+        latent = self._latent_cache.get(key)
+        if latent is None:
+            p = self.pipelines
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(p.device, torch.float32) / 255
+            encoder = self.image_encoder()
+            latent = encode(encoder, pixels.to(next(encoder.parameters()).dtype), w, h).to(p.dtype)
+            self._latent_cache.put(key, latent)
+        if request.mask is None:
+            return Start(image, latent)
+        mask = pictures[request.mask].convert("L")
+        if mask.size != source.size:
+            warnings.append(
+                f"mask: {mask.width}x{mask.height} resized to the init_image's size, {source.width}x{source.height}"
+            )
+            mask = mask.resize(source.size, Image.Resampling.BILINEAR)
+        mask = fit(mask, w, h, how, fill=0)
+        repaint = torch.from_numpy(np.array(mask) >= 128).float()[None, None]
+        latent_mask = torch.nn.functional.adaptive_max_pool2d(repaint, latent_size(w, h))  # any repainted pixel
+        return Start(image, latent, mask, latent_mask.to(latent.device, latent.dtype))
+
+    def _image_embeds(self, request: GenerationRequest, pictures: Pictures) -> torch.Tensor | None:
+        """The image prompts as the prior's CLIP image embeddings (1, N, D), each scaled by its weight: weight 0 is
+        the zero embedding the prior sees when there is no image prompt."""
+        if not request.image_prompts:
+            return None
+        tower, processor = self.image_tower()
+        p = self.pipelines
+        embeds = []
+        for prompt in request.image_prompts:
+            pixels = processor(images=pictures[prompt.image].convert("RGB"), return_tensors="pt").pixel_values
+            embeds.append(tower(pixels.to(p.device, tower.dtype)).image_embeds * prompt.weight)
+        return torch.stack(embeds, dim=1).to(p.dtype)
+
+    def image_tower(self):
+        """The prior's CLIP image tower and its feature extractor, loaded the first time an image prompt comes (on
+        the engine's device: diffusers' `.to()` would leave a tower the pipeline does not own behind)."""
+        if getattr(self, "_image_tower", None) is None:
+            folder = self.pipelines.image_tower_path
+            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+            tower = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", use_safetensors=True)
+            tower = tower.to(self.pipelines.device, self.pipelines.dtype).eval()
+            self._image_tower = tower, CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+        return self._image_tower
 
     def _run_decoder(self, request: GenerationRequest, embeddings: Embeddings, latents: torch.Tensor, callback):
         # Negatives always go in: diffusers' combined pipeline omits them and crashes when decoder guidance > 1.
@@ -440,14 +580,18 @@ class CascadeEngine:
         progress: ProgressCallback | None,
         cancel: CancelToken,
         cached_latents: torch.Tensor | None = None,
+        blend=None,
     ):
         """The step callback of one stage: progress (with previews of the prior's latent; on a cached prior, its
-        preview once at the decoder's first step), cancellation, and staying one step ahead of the GPU."""
+        preview once at the decoder's first step), cancellation, staying one step ahead of the GPU, and (inpainting)
+        `blend(step, latents)`, the latents the next step starts from."""
         previewer = self.pipelines.previewer
         prior_cached = cached_latents is not None
         queued: list[torch.cuda.Event] = []  # the step before this one, on CUDA
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+            out = {} if blend is None else {"latents": blend(step, tensors["latents"])}
+            tensors = tensors | out
             # Run at most one step ahead of the GPU: it always has the next step queued, so it never idles while
             # the host prepares one, and progress and Cancel stay within a step of what the GPU is doing.
             if self.pipelines.device.type == "cuda":
@@ -464,10 +608,22 @@ class CascadeEngine:
                 progress(ProgressEvent(stage, step + 1, total, time.perf_counter() - start, preview, prior_cached))
             if cancel.cancelled:
                 raise GenerationCancelled
-            return {}
+            return out
 
         return on_step_end
 
     def _preview(self, latents: torch.Tensor) -> Image.Image:
         rgb = self.pipelines.previewer(latents.float())[0].permute(1, 2, 0).cpu().numpy()
         return Image.fromarray((rgb * 255).round().astype("uint8"))
+
+
+def _keeper(scheduler, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, timesteps: torch.Tensor):
+    """Inpainting's step: after step i the latents are at timesteps[i + 1]; the kept part (mask 0) becomes the
+    input's latent noised to that level (the same noise as the start), and at the last step the input's own."""
+
+    def blend(step: int, latents: torch.Tensor) -> torch.Tensor:
+        t = float(timesteps[step + 1])
+        known = x0 if t == 0 else scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
+        return torch.lerp(known, latents, mask)
+
+    return blend

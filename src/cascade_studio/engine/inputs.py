@@ -17,7 +17,8 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from .request import RequestError
 
@@ -30,8 +31,9 @@ DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
 @dataclass
 class Picture:
     image: Image.Image  # RGB (or L for masks)
-    sha256: str  # of the picture's pixels as stored (PNG), its identity in the history
+    sha256: str  # of `png`: its identity in the store and in a request (content-addressed)
     notes: list[str] = field(default_factory=list)  # what was done to it, for the log and the response
+    png: bytes = b""  # the picture as stored
 
 
 def decode(data: bytes | str, field_name: str, mask: bool = False) -> Picture:
@@ -66,12 +68,23 @@ def decode(data: bytes | str, field_name: str, mask: bool = False) -> Picture:
         raise
     except Image.DecompressionBombError:
         raise RequestError([f"{field_name}: too many pixels to decode safely (a decompression bomb?)"]) from None
-    except (OSError, ValueError, SyntaxError) as exc:  # not an image, truncated, corrupt
+    except Image.UnidentifiedImageError:
+        raise RequestError(
+            [f"{field_name}: not a picture that can be read (not PNG, JPEG, WebP, GIF, BMP or TIFF data)"]
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated, corrupt
         raise RequestError([f"{field_name}: not a picture that can be read ({str(exc)[:100]})"]) from None
     image = _plain(image, field_name, mask, notes)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return Picture(image, hashlib.sha256(buffer.getvalue()).hexdigest(), notes)
+    return Picture(image, hashlib.sha256(buffer.getvalue()).hexdigest(), notes, buffer.getvalue())
+
+
+def from_image(image: Image.Image, field_name: str, mask: bool = False) -> Picture:
+    """A picture made here (a canvas, painted strokes, a render), checked and kept as `decode` keeps any other."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return decode(buffer.getvalue(), field_name, mask=mask)
 
 
 def _bytes(data: bytes | str, field_name: str) -> bytes:
@@ -106,3 +119,49 @@ def _plain(image: Image.Image, field_name: str, mask: bool, notes: list[str]) ->
     if image.mode == "CMYK":
         notes.append(f"{field_name}: CMYK, converted to RGB")
     return image.convert("RGB")
+
+
+# --- Geometry: the input meets the target size ----------------------------------------------------------------------
+
+FEATHER = 8  # pixels inside the mask over which a repainted area blends into the kept one, at 1024 px (scaled)
+
+
+def fit(image: Image.Image, width: int, height: int, how: str, fill: int | tuple = (255, 255, 255)) -> Image.Image:
+    """The picture at width x height: `crop` (fill, cutting the overflow at the centre), `pad` (fit inside, bars of
+    `fill`) or `resize` (stretch). The same call gives a mask the same geometry as its picture."""
+    if image.size == (width, height):
+        return image
+    resample = Image.Resampling.LANCZOS
+    if how == "crop":
+        return ImageOps.fit(image, (width, height), resample)
+    if how == "pad":
+        return ImageOps.pad(image, (width, height), resample, color=fill)
+    return image.resize((width, height), resample)
+
+
+def fit_note(size: tuple[int, int], width: int, height: int, how: str, field_name: str) -> str | None:
+    """What fitting did, in words, when it cut, padded or stretched (not for a plain scale to the same shape)."""
+    w, h = size
+    if abs(w / h - width / height) < 0.01:
+        return None
+    done = {"crop": "cropped at the centre", "pad": "padded", "resize": "stretched"}[how]
+    return f"{field_name}: {w}x{h} {done} to {width}x{height} (fit={how})"
+
+
+def outpaint(image: Image.Image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0):
+    """A bigger canvas and its mask: the picture in place, the new border (white in the mask) filled by repeating
+    the picture's edge, a start the prior repaints more easily than a flat colour."""
+    pixels = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    canvas = Image.fromarray(pixels)
+    mask = Image.new("L", canvas.size, 255)
+    mask.paste(0, (left, top, left + image.width, top + image.height))
+    return canvas, mask
+
+
+def paste_back(made: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """The made picture inside the mask, the original's own pixels outside it; the seam is feathered INSIDE the
+    mask, so every pixel the mask keeps is the original's exactly."""
+    radius = max(1, round(FEATHER * max(made.size) / 1024))
+    keep = mask.point(lambda v: 255 if v < 128 else 0)
+    grown = keep.filter(ImageFilter.MaxFilter(2 * radius + 1)).filter(ImageFilter.GaussianBlur(radius))
+    return Image.composite(original, made, ImageChops.lighter(keep, grown))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,6 +18,8 @@ MAX_PROMPT_CHARS = 2000
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 128, 128, 2048
 MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 100, 20.0, 8
 MAX_LORAS, MAX_LORA_WEIGHT = 8, 4.0
+MAX_IMAGE_PROMPTS, MAX_IMAGE_PROMPT_WEIGHT = 4, 2.0
+FITS = ("crop", "pad", "resize")
 
 # The allowed values of each field, in words: used for error messages, CLI help and UI hints alike.
 ALLOWED = {
@@ -35,12 +37,20 @@ ALLOWED = {
     "loras.name": "a LoRA's name: its file name without .safetensors (letters, digits, '.', '-', '_')",
     "loras.weight": f"a finite number from -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",
     "loras.sha256": "the first 12 hex digits of the file's SHA-256",
+    "init_image": "a picture's SHA-256 (64 hex digits) as the store keeps it, or none for text-to-image",
+    "mask": "a mask picture's SHA-256 (64 hex digits; white = repaint), with an init_image",
+    "strength": "a finite number from 0 (keep the input) to 1 (ignore it)",
+    "fit": f"one of {', '.join(FITS)}: how the input meets the target size",
+    "image_prompts": f'a list of at most {MAX_IMAGE_PROMPTS} image prompts, each {{"image": ..., "weight": ...}}',
+    "image_prompts.image": "a picture's SHA-256 (64 hex digits) as the store keeps it",
+    "image_prompts.weight": f"a finite number from 0 to {MAX_IMAGE_PROMPT_WEIGHT:g}",
 }
 
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 Size = Annotated[int, Field(ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_STEP)]
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # a picture, by the hash of its PNG (engine/inputs.py)
 
 
 class LoraSpec(BaseModel):
@@ -52,6 +62,15 @@ class LoraSpec(BaseModel):
     name: Annotated[str, Field(pattern=r"^[\w.\-]{1,120}$")]
     weight: Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)] = 1.0
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{12}$")] | None = None
+
+
+class ImagePrompt(BaseModel):
+    """A reference picture the prior sees through its CLIP image embedding, and how strongly (0 = not at all)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    image: Sha256
+    weight: Annotated[float, Field(ge=0.0, le=MAX_IMAGE_PROMPT_WEIGHT, allow_inf_nan=False)] = 1.0
 
 
 # A1111's way of asking for a LoRA in the prompt: <lora:name:weight>, the weight optional.
@@ -87,6 +106,32 @@ class GenerationRequest(BaseModel):
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     loras: Annotated[list[LoraSpec], Field(max_length=MAX_LORAS)] = []
+    # Start from a picture (image-to-image; with a mask, inpainting): the pictures travel beside the request, by hash.
+    init_image: Sha256 | None = None
+    mask: Sha256 | None = None
+    strength: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.8  # Stability's "noised to 80%"
+    fit: Literal["crop", "pad", "resize"] = "crop"
+    image_prompts: Annotated[list[ImagePrompt], Field(max_length=MAX_IMAGE_PROMPTS)] = []
+
+    @property
+    def pictures(self) -> list[str]:
+        """The hashes of every picture the request needs."""
+        found = [self.init_image, self.mask, *(p.image for p in self.image_prompts)]
+        return list(dict.fromkeys(h for h in found if h))
+
+    def field_of(self, sha256: str) -> str:
+        """The field that names a picture, for messages about it."""
+        if sha256 == self.init_image:
+            return "init_image"
+        if sha256 == self.mask:
+            return "mask"
+        return f"image_prompts.{next(i for i, p in enumerate(self.image_prompts) if p.image == sha256)}.image"
+
+    @model_validator(mode="after")
+    def _mask_needs_an_image(self) -> GenerationRequest:
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("mask: needs an init_image (the picture whose white-masked part is repainted)")
+        return self
 
     @model_validator(mode="after")
     def _last_seed_in_range(self) -> GenerationRequest:
@@ -125,7 +170,7 @@ def _describe(error: dict[str, Any]) -> str:
     field = ".".join(str(p) for p in error["loc"])
     kind = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))  # loras.0.weight -> loras.weight
     if error["type"] == "extra_forbidden":
-        model = LoraSpec if kind.startswith("loras.") else GenerationRequest
+        model = {"loras": LoraSpec, "image_prompts": ImagePrompt}.get(kind.split(".")[0], GenerationRequest)
         return f"{field}: unknown field (known fields: {', '.join(model.model_fields)})"
     if error["type"] == "missing":
         return f"{field}: required ({ALLOWED.get(kind, 'a value')})"

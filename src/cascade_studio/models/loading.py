@@ -51,6 +51,7 @@ class CascadePipelines:
     prompt_help: dict = field(default_factory=dict)
     cpu_offload: bool = False
     image_encoder_path: Path | None = None  # loaded when first needed (image inputs, LoRA training)
+    image_tower_path: Path | None = None  # the prior's CLIP image tower (image prompts), loaded when first needed
 
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def load_pipelines(
         cpu_offload=cpu_offload,
     )
     pipelines.image_encoder_path = source.image_encoder
+    pipelines.image_tower_path = source.image_tower
     step(6, f"on {device}")
     return pipelines
 

@@ -19,12 +19,18 @@ class WuerstchenScheduler(DDPMWuerstchenScheduler):
     The arithmetic is diffusers', operation for operation; the tests compare the bits.
     """
 
+    start = 1.0  # where sampling starts: below 1, image-to-image runs only the rest of the way (engine.py)
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
         timesteps: list[float] | torch.Tensor | None = None,
         device: str | torch.device | None = None,
     ) -> None:
+        # diffusers' prior pipeline passes only a step count (and ignores its own `timesteps` argument), so a later
+        # start is the scheduler's to know.
+        if timesteps is None and self.start < 1.0:
+            timesteps = torch.linspace(self.start, 0.0, num_inference_steps + 1, device=device)
         super().set_timesteps(num_inference_steps, timesteps, device)
         self.s = self.s.to(self.timesteps.device)
         self._init_alpha_cumprod = self._init_alpha_cumprod.to(self.timesteps.device)

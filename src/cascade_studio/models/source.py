@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huggingface_hub import constants as hf_constants
@@ -58,6 +58,19 @@ class ModelSource:
     # image -> Stage C latent, for image-to-image and LoRA training: the demo's image_encoder/ folder, or
     # Stability's effnet_encoder.safetensors beside the official decoder repo's folders; None if not on disk.
     image_encoder: Path | None = None
+    # The prior's CLIP image tower, for image prompts: a folder holding image_encoder/ (CLIPVisionModelWithProjection)
+    # and feature_extractor/, as the official prior repo lays them out; None if not on disk.
+    image_tower: Path | None = None
+
+
+def image_tower_in(root: Path) -> Path | None:
+    """`root` if its image_encoder/ is a CLIP vision tower (with weights) beside a feature_extractor/."""
+    config = root / "image_encoder" / "config.json"
+    if not (config.is_file() and (root / "feature_extractor" / "preprocessor_config.json").is_file()):
+        return None
+    if "CLIPVisionModelWithProjection" not in json.loads(config.read_text()).get("architectures", []):
+        return None
+    return root if has_weights(root / "image_encoder", "image_encoder") else None
 
 
 def repo_revisions(
@@ -146,8 +159,9 @@ def _from_folder(root: Path, replaced: dict[str, Path]) -> ModelSource:
         variant=weights["prior"].variant if "prior" in weights else None,
         path=str(root.resolve()),
     )
-    encoder = root / "image_encoder"
-    if not has_weights(encoder, "image_encoder"):
+    tower = image_tower_in(root)
+    encoder = root / "image_encoder"  # the demo's Stage C encoder; in the official layout, CLIP's tower
+    if tower is not None or not has_weights(encoder, "image_encoder"):
         encoder = root / EFFNET_FILE if (root / EFFNET_FILE).is_file() else None
     return ModelSource(
         {role: root / sub for role, sub in subfolders.items()},
@@ -157,6 +171,7 @@ def _from_folder(root: Path, replaced: dict[str, Path]) -> ModelSource:
         card.get("prompt", {}),
         weights,
         image_encoder=encoder,
+        image_tower=tower,
     )
 
 
@@ -204,7 +219,13 @@ def _from_hub_cache(
         },
     )
     effnet = dirs["decoder"].parent / EFFNET_FILE if "decoder" in dirs else None  # the decoder repo's root
-    return ModelSource(dirs, identity, weights=weights, image_encoder=effnet if effnet and effnet.is_file() else None)
+    return ModelSource(
+        dirs,
+        identity,
+        weights=weights,
+        image_encoder=effnet if effnet and effnet.is_file() else None,
+        image_tower=image_tower_in(dirs["prior"].parent) if "prior" in dirs else None,
+    )
 
 
 def missing_message(
@@ -251,13 +272,4 @@ def _with_single_files(source: ModelSource, replaced: dict[str, Path]) -> ModelS
     identity = source.identity.model_copy(
         update={"files": files, "name": source.identity.name + " + " + " + ".join(p.stem for p in replaced.values())}
     )
-    return ModelSource(
-        source.dirs,
-        identity,
-        source.previewer_dir,
-        source.defaults,
-        source.prompt_help,
-        source.weights,
-        dict(replaced),
-        source.image_encoder,
-    )
+    return replace(source, identity=identity, single_files=dict(replaced))

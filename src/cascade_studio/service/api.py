@@ -36,6 +36,7 @@ from .. import __version__
 from ..engine import RequestError
 from ..store import JobRecord, TaskRecord
 from ..store.sqlite import StoreError
+from .pictures import keep_pictures
 from .queue import ClientLimitReached, Job, JobQueue, QueueFull
 from .schemas import (
     Cancelling,
@@ -232,13 +233,15 @@ def create_api(queue: JobQueue) -> FastAPI:
             return body
         try:
             # Unset fields take the model's defaults, as in the CLI and UI; LoRA files are read: not on the loop.
-            generation = await run_in_threadpool(lambda: queue.engine.request(**body))
+            generation = await run_in_threadpool(lambda: queue.engine.request(**keep_pictures(body, store)))
         except RequestError as exc:
             return problem(422, exc.messages)
         try:
             job = await run_in_threadpool(queue.submit, generation, client_of(request)[0])
         except (QueueFull, ClientLimitReached) as exc:
             return problem(429, [str(exc)], headers={"Retry-After": str(RETRY_AFTER)})
+        except RequestError as exc:  # a picture removed from the store since it was named
+            return problem(422, exc.messages)
         return view(queue, job, None)
 
     @app.get("/v1/generations/{job_id}", response_model=GenerationView, responses=ERRORS)

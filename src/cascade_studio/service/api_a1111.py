@@ -4,7 +4,8 @@ Automatic1111 engine, SillyTavern) generate here unchanged.
 POST /sdapi/v1/txt2img       A1111's fields; what maps runs, what does not change the image is ignored (listed in
                              `info`), what asks for something we cannot do is refused with a 422 naming the field
 GET  /sdapi/v1/sd-models, /options, /progress, /samplers, /loras, /scripts; POST /options, /interrupt, /skip,
-/png-info; POST /sdapi/v1/img2img answers 501 until image inputs land.
+/png-info.
+POST /sdapi/v1/img2img       the same plus init_images (one), mask, denoising_strength and resize_mode
 
 Mapping (docs/api-compat.md): `steps` and `cfg_scale` are the prior's steps and guidance (the decoder keeps the
 model's own); `seed` -1 is random; `batch_size` x `n_iter` images, image i with seed + i (at most 8); width and
@@ -28,10 +29,18 @@ from ..engine import RequestError
 from ..metadata import PARAMETERS_KEY, parse_parameters
 from ..models.lora import lora_info
 from .api import RETRY_AFTER, client_of, parse_json, problem, renamed
+from .pictures import keep_pictures
 from .queue import ClientLimitReached, JobQueue, QueueFull
 
 SAMPLER = "DDPMWuerstchen"
-THEIR_NAMES = {"prior_steps": "steps", "prior_guidance": "cfg_scale", "num_images": "batch_size"}
+THEIR_NAMES = {
+    "prior_steps": "steps",
+    "prior_guidance": "cfg_scale",
+    "num_images": "batch_size",
+    "strength": "denoising_strength",
+    "init_image": "init_images.0",
+    "fit": "resize_mode",
+}
 MAPPED = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter"}
 # What an A1111 client sends with its defaults: fine as long as it asks for nothing we cannot do.
 NO_EFFECT = {
@@ -43,6 +52,13 @@ NO_EFFECT = {
     "hr_negative_prompt", "script_args", "refiner_checkpoint", "refiner_switch_at", "comments", "force_task_id",
     "infotext", "disable_extra_networks",
 }  # fmt: skip
+# img2img's own fields: those we map, and those its clients send with their defaults.
+IMG2IMG_MAPPED = {"init_images", "mask", "denoising_strength", "resize_mode", "inpainting_mask_invert"}
+IMG2IMG_NO_EFFECT = {
+    "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "initial_noise_multiplier",
+    "image_cfg_scale", "include_init_images",
+}  # fmt: skip
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "pad", 3: "resize"}  # A1111: just resize, crop, fill, latent upscale
 # Fields that change the image in ways we do not do: refused when set to anything but "off".
 CANNOT = {
     "enable_hr": "high-resolution fix (a second pass); ask for the size you want instead",
@@ -86,15 +102,49 @@ def to_request_fields(body: dict, loaded: set[str]) -> tuple[dict, list[str]]:
     return fields, ignored
 
 
+def img2img_fields(body: dict, loaded: set[str]) -> tuple[dict, list[str]]:
+    """A1111's img2img body as our request fields (pictures still as the client sent them) and those ignored."""
+    rest = {k: v for k, v in body.items() if k not in IMG2IMG_MAPPED and k not in IMG2IMG_NO_EFFECT}
+    fields, ignored = to_request_fields(rest, loaded)
+    images = body.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise ValueError("init_images: must be a list of one picture (base64), the one to start from")
+    if body.get("inpainting_mask_invert") not in (None, 0, False):
+        raise ValueError("inpainting_mask_invert: must be 0 (white repaints); invert the mask instead")
+    mode = body.get("resize_mode", 0)
+    if mode not in RESIZE_MODES:
+        raise ValueError(
+            f"resize_mode: must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill) (got {mode!r})"
+        )
+    fields |= {"init_image": images[0], "fit": RESIZE_MODES[mode]}
+    if body.get("mask"):
+        fields["mask"] = body["mask"]
+    if body.get("denoising_strength") is not None:
+        fields["strength"] = body["denoising_strength"]
+    ignored += sorted(k for k in IMG2IMG_NO_EFFECT if k in body)
+    return fields, ignored
+
+
 def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
     @app.post("/sdapi/v1/txt2img", tags=["AUTOMATIC1111 API"])
     async def txt2img(request: Request):
+        return await generate(request, to_request_fields)
+
+    @app.post("/sdapi/v1/img2img", tags=["AUTOMATIC1111 API"])
+    async def img2img(request: Request):
+        return await generate(request, img2img_fields)
+
+    async def generate(request: Request, mapper):
         body = parse_json(await request.body())
         if isinstance(body, JSONResponse):
             return body
         try:
-            fields, ignored = to_request_fields(body, loaded_names())
-            generation = await run_in_threadpool(lambda: queue.engine.request(**fields))
+            fields, ignored = mapper(body, loaded_names())
+
+            def checked():
+                return queue.engine.request(**keep_pictures(fields, queue.store))
+
+            generation = await run_in_threadpool(checked)
         except RequestError as exc:
             return problem(422, [renamed(m, THEIR_NAMES) for m in exc.messages])
         except ValueError as exc:
@@ -132,10 +182,6 @@ def a1111_routes(app: FastAPI, queue: JobQueue, loaded_names) -> None:
             "job": job.id,
         }
         return {"images": [base64.b64encode(p).decode() for p in pngs], "parameters": body, "info": json.dumps(info)}
-
-    @app.post("/sdapi/v1/img2img", tags=["AUTOMATIC1111 API"])
-    def img2img():
-        return problem(501, ["init_images: image-to-image and inpainting are not served yet"])
 
     def choices() -> list:
         from .switch import available_models

@@ -3,8 +3,9 @@ OpenAI engine, LibreChat) generate here unchanged.
 
 POST /v1/images/generations   prompt, model, n, size, response_format, quality, style, user, output_format, and
                               our extensions (negative_prompt, seed, prior/decoder steps and guidance, loras)
-POST /v1/images/edits         501 until image inputs land (image-to-image and inpainting)
-POST /v1/images/variations    501 until image prompts land
+POST /v1/images/edits         multipart image (or image[]) and mask: image-to-image, or inpainting where the mask
+                              is transparent; `strength` and `fit` as extensions
+POST /v1/images/variations    multipart image: the picture as an image prompt (models with a CLIP image tower)
 GET  /v1/models               (api.py) already in OpenAI's list shape
 
 How the fields map (docs/api-compat.md has the table): `n` is the number of images, image i with seed + i; `size`
@@ -18,18 +19,32 @@ field, 429 for a full queue), so the `openai` package raises its own exception c
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import RequestError
 from .api import RETRY_AFTER, client_of, parse_json, renamed
+from .pictures import keep_pictures
 from .queue import ClientLimitReached, JobQueue, QueueFull
 
-OURS = ("negative_prompt", "seed", "prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "loras")
+OURS = (
+    "negative_prompt",
+    "seed",
+    "prior_steps",
+    "prior_guidance",
+    "decoder_steps",
+    "decoder_guidance",
+    "loras",
+    "strength",
+    "fit",
+)
+FORM_JSON = {"n", "seed", "prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance", "strength", "loras"}
 CHOICES = {
     "response_format": ("url", "b64_json"),
     "quality": ("auto", "standard", "hd", "low", "medium", "high"),
@@ -38,7 +53,13 @@ CHOICES = {
 }
 STEP_FACTOR = {"hd": 1.5, "high": 1.5, "low": 0.5}
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1")  # their names: run on the model loaded here
-THEIR_NAMES = {"num_images": "n", "width": "size", "height": "size"}  # our fields, as OpenAI's clients know them
+THEIR_NAMES = {
+    "num_images": "n",
+    "width": "size",
+    "height": "size",
+    "init_image": "image",
+    "image_prompts.0.image": "image",
+}  # our fields, as OpenAI's clients know them
 
 
 def openai_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
@@ -85,10 +106,37 @@ def openai_routes(app: FastAPI, queue: JobQueue, model_names) -> None:
         body = parse_json(await request.body())
         if isinstance(body, JSONResponse):
             return openai_error(body.status_code, _first(body), "body")
+        return await generate(request, body, {})
+
+    @app.post("/v1/images/edits", tags=["OpenAI Images API"])
+    async def edits(request: Request):
+        """Image-to-image, or with a mask inpainting (OpenAI's mask: its fully transparent part is repainted)."""
+        body, files = await _form(request)
+        image = files.get("image") or files.get("image[]")
+        if image is None:
+            return openai_error(400, "image: required (the picture to edit, a multipart file)", "image")
+        pictures = {"init_image": image}
+        if "mask" in files:
+            try:
+                pictures["mask"] = _repainted_part(files["mask"])
+            except ValueError as exc:
+                return openai_error(400, str(exc), "mask")
+            body.setdefault("strength", 1.0)  # a masked edit repaints its area from scratch, as OpenAI's does
+        return await generate(request, body, pictures)
+
+    @app.post("/v1/images/variations", tags=["OpenAI Images API"])
+    async def variations(request: Request):
+        """Variations of a picture: the picture as the prior's image prompt, with no text."""
+        body, files = await _form(request)
+        if "image" not in files:
+            return openai_error(400, "image: required (the picture to vary, a multipart file)", "image")
+        return await generate(request, body | {"prompt": ""}, {"image_prompts": [{"image": files["image"]}]})
+
+    async def generate(request: Request, body: dict, pictures: dict):
         try:
             defaults = queue.engine.request(prompt="")
-            fields = to_request_fields(body, defaults, set(model_names()))
-            generation = await run_in_threadpool(lambda: queue.engine.request(**fields))
+            fields = to_request_fields(body, defaults, set(model_names())) | pictures
+            generation = await run_in_threadpool(lambda: queue.engine.request(**keep_pictures(fields, queue.store)))
         except RequestError as exc:  # (a ValueError too: first)
             messages = list(dict.fromkeys(renamed(m, THEIR_NAMES) for m in exc.messages))
             return openai_error(400, "; ".join(messages), messages[0].split(":")[0])
@@ -116,14 +164,38 @@ def openai_routes(app: FastAPI, queue: JobQueue, model_names) -> None:
             data.append(item)
         return {"created": int(time.time()), "data": data}
 
-    def not_yet(what: str):
-        def respond():
-            return openai_error(501, f"image: {what} from an uploaded picture are not served yet", "image")
 
-        return respond
+async def _form(request: Request) -> tuple[dict, dict[str, bytes]]:
+    """A multipart form as (its text fields, numbers and lists read as JSON; its files' bytes)."""
+    form = await request.form()
+    fields, files = {}, {}
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            fields[name] = _json(value) if name in FORM_JSON else value
+        elif name not in files:  # image[]: the first picture
+            files[name] = await value.read()
+    return fields, files
 
-    for path, what in (("edits", "image-to-image and inpainting"), ("variations", "image prompts")):
-        app.post(f"/v1/images/{path}", tags=["OpenAI Images API"], name=f"images_{path}")(not_yet(what))
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # left as text: validation names the field and its range
+
+
+def _repainted_part(png: bytes) -> bytes:
+    """OpenAI's mask (a PNG whose fully transparent pixels mark what to repaint) as ours (white = repaint)."""
+    try:
+        with Image.open(io.BytesIO(png)) as opened:
+            if "A" not in opened.getbands() and "transparency" not in opened.info:
+                raise ValueError("mask: must be a PNG with transparency (its fully transparent part is repainted)")
+            alpha = opened.convert("RGBA").getchannel("A")
+    except (OSError, SyntaxError):
+        raise ValueError("mask: not a picture that can be read (a PNG with transparency)") from None
+    buffer = io.BytesIO()
+    alpha.point(lambda a: 255 if a == 0 else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _first(response: JSONResponse) -> str:

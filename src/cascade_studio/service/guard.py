@@ -40,6 +40,7 @@ DATASET_BODY = 96 * MIB  # a LoRA training's pictures, base64 in one JSON body
 BODY_LIMITS = {  # path prefix -> bytes; the longest matching prefix wins
     "/gradio_api/upload": IMAGE_BODY,
     "/v1/trainings": DATASET_BODY,
+    "/v1/generations": IMAGE_BODY,  # init_image, mask and image prompts, base64 in the JSON body
     "/sdapi/v1/png-info": IMAGE_BODY,
     "/sdapi/v1/img2img": IMAGE_BODY,
     "/v1/images/edits": IMAGE_BODY,

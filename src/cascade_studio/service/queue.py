@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from ..engine import CancelToken, CascadeEngine, GenerationCancelled, GenerationRequest, ProgressEvent
+from ..engine import CancelToken, CascadeEngine, GenerationCancelled, GenerationRequest, ProgressEvent, RequestError
 from ..store import HistoryStore, ImageRecord
 from ..store.sqlite import INTERRUPTED, StoreError, new_id
 
@@ -168,8 +168,12 @@ class JobQueue:
             QueueFull: the queue holds `max_queued` jobs, or the server is shutting down.
             ClientLimitReached: this client already has `per_client` unfinished jobs.
             StoreError: the history database could not record the job (it is then not queued).
+            RequestError: a picture the request names is not in the store.
         """
         request = request.with_seed()
+        missing = [sha for sha in request.pictures if not self.store.picture_file(sha).is_file()]
+        if missing:
+            raise RequestError([f"{request.field_of(sha)}: no stored picture has sha256 {sha}" for sha in missing])
         with self._lock:
             self._admit(client)
             warnings = getattr(self.engine, "warnings", None)  # a remote engine has no tokenizer here
@@ -217,10 +221,11 @@ class JobQueue:
             raise ClientLimitReached(f"you already have {mine} unfinished jobs (at most {self.per_client})")
 
     def active(self, client: str | None = None) -> list[Job]:
-        """Running, then waiting jobs, oldest first (one client's, or everyone's)."""
+        """Running, then waiting jobs, oldest first (one client's, or everyone's). A job whose end its watchers
+        have already been told of is not active, though its worker may not have let go of it yet."""
         with self._lock:
             jobs = [*self._running, *self._waiting]
-        return [j for j in jobs if client is None or j.client == client]
+        return [j for j in jobs if not j.finished and (client is None or j.client == client)]
 
     def pending(self, kind: str) -> list[Job]:
         """Waiting and running tasks of a kind (e.g. a model switch under way), oldest first."""
@@ -391,7 +396,9 @@ class JobQueue:
             job._update(progress=event, preview=event.preview or job.preview)
 
         try:
-            result = self.engine(job.request, progress=on_progress, cancel=job.cancel_token)
+            # Pictures only when the request names some: an engine of text alone (a remote one) is called as before.
+            pictures = {"pictures": self.store.pictures(job.request.pictures)} if job.request.pictures else {}
+            result = self.engine(job.request, progress=on_progress, cancel=job.cancel_token, **pictures)
         except GenerationCancelled:
             if self._closed:
                 self._finish(job, "failed", INTERRUPTED)

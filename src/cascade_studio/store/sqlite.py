@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -20,10 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from PIL import Image
 from pydantic import BaseModel
 
 from ..engine import GenerationRequest, GenerationResult
-from ..metadata import ImageMetadata, save_png
+from ..engine.inputs import Picture
+from ..metadata import FILE_MODE, ImageMetadata, save_png
 from ..models import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ LATER_COLUMNS = {"jobs": {"traceback": "TEXT", "warnings": "TEXT"}}
 ACTIVE = ("queued", "running")
 INTERRUPTED = "interrupted: the server stopped before this job finished"
 # What save_result names its files: <day>/<first 12 of the job id>-<index>-<seed>.png
+INPUTS = "inputs"  # input pictures, content-addressed: inputs/<sha256>.png
 IMAGE_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9a-f]{12}-\d+-\d+\.png$")
 
 
@@ -97,6 +102,37 @@ class JobRecord(BaseModel):
     traceback: str | None = None
     warnings: list[str] = []
     images: list[ImageRecord] = []
+
+
+def keep_picture(output_dir: Path, picture: Picture) -> Path:
+    """Write an input picture as <output_dir>/inputs/<sha256>.png, atomically; the same picture twice is one file
+    (the studio's store and the CLI's output folder keep them alike, so `reproduce` finds them)."""
+    path = Path(output_dir) / INPUTS / f"{picture.sha256}.png"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    try:
+        os.chmod(tmp, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(picture.png)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def find_pictures(hashes: list[str], folders: list[Path]) -> dict[str, Image.Image]:
+    """The pictures of these hashes found in any of the folders (<sha256>.png), read whole."""
+    out = {}
+    for sha in hashes:
+        path = next((f / f"{sha}.png" for f in folders if (f / f"{sha}.png").is_file()), None)
+        if path is not None:
+            with Image.open(path) as image:
+                image.load()
+                out[sha] = image
+    return out
 
 
 def new_id() -> str:
@@ -231,6 +267,22 @@ class HistoryStore:
             self._unlink(records)
             raise
         return records
+
+    def save_picture(self, picture: Picture) -> str:
+        """Keep an input picture (init image, mask, image prompt) under its hash; returns the hash a request names
+        it by."""
+        try:
+            keep_picture(self.output_dir, picture)
+        except OSError as exc:
+            raise StoreError("images", exc) from exc
+        return picture.sha256
+
+    def picture_file(self, sha256: str) -> Path:
+        return self.output_dir / INPUTS / f"{sha256}.png"
+
+    def pictures(self, hashes: list[str]) -> dict[str, Image.Image]:
+        """The stored input pictures of these hashes (those on disk; the engine names any missing one)."""
+        return find_pictures(hashes, [self.output_dir / INPUTS])
 
     def _unlink(self, records: list[ImageRecord]) -> None:
         for record in records:

@@ -19,6 +19,7 @@ from . import handlers as h
 from .handlers import FormValues, Studio, StudioError
 from .panels.form import build_prompt_bar, build_settings, wire_form
 from .panels.models import build_model_picker, wire_models
+from .panels.picture import wire_start_from
 from .panels.results import build_results, client_of, wire_generate, wire_selection
 from .panels.tabs import (
     build_compare,
@@ -173,6 +174,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         wire_compare(studio, compare)
         wire_sweep(studio, form, results, sweep)
         wire_history(studio, form, history, tabs, preset_for)
+        wire_start_from(studio, form.picture, results.start_from, results.selected, results.details)
+        wire_start_from(studio, form.picture, history.start_from, history.selected, history.message, tabs)
         wire_png_info(form, png, preset_for)
         wire_train(studio, train, form.loras)
 

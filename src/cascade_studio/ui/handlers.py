@@ -10,17 +10,18 @@ import html
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from ..engine import ALLOWED, GenerationRequest, RequestError
+from ..engine.inputs import from_image, outpaint
 from ..engine.request import MAX_SIZE, MIN_SIZE, SIZE_STEP
 from ..metadata import PARAMETERS_KEY, parse_parameters, read_png
 from ..models.lora import lora_info
 from ..service import ClientLimitReached, Job, JobQueue, QueueFull
-from ..store import HistoryStore, JobRecord
+from ..store import HistoryStore, JobRecord, StoreError
 
 
 class StudioError(Exception):
@@ -140,6 +141,10 @@ class FormValues:
     lora_2_weight: float | None = 1.0
     lora_3: str = NO_LORA
     lora_3_weight: float | None = 1.0
+    strength: float | None = 0.8
+    fit: str = "crop"
+    grow: list[str] = field(default_factory=list)  # outpaint: the sides the canvas grows on
+    grow_by: float | None = 128
 
     def loras(self) -> list[dict]:
         """The picked LoRAs as request fields (a row left at "(none)" adds nothing)."""
@@ -195,10 +200,11 @@ def token_info(studio: Studio, prompt: str, loras: tuple[str, ...] = ()) -> str:
     return f"<div class='cs-tokens'>{line}</div>"
 
 
-def build_request(studio: Studio, form: FormValues) -> GenerationRequest:
+def build_request(studio: Studio, form: FormValues, picture: dict | None = None) -> GenerationRequest:
     """The request the form describes, or StudioError naming every bad field and its allowed values. Nothing is
     changed silently: a number outside its range is refused, as the API refuses it (only a custom size snaps to a
-    multiple of 128, with a note under it)."""
+    multiple of 128, with a note under it). `picture`: the image editor's value (a picture to start from, and the
+    paint that marks what to repaint)."""
     w, h, _ = resolve_size(form.size, form.width, form.height)
     problems: list[str] = []
 
@@ -228,12 +234,49 @@ def build_request(studio: Studio, form: FormValues) -> GenerationRequest:
     fields_["loras"] = form.loras()
     fields_ |= {k: v for k, v in values.items() if v is not None}
     try:
+        fields_ |= picture_fields(studio, picture, form)
         request = studio.engine.request(**fields_)
     except RequestError as exc:
         problems += exc.messages
+    except StoreError as exc:
+        problems.append(f"init_image: could not keep the picture ({exc})")
     if problems:
         raise StudioError("; ".join(dict.fromkeys(problems)))
     return request
+
+
+SIDES = ("left", "right", "top", "bottom")
+
+
+def picture_fields(studio: Studio, picture: dict | None, form: FormValues) -> dict:
+    """The request's picture fields from the image editor: the picture, and a mask of what was painted over it
+    (and of the border outpainting adds), kept in the store by hash (as the API keeps them); with outpainting, the
+    canvas's size. Nothing when no picture is in the editor."""
+    background = (picture or {}).get("background")
+    if background is None:
+        return {}
+    image = background.convert("RGB")
+    mask = Image.new("L", image.size, 0)
+    for layer in picture.get("layers") or []:
+        if layer is not None and "A" in layer.getbands():
+            mask = ImageChops.lighter(mask, layer.getchannel("A").point(lambda a: 255 if a else 0))
+    out: dict = {"fit": form.fit, "strength": form.strength}
+    if form.grow:
+        by = int(form.grow_by or 0)
+        if not 0 < by <= MAX_SIZE:
+            raise RequestError([f"outpaint: grow by a whole number of pixels from 1 to {MAX_SIZE} (got {by})"])
+        image, border = outpaint(image, **{side: by for side in form.grow})
+        border.paste(mask, (by if "left" in form.grow else 0, by if "top" in form.grow else 0))
+        mask = border
+        out |= {"width": snap(image.width), "height": snap(image.height)}
+    out["init_image"] = _kept(studio, image, "init_image")
+    if mask.getbbox() is not None:  # something painted, or a border added
+        out["mask"] = _kept(studio, mask, "mask", mask=True)
+    return out
+
+
+def _kept(studio: Studio, image: Image.Image, name: str, mask: bool = False) -> str:
+    return studio.store.save_picture(from_image(image, name, mask=mask))
 
 
 def _seed(value: str | float | None, problems: list[str]) -> int | None:
@@ -374,6 +417,9 @@ def image_details(record: JobRecord, index: int) -> str:
     if r.loras:
         used = ", ".join(f"{lora.name} × {lora.weight:g} (sha256 {lora.sha256})" for lora in r.loras)
         lines.insert(4, f"**LoRAs:** {used}")
+    if r.init_image:
+        how = "inpainted where the mask is white" if r.mask else "image-to-image"
+        lines.insert(4, f"**From a picture:** {how}, strength {r.strength:g}, fit {r.fit} (`{r.init_image[:12]}`)")
     if record.timings:
         lines.append(f"**Time:** {record.timings['total']:.2f} s" + (" (prior cached)" if record.prior_cached else ""))
     return "  \n".join(lines)
@@ -389,14 +435,19 @@ LABELS = {
     "decoder_steps": "decoder steps",
     "decoder_guidance": "decoder guidance",
     "loras": "LoRAs",
+    "init_image": "picture",
+    "mask": "mask",
+    "strength": "strength",
+    "fit": "fit",
+    "image_prompts": "image prompts",
 }
 
 
 def describe_changes(a: GenerationRequest, seed_a: int, b: GenerationRequest, seed_b: int) -> str:
     """'prior guidance 4.0 → 6.0, seed same': what differs between two images' settings."""
     parts = []
-    for field, label in LABELS.items():
-        va, vb = getattr(a, field), getattr(b, field)
+    for name, label in LABELS.items():
+        va, vb = getattr(a, name), getattr(b, name)
         if va != vb:
             parts.append(f"{label} {_shown(va)} → {_shown(vb)}")
     parts.append("seed same" if seed_a == seed_b else f"seed {seed_a} → {seed_b}")
@@ -404,12 +455,14 @@ def describe_changes(a: GenerationRequest, seed_a: int, b: GenerationRequest, se
 
 
 def _shown(value) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, str):
-        return repr(value)
+        return value[:8] if len(value) == 64 else repr(value)  # a picture, by the start of its hash
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, list):  # LoRAs
-        return ", ".join(f"{lora.name} × {lora.weight:g}" for lora in value) or "none"
+    if isinstance(value, list):  # LoRAs, image prompts
+        return ", ".join(f"{getattr(v, 'name', None) or v.image[:8]} × {v.weight:g}" for v in value) or "none"
     return str(value)
 
 

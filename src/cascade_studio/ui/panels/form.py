@@ -11,6 +11,7 @@ from ...engine.request import ALLOWED, GenerationRequest
 from .. import handlers as h
 from ..handlers import LORA_ROWS, NO_LORA, FormValues, Studio
 from .loras import LoraPicker, build_lora_picker, wire_lora_picker
+from .picture import PicturePanel, build_picture_panel
 
 
 @dataclass
@@ -34,7 +35,24 @@ class Form:
     decoder_steps: gr.Number
     decoder_guidance: gr.Number
     loras: LoraPicker
+    picture: PicturePanel
     defaults: GenerationRequest  # the model's defaults, for filling the form
+
+    @property
+    def strength(self) -> gr.Slider:
+        return self.picture.strength
+
+    @property
+    def fit(self) -> gr.Radio:
+        return self.picture.fit
+
+    @property
+    def grow(self) -> gr.CheckboxGroup:
+        return self.picture.grow
+
+    @property
+    def grow_by(self) -> gr.Number:
+        return self.picture.grow_by
 
     def __getattr__(self, name: str):
         """lora_2, lora_2_weight, ...: the LoRA picker's rows, by FormValues' names."""
@@ -46,7 +64,7 @@ class Form:
 
     def inputs(self) -> set:
         """The components an event reads to build a request (Gradio passes their values as one dict)."""
-        return {getattr(self, name) for name in FormValues.names()}
+        return {getattr(self, name) for name in FormValues.names()} | {self.picture.editor}
 
     def read(self, data: dict) -> FormValues:
         return FormValues(**{name: data[getattr(self, name)] for name in FormValues.names()})
@@ -71,6 +89,8 @@ class Form:
             prior_guidance=settings.get("prior_guidance", d.prior_guidance),
             decoder_steps=settings.get("decoder_steps", d.decoder_steps),
             decoder_guidance=settings.get("decoder_guidance", d.decoder_guidance),
+            strength=settings.get("strength", 0.8),
+            fit=settings.get("fit", "crop"),
         )
         picked = list(settings.get("loras") or [])[:LORA_ROWS]
         picked += [{"name": NO_LORA, "weight": 1.0}] * (LORA_ROWS - len(picked))
@@ -169,6 +189,7 @@ def build_settings(studio: Studio, bar: dict) -> Form:
                 info=range_of("decoder_guidance"),
             )
     loras = build_lora_picker(studio)
+    picture = build_picture_panel()
     return Form(
         **bar,
         negative_prompt=negative,
@@ -186,6 +207,7 @@ def build_settings(studio: Studio, bar: dict) -> Form:
         decoder_steps=decoder_steps,
         decoder_guidance=decoder_guidance,
         loras=loras,
+        picture=picture,
         defaults=d,
     )
 

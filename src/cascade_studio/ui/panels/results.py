@@ -29,6 +29,7 @@ class Results:
     gallery: gr.Gallery
     details: gr.Markdown
     use: gr.Button
+    start_from: gr.Button
     job: gr.State  # id of this tab's running job, for Cancel
     last_key: gr.State  # "job:index" of this tab's latest first image, for A/B
     selected: gr.State  # "job:index" of the image selected in the gallery or history
@@ -60,8 +61,10 @@ def build_results(studio: Studio) -> Results:
         preview=False,
     )
     details = gr.Markdown("Select an image to see its settings.", elem_id="details")
-    use = gr.Button("Use these settings", size="sm", elem_id="use-settings")
-    return Results(status, preview, gallery, details, use, gr.State(None), gr.State(None), gr.State(None))
+    with gr.Row():
+        use = gr.Button("Use these settings", size="sm", elem_id="use-settings")
+        start_from = gr.Button("Start from this image", size="sm", elem_id="start-from")
+    return Results(status, preview, gallery, details, use, start_from, gr.State(None), gr.State(None), gr.State(None))
 
 
 def wire_generate(studio: Studio, form: Form, results: Results, after_done, elsewhere: list) -> None:
@@ -74,7 +77,8 @@ def wire_generate(studio: Studio, form: Form, results: Results, after_done, else
     def on_generate(data: dict, request: gr.Request):
         previous = data[r.last_key]
         try:
-            job = h.submit(studio, h.build_request(studio, form.read(data)), client_of(request))
+            request_ = h.build_request(studio, form.read(data), data[form.picture.editor])
+            job = h.submit(studio, request_, client_of(request))
         except StudioError as exc:  # one clear message where the status goes; nothing else on the page changes
             yield {r.status: h.status_html(studio, message=f"**Error:** {exc}", error=True)}
             return

@@ -176,6 +176,7 @@ class History:
     gallery: gr.Gallery
     details: gr.Markdown
     use: gr.Button
+    start_from: gr.Button
     delete: gr.Button
     download: gr.DownloadButton
     message: gr.Markdown
@@ -206,6 +207,7 @@ def build_history(studio: Studio) -> History:
     details = gr.Markdown("Select an image to see its settings.", elem_id="history-details")
     with gr.Row():
         use = gr.Button("Use these settings", size="sm", elem_id="history-use")
+        start_from = gr.Button("Start from this image", size="sm", elem_id="history-start-from")
         delete = gr.Button("Delete this generation", size="sm", variant="stop", elem_id="history-delete")
         download = gr.DownloadButton("Download all as zip", size="sm", elem_id="history-download")
     message = gr.Markdown("", elem_id="history-message")
@@ -217,6 +219,7 @@ def build_history(studio: Studio) -> History:
         gallery,
         details,
         use,
+        start_from,
         delete,
         download,
         message,

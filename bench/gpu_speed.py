@@ -539,7 +539,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         torch.set_num_threads(args.threads)
-        device, dtype, size, models = torch.device("cpu"), torch.float32, 256, ["tiny"]
+        device, dtype, size, models = torch.device("cpu"), torch.float32, 128, ["tiny"]  # a smoke test: small
         device_name = f"cpu ({platform.machine()}, {args.threads} threads)"
     else:
         if not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
     python bench/lora_concepts.py               # teal and cross, 2 CPU threads; writes bench/results/lora-concepts.json
     python bench/lora_concepts.py --n 40 --eval-n 30 --concepts teal --steps 600 --preserve 0 --out /tmp/x.json
+    python bench/lora_concepts.py --text-encoder --out bench/results/lora-concepts-text-encoder.json
 
 For each concept (see cascade_studio/train/concepts.py): draw 40 captioned pictures, train a LoRA on them with the
 demo model's defaults (the time is measured), then
@@ -58,14 +59,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="held-out concept prompts scored per concept")
     parser.add_argument("--eval-n", type=int, default=60, help="eval-demo scenes per split")
     parser.add_argument("--threads", type=int, default=2)
-    for name, kind in (("steps", int), ("preserve", int), ("lr", float), ("rank", int)):
-        parser.add_argument(f"--{name}", type=kind, help="a training setting (default: the model's)")
+    for name, kind in (("steps", int), ("preserve", int), ("lr", float), ("rank", int), ("text_encoder_lr", float)):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=kind, help="a training setting (default: the model's)"
+        )
+    parser.add_argument("--text-encoder", dest="text_encoder", action="store_true", help="adapt the text encoder too")
     parser.add_argument("--out", type=Path, default=RESULTS / "lora-concepts.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=args.threads))
     base = eval_rates(engine, args.eval_n, None)
-    settings = {k: getattr(args, k) for k in ("steps", "preserve", "lr", "rank") if getattr(args, k) is not None}
+    names = ("steps", "preserve", "lr", "rank", "text_encoder_lr")
+    settings = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    settings |= {"text_encoder": True} if args.text_encoder else {}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
     report |= {"base_eval": base, "concepts": {}}
     with tempfile.TemporaryDirectory() as tmp:

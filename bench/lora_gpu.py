@@ -49,7 +49,8 @@ def fake_data(prior: StableCascadeUNet, batch: int, side: int, device, dtype) ->
     hidden = torch.randn(batch, 77, c.clip_text_in_channels, device=device, dtype=dtype)
     pooled = torch.randn(batch, 1, c.clip_text_pooled_in_channels, device=device, dtype=dtype)
     size = (side, side)
-    return Encoded({size: latents}, {}, {size: hidden}, {size: pooled}, (hidden[:1] * 0, pooled[:1] * 0))
+    empty = (hidden[:1] * 0, pooled[:1] * 0)
+    return Encoded({size: latents}, {}, {size: hidden}, {size: pooled}, empty, {size: [""] * batch})
 
 
 def step_row(prior, batch: int, side: int, checkpointing: bool, steps: int, device, dtype) -> dict:

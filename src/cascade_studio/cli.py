@@ -278,6 +278,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         sample_every=args.sample_every,
         save_every=args.save_every,
         decoder=args.decoder,
+        text_encoder=args.text_encoder,
+        text_encoder_lr=args.text_encoder_lr,
         preserve=args.preserve,
         preserve_prompts=_prompt_lines(args.preserve_prompts),
         optimizer=args.optimizer,
@@ -817,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lt.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     lt.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
-    lt.add_argument("--steps", type=int, help="training steps (default: the model's, 600 for the demo)")
+    lt.add_argument("--steps", type=int, help="training steps (default: the model's, 1200 for the demo)")
     lt.add_argument("--lr", type=float, help="learning rate (default: 2e-3 for the demo, 1e-4 for the official)")
     lt.add_argument("--batch", type=int, help="pictures a step (default: 16 for the demo, 1 for the official)")
     lt.add_argument("--resolution", type=int, help="the long side, a multiple of 128 (default: the model's size)")
@@ -830,6 +832,19 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also adapt Stage B (default: yes for the demo model, no for the official ones)",
+    )
+    lt.add_argument(
+        "--text-encoder",
+        dest="text_encoder",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also adapt the text encoder (kohya's TE LoRA), so a new word is learnt where words are read",
+    )
+    lt.add_argument(
+        "--text-encoder-lr",
+        dest="text_encoder_lr",
+        type=float,
+        help="the text encoder's learning rate (above 0 and at most 0.1; default a tenth of --lr)",
     )
     lt.add_argument(
         "--preserve",

@@ -19,6 +19,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CancelToken, CascadeEngine, GenerationCancelled
 from cascade_studio.metadata import read_png
 from cascade_studio.models.image_encoder import EfficientNetEncoder
+from cascade_studio.models.lora import LoraLibrary
 from cascade_studio.models.source import EFFNET_FILE
 from cascade_studio.train.concepts import write_concept
 from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, train_lora
@@ -180,3 +181,28 @@ def test_the_same_settings_train_the_same_lora(tmp_path, demo_engine):
         cfg = LoraTrainConfig(images=data, out=tmp_path / f"{name}.safetensors", steps=2, batch=2, rank=2, preserve=0)
         files.append(load_file(train_lora(demo_engine, cfg, log=lambda line: None)["file"]))
     assert files[0].keys() == files[1].keys() and all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+def test_a_text_encoder_lora_learns_there_and_leaves_the_encoder_as_it_was(tmp_path, demo_engine):
+    data = write_concept("teal", tmp_path / "teal", n=4)
+    text_encoder = demo_engine.pipelines.prior.text_encoder
+    before = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    base = demo_engine(demo_engine.request(prompt="a teal circle on a white background", seed=2)).images[0]
+    out = tmp_path / "teal.safetensors"
+    cfg = LoraTrainConfig(images=data, out=out, trigger="teal", steps=6, batch=2, preserve=0, text_encoder=True)
+    train_lora(demo_engine, cfg, log=lambda _: None)
+    after = text_encoder.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    keys, _ = header(out)
+    text_keys = [k for k in keys if k.startswith("lora_prior_te_text_model_encoder_layers_")]
+    assert text_keys and any(k.endswith("self_attn_q_proj.lora_up.weight") for k in text_keys)
+    saved, demo_engine.lora_library = demo_engine.lora_library, LoraLibrary(tmp_path)  # this test's own folder
+    try:
+        request = demo_engine.request(prompt="a teal circle on a white background", seed=2, loras=[{"name": "teal"}])
+        with_lora = demo_engine(request).images[0]
+        assert "text_encoder" in demo_engine.loras.roles and with_lora.tobytes() != base.tobytes()
+    finally:
+        demo_engine.remove_loras()
+        demo_engine.lora_library = saved
+    again = demo_engine(demo_engine.request(prompt="a teal circle on a white background", seed=2)).images[0]
+    assert again.tobytes() == base.tobytes()  # off again: the text cache does not keep the LoRA's embeddings

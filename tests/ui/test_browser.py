@@ -341,6 +341,8 @@ def test_start_from_a_history_image_and_repaint_what_is_painted(page):
         "document.querySelector('#details').innerText.includes('From a picture: inpainted where the mask is white')"
     )
     shot(page, "9-inpainted")
+    page.get_by_role("tab", name="Compare A/B").click()  # the picture it started from against the result
+    page.wait_for_function("document.querySelector('#ab-changes').innerText.includes('the picture it started from')")
     page.reload()  # the next tests start from text again
     page.wait_for_selector("#generate", timeout=60_000)
 

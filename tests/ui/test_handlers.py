@@ -387,3 +387,21 @@ def test_the_picture_panel_gives_the_picture_its_painted_mask_and_the_outpaint_b
     with pytest.raises(StudioError, match="outpaint: grow by a whole number of pixels from 1 to 2048"):
         h.build_request(picture_studio, h.FormValues(**(values.as_dict() | {"grow": ["top"], "grow_by": 0})),
                         {"background": picture, "layers": []})  # fmt: skip
+    with pytest.raises(StudioError, match="image_prompts: cascade-studio-demo has no CLIP image tower"):
+        h.build_request(picture_studio, values, None, [None, picture, None, None])  # a filled slot is a prompt
+    fields = h.image_prompt_fields(picture_studio, [None, picture], form(image_prompt_2_weight=0.4))
+    assert len(fields["image_prompts"]) == 1 and fields["image_prompts"][0]["weight"] == 0.4
+
+
+def test_use_these_settings_puts_the_picture_and_its_mask_back(picture_studio):
+    from cascade_studio.ui.panels.picture import editor_value
+
+    picture = Image.new("RGB", (128, 128), (40, 80, 220))
+    strokes = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    strokes.paste((255, 0, 255, 255), (64, 0, 128, 128))
+    values = form(width=128, height=128, num_images=1)
+    first = h.build_request(picture_studio, values, {"background": picture, "layers": [strokes]})
+    restored = editor_value(picture_studio.store, first.model_dump())
+    again = h.build_request(picture_studio, values, restored)  # the same picture and mask, by hash
+    assert (again.init_image, again.mask) == (first.init_image, first.mask)
+    assert editor_value(picture_studio.store, {"prompt": "text only"}) is None  # text-to-image empties the panel

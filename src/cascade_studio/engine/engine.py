@@ -461,7 +461,7 @@ class CascadeEngine:
         embeddings: Embeddings,
         begin: Start | None,
         image_embeds: torch.Tensor | None,
-        t0: float,
+        started: float,
         progress: ProgressCallback | None,
         cancel: CancelToken,
     ) -> torch.Tensor:
@@ -483,7 +483,7 @@ class CascadeEngine:
             kwargs["latents"] = pipe.scheduler.add_noise(x0, noise, torch.full((n,), strength, device=x0.device))
             if begin.latent_mask is not None:
                 blend = _keeper(pipe.scheduler, x0, noise, begin.latent_mask, torch.linspace(strength, 0.0, steps + 1))
-        callback = self._callback("prior", steps, t0, progress, cancel, blend=blend)
+        callback = self._callback("prior", steps, started, progress, cancel, blend=blend)
         pipe.scheduler.start = strength  # see models/schedulers.py
         try:
             # The prior concatenates negatives whenever it is given them, so pass them only when guidance is on.

@@ -44,7 +44,8 @@ from .stages import alpha_cumprod, sample_t
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # The layers the LoRA adapts, as regexes over diffusers' module names (peft matches each against the names).
-TARGETS = r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|kv_mapper\.1|channelwise\.(0|4))"
+# The text encoder's: CLIP's self-attention projections (kohya's text-encoder LoRA).
+TARGETS = r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|kv_mapper\.1|channelwise\.(0|4)|self_attn\.(q|k|v|out)_proj)"
 ADAPTER = "trained"  # not "training": that is a torch Module attribute
 Log = Callable[[str], None]
 
@@ -54,6 +55,7 @@ ALLOWED = {
     "rank": "a whole number from 1 to 256",
     "steps": "a whole number from 1 to 1000000",
     "lr": "above 0 and at most 0.1",
+    "text_encoder_lr": "above 0 and at most 0.1",
     "batch": "a whole number from 1 to 256",
     "resolution": "a multiple of 128 from 128 to 2048",
     "alpha": "above 0 and at most 1024",
@@ -82,6 +84,8 @@ class LoraTrainConfig:
     sample_every: int = 0  # 0: no samples during training
     save_every: int = 0  # 0: checkpoints only on Ctrl-C or cancel
     decoder: bool | None = None  # default: the model's (the demo: yes, it must learn to draw what is new)
+    text_encoder: bool = False  # also adapt the text encoder (kohya's TE LoRA): a new word is learnt there too
+    text_encoder_lr: float | None = None  # default: a tenth of lr
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' 8-bit AdamW, on CUDA (a quarter of the moments' memory)
@@ -108,6 +112,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ("rank", 1 <= cfg.rank <= 256),
         ("steps", 1 <= cfg.steps <= 1_000_000),
         ("lr", 0 < cfg.lr <= 0.1),
+        ("text_encoder_lr", cfg.text_encoder_lr is None or 0 < cfg.text_encoder_lr <= 0.1),
         ("batch", 1 <= cfg.batch <= 256),
         ("resolution", cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048),
         ("alpha", 0 < cfg.alpha <= 1024),
@@ -234,6 +239,7 @@ class Encoded:
     hidden: dict[tuple[int, int], torch.Tensor]
     pooled: dict[tuple[int, int], torch.Tensor]
     empty: tuple[torch.Tensor, torch.Tensor]
+    captions: dict[tuple[int, int], list[str]]  # encoded again each step when the text encoder learns too
 
 
 @torch.no_grad()
@@ -246,14 +252,7 @@ def encode_dataset(engine: CascadeEngine, examples: list[Example], with_decoder:
         by_size.setdefault(e.image.size, []).append(e)
 
     def text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled, _, _ = p.prior.encode_prompt(
-            device=device,
-            batch_size=len(captions),
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            prompt=captions,
-        )
-        return hidden, pooled
+        return encode_text(engine, captions)
 
     prior, decoder, hidden, pooled = {}, {}, {}, {}
     for size, group in by_size.items():
@@ -263,7 +262,20 @@ def encode_dataset(engine: CascadeEngine, examples: list[Example], with_decoder:
         if with_decoder:
             decoder[size] = p.decoder.vqgan.encode(pixels).latents / p.decoder.vqgan.config.scale_factor
         hidden[size], pooled[size] = text([e.caption for e in group])
-    return Encoded(prior, decoder, hidden, pooled, text([""]))
+    captions = {size: [e.caption for e in group] for size, group in by_size.items()}
+    return Encoded(prior, decoder, hidden, pooled, text([""]), captions)
+
+
+def encode_text(engine: CascadeEngine, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions as the prior reads them (hidden states and pooled embedding), with gradients where they learn."""
+    hidden, pooled, _, _ = engine.pipelines.prior.encode_prompt(
+        device=engine.pipelines.device,
+        batch_size=len(captions),
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
+        prompt=captions,
+    )
+    return hidden, pooled
 
 
 # --- the LoRA --------------------------------------------------------------------------------------------------------
@@ -335,6 +347,8 @@ def train_lora(
     p = engine.pipelines
     engine.remove_loras()
     models = {"prior": p.prior.prior} | ({"decoder": p.decoder.decoder} if cfg.decoder else {})
+    if cfg.text_encoder:
+        models["text_encoder"] = p.prior.text_encoder
     square = engine.pipelines.defaults.get("width", 1024) <= 256  # the demo model makes one size only
     examples = load_dataset(cfg.images, cfg.trigger, cfg.resolution, square, log)
     kept = preservation(engine, examples, cfg, log)
@@ -347,8 +361,11 @@ def train_lora(
     try:
         with torch.random.fork_rng(devices=[]), engine.layers_lock:  # starting values from the seed: runs repeat
             torch.manual_seed(cfg.seed)
-            params = [q for model in models.values() for q in add_adapter(model, cfg.rank, cfg.alpha)]
-        return _loop(engine, cfg, models, params, data, examples, out, log, progress, cancel)
+            groups = [
+                {"params": add_adapter(model, cfg.rank, cfg.alpha), "lr": _lr_of(cfg, role)}
+                for role, model in models.items()
+            ]
+        return _loop(engine, cfg, models, groups, data, examples, out, log, progress, cancel)
     finally:
         with engine.layers_lock:
             stack.unload()  # the very same base layers back, whatever happened
@@ -357,11 +374,20 @@ def train_lora(
             model.eval()
 
 
-def _loop(engine, cfg, models, params, data, examples, out, log, progress, cancel) -> dict:
+def _lr_of(cfg: LoraTrainConfig, role: str) -> float:
+    """The text encoder learns at its own rate (a tenth of the rest unless told): it reads every prompt."""
+    if role != "text_encoder":
+        return cfg.lr
+    return cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr / 10
+
+
+def _loop(engine, cfg, models, groups, data, examples, out, log, progress, cancel) -> dict:
     p = engine.pipelines
     device = p.device
     v_target = isinstance(p.prior.scheduler, VPredictionWuerstchenScheduler)
-    optimizer = make_optimizer(cfg, params, device)
+    optimizer = make_optimizer(cfg, groups, device)
+    params = [q for group in groups for q in group["params"]]
+    rates = [group["lr"] for group in groups]
     start_step, losses = 0, []
     if cfg.resume:
         start_step, losses = _resume(cfg.resume, models, optimizer, log)
@@ -382,14 +408,15 @@ def _loop(engine, cfg, models, params, data, examples, out, log, progress, cance
             size = rng.choice(sizes)
             idx = [rng.randrange(len(data.prior_latents[size])) for _ in range(cfg.batch)]
             with autocast:
-                loss = prior_loss(p.prior.prior, data, size, idx, generator, v_target)
+                text = _text_of(engine, data, size, idx) if cfg.text_encoder else None
+                loss = prior_loss(p.prior.prior, data, size, idx, generator, v_target, text)
                 if cfg.decoder:
-                    loss = loss + _decoder_loss(p.decoder.decoder, data, size, idx, generator, v_target)
+                    loss = loss + _decoder_loss(p.decoder.decoder, data, size, idx, generator, v_target, text)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / 50)  # a short warm-up, then the rate as given
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate * min(1.0, (step + 1) / 50)  # a short warm-up, then the rate as given
             optimizer.step()
             window.append(loss.item())
             smooth = window[-1] if smooth is None else 0.9 * smooth + 0.1 * window[-1]  # what the progress shows
@@ -456,8 +483,9 @@ def _noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_n
     return x_t, t, target
 
 
-def make_optimizer(cfg: LoraTrainConfig, params: list[torch.nn.Parameter], device: torch.device):
-    """AdamW; or bitsandbytes' 8-bit AdamW on CUDA (TrainingError, saying what is missing, anywhere else)."""
+def make_optimizer(cfg: LoraTrainConfig, params: list, device: torch.device):
+    """AdamW; or bitsandbytes' 8-bit AdamW on CUDA (TrainingError, saying what is missing, anywhere else). `params`:
+    parameters, or parameter groups with their own rates."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     if device.type != "cuda":
@@ -469,25 +497,33 @@ def make_optimizer(cfg: LoraTrainConfig, params: list[torch.nn.Parameter], devic
     return bitsandbytes.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
 
 
-def prior_loss(prior, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:
+def _text_of(engine: CascadeEngine, data: Encoded, size, idx) -> tuple:
+    """The batch's captions and the empty caption through the text encoder as it is now (it learns too)."""
+    hidden, pooled = encode_text(engine, [data.captions[size][i] for i in idx] + [""])
+    return hidden[:-1], pooled[:-1], (hidden[-1:], pooled[-1:])
+
+
+def prior_loss(prior, data: Encoded, size, idx, generator, v_target, text=None) -> torch.Tensor:
     x0 = data.prior_latents[size][idx]
-    hidden, pooled = data.hidden[size][idx], data.pooled[size][idx]
+    hidden, pooled, empty = text or (data.hidden[size][idx], data.pooled[size][idx], data.empty)
     drop = torch.rand(len(idx), generator=generator) < 0.1  # the empty caption, as guidance uses it
     if drop.any():
-        hidden, pooled = hidden.clone(), pooled.clone()
-        hidden[drop], pooled[drop] = data.empty[0].to(hidden.dtype), data.empty[1].to(pooled.dtype)
+        keep = (~drop).to(hidden.device, hidden.dtype)
+        hidden = hidden * keep.view(-1, 1, 1) + empty[0].to(hidden.dtype) * (1 - keep).view(-1, 1, 1)
+        pooled = pooled * keep.view(-1, 1, 1) + empty[1].to(pooled.dtype) * (1 - keep).view(-1, 1, 1)
     x_t, t, target = _noised(x0, generator, v_target, 0.5)
     no_image = torch.zeros(len(idx), 1, prior.config.clip_image_in_channels, device=x0.device, dtype=x0.dtype)
     pred = prior(x_t, t.to(x0.dtype), clip_text_pooled=pooled, clip_text=hidden, clip_img=no_image).sample
     return F.mse_loss(pred.float(), target.float())
 
 
-def _decoder_loss(decoder, data: Encoded, size, idx, generator, v_target) -> torch.Tensor:
+def _decoder_loss(decoder, data: Encoded, size, idx, generator, v_target, text=None) -> torch.Tensor:
     x0 = data.decoder_latents[size][idx]
     effnet = data.prior_latents[size][idx]
     effnet = effnet + 0.1 * torch.randn(effnet.shape, generator=generator).to(effnet.device, effnet.dtype)
     x_t, t, target = _noised(x0, generator, v_target, 0.25)
-    pred = decoder(x_t, t.to(x0.dtype), clip_text_pooled=data.pooled[size][idx], effnet=effnet).sample
+    pooled = text[1] if text is not None else data.pooled[size][idx]
+    pred = decoder(x_t, t.to(x0.dtype), clip_text_pooled=pooled, effnet=effnet).sample
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -153,7 +153,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 compare.pick_a: gr.update(choices=choices, value=previous),
                 compare.pick_b: gr.update(choices=choices, value=key),
             }
-            if previous:
+            started_from = h.compare_with_input(store, key)
+            if started_from is not None:  # a picture in: compare it with what came out
+                out[compare.slider], out[compare.changes] = started_from
+            elif previous:
                 out[compare.slider], out[compare.changes] = h.compare(store, previous, key)
             return out | history_updates(studio, history)
 

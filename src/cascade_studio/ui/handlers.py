@@ -145,6 +145,10 @@ class FormValues:
     fit: str = "crop"
     grow: list[str] = field(default_factory=list)  # outpaint: the sides the canvas grows on
     grow_by: float | None = 128
+    image_prompt_1_weight: float | None = 1.0
+    image_prompt_2_weight: float | None = 1.0
+    image_prompt_3_weight: float | None = 1.0
+    image_prompt_4_weight: float | None = 1.0
 
     def loras(self) -> list[dict]:
         """The picked LoRAs as request fields (a row left at "(none)" adds nothing)."""
@@ -200,11 +204,13 @@ def token_info(studio: Studio, prompt: str, loras: tuple[str, ...] = ()) -> str:
     return f"<div class='cs-tokens'>{line}</div>"
 
 
-def build_request(studio: Studio, form: FormValues, picture: dict | None = None) -> GenerationRequest:
+def build_request(
+    studio: Studio, form: FormValues, picture: dict | None = None, references: list | tuple = ()
+) -> GenerationRequest:
     """The request the form describes, or StudioError naming every bad field and its allowed values. Nothing is
     changed silently: a number outside its range is refused, as the API refuses it (only a custom size snaps to a
     multiple of 128, with a note under it). `picture`: the image editor's value (a picture to start from, and the
-    paint that marks what to repaint)."""
+    paint that marks what to repaint); `references`: the image prompts' pictures (None where a slot is empty)."""
     w, h, _ = resolve_size(form.size, form.width, form.height)
     problems: list[str] = []
 
@@ -235,6 +241,7 @@ def build_request(studio: Studio, form: FormValues, picture: dict | None = None)
     fields_ |= {k: v for k, v in values.items() if v is not None}
     try:
         fields_ |= picture_fields(studio, picture, form)
+        fields_ |= image_prompt_fields(studio, references, form)
         request = studio.engine.request(**fields_)
     except RequestError as exc:
         problems += exc.messages
@@ -273,6 +280,17 @@ def picture_fields(studio: Studio, picture: dict | None, form: FormValues) -> di
     if mask.getbbox() is not None:  # something painted, or a border added
         out["mask"] = _kept(studio, mask, "mask", mask=True)
     return out
+
+
+def image_prompt_fields(studio: Studio, references: list | tuple, form: FormValues) -> dict:
+    """The filled image-prompt slots as request fields, each picture kept in the store by hash."""
+    prompts = []
+    for slot, image in enumerate(references, start=1):
+        if image is not None:
+            name = f"image_prompts.{len(prompts)}.image"
+            weight = getattr(form, f"image_prompt_{slot}_weight")
+            prompts.append({"image": _kept(studio, image.convert("RGB"), name), "weight": weight})
+    return {"image_prompts": prompts} if prompts else {}
 
 
 def _kept(studio: Studio, image: Image.Image, name: str, mask: bool = False) -> str:
@@ -536,6 +554,17 @@ def compare(store: HistoryStore, key_a: str, key_b: str) -> tuple[tuple[str, str
     (ra, ia), (rb, ib) = lookup(store, key_a), lookup(store, key_b)
     paths = (str(store.image_file(ra.images[ia])), str(store.image_file(rb.images[ib])))
     return paths, "A → B: " + describe_changes(ra.request, ra.images[ia].seed, rb.request, rb.images[ib].seed)
+
+
+def compare_with_input(store: HistoryStore, key: str) -> tuple[tuple[str, str], str] | None:
+    """The picture a generation started from against its result (None for text-to-image)."""
+    record, index = lookup(store, key)
+    r = record.request
+    if r.init_image is None or not store.picture_file(r.init_image).is_file():
+        return None
+    how = "inpainted" if r.mask else f"strength {r.strength:g}"
+    result = str(store.image_file(record.images[index]))
+    return (str(store.picture_file(r.init_image)), result), f"A: the picture it started from → B: the result ({how})"
 
 
 def settings_of(record: JobRecord, index: int) -> dict:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ...engine.request import ALLOWED, GenerationRequest
+from ...store import HistoryStore
 from .. import handlers as h
 from ..handlers import LORA_ROWS, NO_LORA, FormValues, Studio
 from .loras import LoraPicker, build_lora_picker, wire_lora_picker
-from .picture import PicturePanel, build_picture_panel
+from .picture import PicturePanel, build_picture_panel, editor_value
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Form:
     loras: LoraPicker
     picture: PicturePanel
     defaults: GenerationRequest  # the model's defaults, for filling the form
+    store: HistoryStore  # where the pictures a request names are kept, for filling the picture panel
 
     @property
     def strength(self) -> gr.Slider:
@@ -55,7 +57,11 @@ class Form:
         return self.picture.grow_by
 
     def __getattr__(self, name: str):
-        """lora_2, lora_2_weight, ...: the LoRA picker's rows, by FormValues' names."""
+        """lora_2, lora_2_weight, ...: the LoRA picker's rows, and image_prompt_2_weight, ...: the image prompts'
+        weights, by FormValues' names."""
+        prompt = re.fullmatch(r"image_prompt_(\d)_weight", name)
+        if prompt is not None:
+            return self.picture.weights[int(prompt[1]) - 1]
         match = re.fullmatch(r"lora_(\d)(_weight)?", name)
         if match is None:
             raise AttributeError(name)
@@ -64,13 +70,17 @@ class Form:
 
     def inputs(self) -> set:
         """The components an event reads to build a request (Gradio passes their values as one dict)."""
-        return {getattr(self, name) for name in FormValues.names()} | {self.picture.editor}
+        return {getattr(self, name) for name in FormValues.names()} | {self.picture.editor, *self.picture.references}
+
+    def pictures(self, data: dict) -> tuple[dict | None, list]:
+        """The picture to start from (the editor's value) and the image prompts' pictures, as an event got them."""
+        return data[self.picture.editor], [data[r] for r in self.picture.references]
 
     def read(self, data: dict) -> FormValues:
         return FormValues(**{name: data[getattr(self, name)] for name in FormValues.names()})
 
     def outputs(self) -> list:
-        return [getattr(self, name) for name in FormValues.names()]
+        return [getattr(self, name) for name in FormValues.names()] + [self.picture.editor, self.picture.accordion]
 
     def fill(self, settings: dict, preset_for) -> dict:
         """Form updates that put these request fields back (from an image, a PNG, a sweep cell)."""
@@ -97,7 +107,9 @@ class Form:
         for i, lora in enumerate(picked, start=1):
             setattr(values, f"lora_{i}", lora["name"])
             setattr(values, f"lora_{i}_weight", lora.get("weight", 1.0))
-        return {getattr(self, name): value for name, value in values.as_dict().items()}
+        out = {getattr(self, name): value for name, value in values.as_dict().items()}
+        picture = editor_value(self.store, settings)  # the picture it started from, with its mask as paint
+        return out | {self.picture.editor: picture, self.picture.accordion: gr.update(open=picture is not None)}
 
 
 def range_of(field: str) -> str:
@@ -209,6 +221,7 @@ def build_settings(studio: Studio, bar: dict) -> Form:
         loras=loras,
         picture=picture,
         defaults=d,
+        store=studio.store,
     )
 
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image
 
-from ...engine.request import FITS
+from ...engine.request import FITS, MAX_IMAGE_PROMPTS
 from .. import handlers as h
 from ..handlers import SIDES, Studio, StudioError
+
+PAINT = (255, 0, 255, 255)  # the brush's colour: what marks the part to repaint
 
 
 @dataclass
@@ -21,6 +23,8 @@ class PicturePanel:
     fit: gr.Radio
     grow: gr.CheckboxGroup
     grow_by: gr.Number
+    references: list[gr.Image]  # image prompts
+    weights: list[gr.Slider]
 
 
 def build_picture_panel() -> PicturePanel:
@@ -35,7 +39,7 @@ def build_picture_panel() -> PicturePanel:
             show_label=False,
             type="pil",
             sources=["upload", "clipboard"],
-            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=24),
+            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=24),  # PAINT
             eraser=gr.Eraser(),
             transforms=(),
             layers=False,
@@ -57,26 +61,73 @@ def build_picture_panel() -> PicturePanel:
                 list(SIDES), label="Outpaint: grow the canvas", info="the new border is painted", elem_id="grow"
             )
             grow_by = gr.Number(value=128, label="by (pixels)", precision=0, minimum=0, elem_id="grow-by")
-    return PicturePanel(accordion, editor, strength, fit, grow, grow_by)
+        with gr.Accordion("Image prompts: pictures the prior sees (models with a CLIP image tower)", open=False):
+            references, weights = [], []
+            with gr.Row(elem_id="image-prompts"):
+                for i in range(1, MAX_IMAGE_PROMPTS + 1):
+                    with gr.Column(min_width=120):
+                        references.append(
+                            gr.Image(
+                                type="pil",
+                                sources=["upload", "clipboard"],
+                                label=f"Reference {i}",
+                                height=120,
+                                elem_id=f"image-prompt-{i}",
+                            )
+                        )
+                        weights.append(
+                            gr.Slider(0.0, 2.0, value=1.0, step=0.1, label="weight", elem_id=f"image-prompt-weight-{i}")
+                        )
+    return PicturePanel(accordion, editor, strength, fit, grow, grow_by, references, weights)
+
+
+def editor_value(store, settings: dict) -> dict | None:
+    """The editor's value for a request's picture fields: the stored picture, its mask as paint over it (what
+    *Use these settings* and a PNG's settings put back); None, an empty editor, for text-to-image."""
+    sha = settings.get("init_image")
+    if not sha or not store.picture_file(sha).is_file():
+        return None
+    with Image.open(store.picture_file(sha)) as opened:
+        image = opened.convert("RGB")
+    layers = []
+    mask_sha = settings.get("mask")
+    if mask_sha and store.picture_file(mask_sha).is_file():
+        with Image.open(store.picture_file(mask_sha)) as mask:
+            paint = Image.new("RGBA", image.size, PAINT)
+            paint.putalpha(mask.convert("L").resize(image.size))
+            layers.append(paint)
+    composite = image.convert("RGBA")
+    for layer in layers:
+        composite = Image.alpha_composite(composite, layer)
+    return {"background": image, "layers": layers, "composite": composite.convert("RGB")}
 
 
 def wire_start_from(studio: Studio, panel: PicturePanel, button: gr.Button, selected: gr.State, said, tabs=None):
-    """`button` puts the selected gallery image into the picture panel, opened (and, from another tab, shown)."""
+    """`button` puts the selected gallery image into the picture panel, opened (and, from another tab, shown). The
+    panel is shown first and filled after: an editor filled while it is being laid out can stay blank."""
+
+    def picture_of(key) -> Image.Image:
+        record, index = h.lookup(studio.store, key)
+        with Image.open(studio.store.image_file(record.images[index])) as opened:
+            return opened.convert("RGB")
 
     def on_start(key):
         if not key:
             return {said: "**Error:** select an image first"}
         try:
-            record, index = h.lookup(studio.store, key)
-            with Image.open(studio.store.image_file(record.images[index])) as opened:
-                image = opened.convert("RGB")
+            picture_of(key)
         except (StudioError, OSError) as exc:
             return {said: f"**Error:** {exc}"}
-        out = {
-            panel.editor: {"background": image, "layers": [], "composite": image},
-            panel.accordion: gr.update(open=True),
-        }
-        return out | ({tabs: gr.Tabs(selected="generate")} if tabs is not None else {})
+        return {panel.accordion: gr.update(open=True)} | ({tabs: gr.Tabs(selected="generate")} if tabs else {})
 
-    outputs = [panel.editor, panel.accordion, said, *([tabs] if tabs is not None else [])]
-    button.click(on_start, inputs=selected, outputs=outputs, show_progress="hidden", api_visibility="private")
+    def fill(key):
+        try:
+            image = picture_of(key)
+        except (StudioError, OSError):
+            return gr.update()  # said by on_start
+        return {"background": image, "layers": [], "composite": image}
+
+    shown = [panel.accordion, said, *([tabs] if tabs is not None else [])]
+    button.click(on_start, inputs=selected, outputs=shown, show_progress="hidden", api_visibility="private").success(
+        fill, inputs=selected, outputs=panel.editor, show_progress="hidden", api_visibility="private"
+    )

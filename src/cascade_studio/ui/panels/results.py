@@ -77,7 +77,7 @@ def wire_generate(studio: Studio, form: Form, results: Results, after_done, else
     def on_generate(data: dict, request: gr.Request):
         previous = data[r.last_key]
         try:
-            request_ = h.build_request(studio, form.read(data), data[form.picture.editor])
+            request_ = h.build_request(studio, form.read(data), *form.pictures(data))
             job = h.submit(studio, request_, client_of(request))
         except StudioError as exc:  # one clear message where the status goes; nothing else on the page changes
             yield {r.status: h.status_html(studio, message=f"**Error:** {exc}", error=True)}

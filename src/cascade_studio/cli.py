@@ -24,10 +24,9 @@ from .engine.request import (  # noqa: E402
     FITS,
     MAX_IMAGE_PROMPTS,
     MAX_SIZE,
-    MIN_SIZE,
-    SIZE_STEP,
     RequestError,
     make_request,
+    nearest_size,
 )
 from .models.errors import ModelConfigError, ModelNotFoundError  # noqa: E402
 from .models.presets import DECODER_REPO, PRESETS, PRIOR_REPO  # noqa: E402
@@ -174,8 +173,8 @@ def _picture_args(args: argparse.Namespace, given: dict) -> list:
             if mask is not None:  # the given mask, on the canvas, beside the new border
                 border.paste(mask.image.resize(init.image.size), (sides["left"], sides["top"]))
             init, mask = from_image(canvas, "init_image"), from_image(border, "mask", mask=True)
-            given.setdefault("width", _nearest_size(canvas.width))
-            given.setdefault("height", _nearest_size(canvas.height))
+            given.setdefault("width", nearest_size(canvas.width))
+            given.setdefault("height", nearest_size(canvas.height))
             given.setdefault("strength", 1.0)
         given["init_image"] = init.sha256
         out.append(init)
@@ -203,10 +202,12 @@ def _picture_args(args: argparse.Namespace, given: dict) -> list:
 
 def _outpaint_sides(text: str) -> dict[str, int]:
     """'left=256,right=128' -> the four sides in pixels (those not named: 0)."""
-    sides = dict.fromkeys(("left", "right", "top", "bottom"), 0)
+    from .engine.inputs import SIDES
+
+    sides = dict.fromkeys(SIDES, 0)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
-        if name not in sides or not value.isdigit() or int(value) > 2048:
+        if name not in sides or not value.isdigit() or int(value) > MAX_SIZE:
             raise UsageError(
                 f"outpaint: {part!r} is not SIDE=PIXELS (SIDE one of left, right, top, bottom; 0 to 2048 pixels)"
             )
@@ -214,10 +215,6 @@ def _outpaint_sides(text: str) -> dict[str, int]:
     if not any(sides.values()):
         raise UsageError("outpaint: name at least one side to grow, e.g. left=256")
     return sides
-
-
-def _nearest_size(pixels: int) -> int:
-    return min(MAX_SIZE, max(MIN_SIZE, round(pixels / SIZE_STEP) * SIZE_STEP))
 
 
 def _lora_args(values: list[str]) -> tuple[list[dict], dict[str, Path]]:

@@ -12,9 +12,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
 
@@ -144,12 +145,18 @@ def save_png(image: Image.Image, path: Path, meta: ImageMetadata) -> Path:
         "model": meta.model.model_dump() if meta.model else None,
     }
     info.add_text(JSON_KEY, json.dumps(payload, ensure_ascii=False))
+    return write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(file)` to a temporary file beside `path`, then renamed over it: a crash never leaves a half-written
+    file under the final name (the store removes `.tmp-` leftovers on start)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         os.chmod(tmp, FILE_MODE)  # mkstemp makes it private (0600); an image is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

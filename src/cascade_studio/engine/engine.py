@@ -389,7 +389,6 @@ class CascadeEngine:
         if cancel.cancelled:
             raise GenerationCancelled
         begin = self._start(request, pictures, warnings)
-        image_embeds = self._image_embeds(request, pictures)
 
         text_loras = lora_key if "text_encoder" in self.loras.roles else ()  # a LoRA of the text encoder too
         text_key = (request.prompt, request.negative_prompt, text_loras)
@@ -416,6 +415,7 @@ class CascadeEngine:
         prior_cached = latents is not None
         if latents is None:
             t = time.perf_counter()
+            image_embeds = self._image_embeds(request, pictures)  # the CLIP tower runs only when the prior does
             latents = self._run_prior(request, embeddings, begin, image_embeds, start, progress, cancel)
             self._prior_cache.put(prior_key, latents)
             timings["prior"] = _done(self.pipelines.device) - t

@@ -148,6 +148,9 @@ def fit_note(size: tuple[int, int], width: int, height: int, how: str, field_nam
     return f"{field_name}: {w}x{h} {done} to {width}x{height} (fit={how})"
 
 
+SIDES = ("left", "right", "top", "bottom")  # the sides outpainting grows a canvas on
+
+
 def outpaint(image: Image.Image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0):
     """A bigger canvas and its mask: the picture in place, the new border (white in the mask) filled by repeating
     the picture's edge, a start the prior repaints more easily than a flat colour."""

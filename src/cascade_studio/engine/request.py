@@ -21,6 +21,12 @@ MAX_LORAS, MAX_LORA_WEIGHT = 8, 4.0
 MAX_IMAGE_PROMPTS, MAX_IMAGE_PROMPT_WEIGHT = 4, 2.0
 FITS = ("crop", "pad", "resize")
 
+
+def nearest_size(pixels: float) -> int:
+    """The allowed side length nearest to `pixels`: a multiple of SIZE_STEP within MIN_SIZE-MAX_SIZE."""
+    return int(min(MAX_SIZE, max(MIN_SIZE, round(float(pixels) / SIZE_STEP) * SIZE_STEP)))
+
+
 # The allowed values of each field, in words: used for error messages, CLI help and UI hints alike.
 ALLOWED = {
     "prompt": f"text of at most {MAX_PROMPT_CHARS} characters",

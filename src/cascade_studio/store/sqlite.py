@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -27,7 +25,7 @@ from pydantic import BaseModel
 
 from ..engine import GenerationRequest, GenerationResult
 from ..engine.inputs import Picture
-from ..metadata import FILE_MODE, ImageMetadata, save_png
+from ..metadata import ImageMetadata, save_png, write_atomically
 from ..models import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -104,23 +102,16 @@ class JobRecord(BaseModel):
     images: list[ImageRecord] = []
 
 
+def picture_path(output_dir: Path, sha256: str) -> Path:
+    """Where an output folder keeps an input picture: <output_dir>/inputs/<sha256>.png."""
+    return Path(output_dir) / INPUTS / f"{sha256}.png"
+
+
 def keep_picture(output_dir: Path, picture: Picture) -> Path:
-    """Write an input picture as <output_dir>/inputs/<sha256>.png, atomically; the same picture twice is one file
-    (the studio's store and the CLI's output folder keep them alike, so `reproduce` finds them)."""
-    path = Path(output_dir) / INPUTS / f"{picture.sha256}.png"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        os.chmod(tmp, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(picture.png)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write an input picture at its picture_path, atomically; the same picture twice is one file (the studio's
+    store and the CLI's output folder keep them alike, so `reproduce` finds them)."""
+    path = picture_path(output_dir, picture.sha256)
+    return path if path.is_file() else write_atomically(path, lambda f: f.write(picture.png))
 
 
 def find_pictures(hashes: list[str], folders: list[Path]) -> dict[str, Image.Image]:
@@ -278,7 +269,7 @@ class HistoryStore:
         return picture.sha256
 
     def picture_file(self, sha256: str) -> Path:
-        return self.output_dir / INPUTS / f"{sha256}.png"
+        return picture_path(self.output_dir, sha256)
 
     def pictures(self, hashes: list[str]) -> dict[str, Image.Image]:
         """The stored input pictures of these hashes (those on disk; the engine names any missing one)."""

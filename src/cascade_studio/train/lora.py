@@ -251,19 +251,16 @@ def encode_dataset(engine: CascadeEngine, examples: list[Example], with_decoder:
     for e in examples:
         by_size.setdefault(e.image.size, []).append(e)
 
-    def text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_text(engine, captions)
-
-    prior, decoder, hidden, pooled = {}, {}, {}, {}
+    prior, decoder, hidden, pooled, captions = {}, {}, {}, {}, {}
     for size, group in by_size.items():
         pixels = torch.from_numpy(np.stack([np.asarray(e.image, dtype=np.float32) / 255 for e in group]))
         pixels = pixels.permute(0, 3, 1, 2).to(device, dtype)
         prior[size] = encode(encoder, pixels, *size)
         if with_decoder:
             decoder[size] = p.decoder.vqgan.encode(pixels).latents / p.decoder.vqgan.config.scale_factor
-        hidden[size], pooled[size] = text([e.caption for e in group])
-    captions = {size: [e.caption for e in group] for size, group in by_size.items()}
-    return Encoded(prior, decoder, hidden, pooled, text([""]), captions)
+        captions[size] = [e.caption for e in group]
+        hidden[size], pooled[size] = encode_text(engine, captions[size])
+    return Encoded(prior, decoder, hidden, pooled, encode_text(engine, [""]), captions)
 
 
 def encode_text(engine: CascadeEngine, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,9 +505,8 @@ def prior_loss(prior, data: Encoded, size, idx, generator, v_target, text=None) 
     hidden, pooled, empty = text or (data.hidden[size][idx], data.pooled[size][idx], data.empty)
     drop = torch.rand(len(idx), generator=generator) < 0.1  # the empty caption, as guidance uses it
     if drop.any():
-        keep = (~drop).to(hidden.device, hidden.dtype)
-        hidden = hidden * keep.view(-1, 1, 1) + empty[0].to(hidden.dtype) * (1 - keep).view(-1, 1, 1)
-        pooled = pooled * keep.view(-1, 1, 1) + empty[1].to(pooled.dtype) * (1 - keep).view(-1, 1, 1)
+        hidden, pooled = hidden.clone(), pooled.clone()
+        hidden[drop], pooled[drop] = empty[0].to(hidden.dtype), empty[1].to(pooled.dtype)
     x_t, t, target = _noised(x0, generator, v_target, 0.5)
     no_image = torch.zeros(len(idx), 1, prior.config.clip_image_in_channels, device=x0.device, dtype=x0.dtype)
     pred = prior(x_t, t.to(x0.dtype), clip_text_pooled=pooled, clip_text=hidden, clip_img=no_image).sample

@@ -153,7 +153,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 compare.pick_a: gr.update(choices=choices, value=previous),
                 compare.pick_b: gr.update(choices=choices, value=key),
             }
-            started_from = h.compare_with_input(store, key)
+            started_from = h.compare_with_input(store, record, 0)
             if started_from is not None:  # a picture in: compare it with what came out
                 out[compare.slider], out[compare.changes] = started_from
             elif previous:

@@ -17,7 +17,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
 from ..engine import ALLOWED, GenerationRequest, RequestError
 from ..engine.inputs import from_image, outpaint
-from ..engine.request import MAX_SIZE, MIN_SIZE, SIZE_STEP
+from ..engine.request import MAX_SIZE, nearest_size
 from ..metadata import PARAMETERS_KEY, parse_parameters, read_png
 from ..models.lora import lora_info
 from ..service import ClientLimitReached, Job, JobQueue, QueueFull
@@ -163,17 +163,12 @@ class FormValues:
         return asdict(self)
 
 
-def snap(value: float) -> int:
-    """Nearest allowed side length (a multiple of SIZE_STEP within MIN_SIZE-MAX_SIZE)."""
-    return int(min(MAX_SIZE, max(MIN_SIZE, round(float(value) / SIZE_STEP) * SIZE_STEP)))
-
-
 def resolve_size(choice: str, width: float | None, height: float | None) -> tuple[int, int, str]:
     """A preset's size, or the custom size snapped to 128 with a note saying what changed."""
     if choice != CUSTOM:
         w, h = choice.split(" ")[0].split("×")
         return int(w), int(h), ""
-    w, h = snap(width or 1024), snap(height or 1024)
+    w, h = nearest_size(width or 1024), nearest_size(height or 1024)
     changed = [
         f"{name} {v:g} → {s}"
         for name, v, s in (("width", width or 1024, w), ("height", height or 1024, h))
@@ -252,9 +247,6 @@ def build_request(
     return request
 
 
-SIDES = ("left", "right", "top", "bottom")
-
-
 def picture_fields(studio: Studio, picture: dict | None, form: FormValues) -> dict:
     """The request's picture fields from the image editor: the picture, and a mask of what was painted over it
     (and of the border outpainting adds), kept in the store by hash (as the API keeps them); with outpainting, the
@@ -275,7 +267,7 @@ def picture_fields(studio: Studio, picture: dict | None, form: FormValues) -> di
         image, border = outpaint(image, **{side: by for side in form.grow})
         border.paste(mask, (by if "left" in form.grow else 0, by if "top" in form.grow else 0))
         mask = border
-        out |= {"width": snap(image.width), "height": snap(image.height)}
+        out |= {"width": nearest_size(image.width), "height": nearest_size(image.height)}
     out["init_image"] = _kept(studio, image, "init_image")
     if mask.getbbox() is not None:  # something painted, or a border added
         out["mask"] = _kept(studio, mask, "mask", mask=True)
@@ -556,9 +548,8 @@ def compare(store: HistoryStore, key_a: str, key_b: str) -> tuple[tuple[str, str
     return paths, "A → B: " + describe_changes(ra.request, ra.images[ia].seed, rb.request, rb.images[ib].seed)
 
 
-def compare_with_input(store: HistoryStore, key: str) -> tuple[tuple[str, str], str] | None:
-    """The picture a generation started from against its result (None for text-to-image)."""
-    record, index = lookup(store, key)
+def compare_with_input(store: HistoryStore, record: JobRecord, index: int) -> tuple[tuple[str, str], str] | None:
+    """The picture a generation started from against its image `index` (None for text-to-image)."""
     r = record.request
     if r.init_image is None or not store.picture_file(r.init_image).is_file():
         return None

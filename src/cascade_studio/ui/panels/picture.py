@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image
 
+from ...engine.inputs import SIDES
 from ...engine.request import FITS, MAX_IMAGE_PROMPTS
 from .. import handlers as h
-from ..handlers import SIDES, Studio, StudioError
+from ..handlers import Studio, StudioError
 
 PAINT = (255, 0, 255, 255)  # the brush's colour: what marks the part to repaint
 
@@ -89,45 +90,37 @@ def editor_value(store, settings: dict) -> dict | None:
         return None
     with Image.open(store.picture_file(sha)) as opened:
         image = opened.convert("RGB")
-    layers = []
     mask_sha = settings.get("mask")
-    if mask_sha and store.picture_file(mask_sha).is_file():
-        with Image.open(store.picture_file(mask_sha)) as mask:
-            paint = Image.new("RGBA", image.size, PAINT)
-            paint.putalpha(mask.convert("L").resize(image.size))
-            layers.append(paint)
-    composite = image.convert("RGBA")
-    for layer in layers:
-        composite = Image.alpha_composite(composite, layer)
-    return {"background": image, "layers": layers, "composite": composite.convert("RGB")}
+    if not mask_sha or not store.picture_file(mask_sha).is_file():
+        return editing(image)
+    with Image.open(store.picture_file(mask_sha)) as mask:
+        paint = Image.new("RGBA", image.size, PAINT)
+        paint.putalpha(mask.convert("L").resize(image.size))
+    return editing(image, paint)
+
+
+def editing(image: Image.Image, paint: Image.Image | None = None) -> dict:
+    """An ImageEditor value: the picture as its background, with `paint` (RGBA) as its one layer if given."""
+    if paint is None:
+        return {"background": image, "layers": [], "composite": image}
+    composite = Image.alpha_composite(image.convert("RGBA"), paint).convert("RGB")
+    return {"background": image, "layers": [paint], "composite": composite}
 
 
 def wire_start_from(studio: Studio, panel: PicturePanel, button: gr.Button, selected: gr.State, said, tabs=None):
-    """`button` puts the selected gallery image into the picture panel, opened (and, from another tab, shown). The
-    panel is shown first and filled after: an editor filled while it is being laid out can stay blank."""
-
-    def picture_of(key) -> Image.Image:
-        record, index = h.lookup(studio.store, key)
-        with Image.open(studio.store.image_file(record.images[index])) as opened:
-            return opened.convert("RGB")
+    """`button` puts the selected gallery image into the picture panel, opened (and, from another tab, shown)."""
 
     def on_start(key):
         if not key:
             return {said: "**Error:** select an image first"}
         try:
-            picture_of(key)
+            record, index = h.lookup(studio.store, key)
+            with Image.open(studio.store.image_file(record.images[index])) as opened:
+                image = opened.convert("RGB")
         except (StudioError, OSError) as exc:
             return {said: f"**Error:** {exc}"}
-        return {panel.accordion: gr.update(open=True)} | ({tabs: gr.Tabs(selected="generate")} if tabs else {})
+        out = {panel.editor: editing(image), panel.accordion: gr.update(open=True)}
+        return out | ({tabs: gr.Tabs(selected="generate")} if tabs is not None else {})
 
-    def fill(key):
-        try:
-            image = picture_of(key)
-        except (StudioError, OSError):
-            return gr.update()  # said by on_start
-        return {"background": image, "layers": [], "composite": image}
-
-    shown = [panel.accordion, said, *([tabs] if tabs is not None else [])]
-    button.click(on_start, inputs=selected, outputs=shown, show_progress="hidden", api_visibility="private").success(
-        fill, inputs=selected, outputs=panel.editor, show_progress="hidden", api_visibility="private"
-    )
+    outputs = [panel.editor, panel.accordion, said, *([tabs] if tabs is not None else [])]
+    button.click(on_start, inputs=selected, outputs=outputs, show_progress="hidden", api_visibility="private")

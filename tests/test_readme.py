@@ -150,7 +150,7 @@ def test_command_line_block_runs_as_written(tmp_path):
 
 def test_lora_block_runs_as_written(tmp_path):
     """The LoRA block on a folder of captioned pictures, with one change: the training runs 6 steps (and draws 2
-    preservation pictures), not the model's 1200, to keep the suite short."""
+    preservation pictures), not the model's 600, to keep the suite short."""
     from cascade_studio.train.concepts import write_concept
 
     write_concept("teal", tmp_path / "my_pictures", n=4)

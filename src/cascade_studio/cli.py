@@ -816,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lt.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     lt.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
-    lt.add_argument("--steps", type=int, help="training steps (default: the model's, 1200 for the demo)")
+    lt.add_argument("--steps", type=int, help="training steps (default: the model's, 600 for the demo)")
     lt.add_argument("--lr", type=float, help="learning rate (default: 2e-3 for the demo, 1e-4 for the official)")
     lt.add_argument("--batch", type=int, help="pictures a step (default: 16 for the demo, 1 for the official)")
     lt.add_argument("--resolution", type=int, help="the long side, a multiple of 128 (default: the model's size)")
@@ -847,8 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preserve",
         type=int,
         metavar="N",
-        help="N pictures the base model draws from the captions without the trigger word, trained on beside yours "
-        "so the LoRA changes only what the word adds (default: 40 for the demo model, 0 for the official ones)",
+        help="N pictures the base model draws from the captions without the trigger word; while the LoRA learns "
+        "yours it is held to the base model's own predictions on them, so it changes only what the word adds "
+        "(default: 40 for the demo model, 0 for the official ones)",
     )
     lt.add_argument(
         "--optimizer",

@@ -19,7 +19,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CancelToken, CascadeEngine, GenerationCancelled
 from cascade_studio.metadata import read_png
 from cascade_studio.models.image_encoder import EfficientNetEncoder
-from cascade_studio.models.lora import LoraLibrary
+from cascade_studio.models.lora import LoraLibrary, LoraStack
 from cascade_studio.models.source import EFFNET_FILE
 from cascade_studio.train.concepts import write_concept
 from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, train_lora
@@ -206,3 +206,30 @@ def test_a_text_encoder_lora_learns_there_and_leaves_the_encoder_as_it_was(tmp_p
         demo_engine.lora_library = saved
     again = demo_engine(demo_engine.request(prompt="a teal circle on a white background", seed=2)).images[0]
     assert again.tobytes() == base.tobytes()  # off again: the text cache does not keep the LoRA's embeddings
+
+
+def test_adapters_off_gives_the_base_model_and_switches_back(demo_engine):
+    """The teacher of preservation: inside `adapters_off` the adapted prior predicts exactly what the base prior
+    does; outside, the trained adapter acts again and still learns."""
+    from cascade_studio.train.lora import ADAPTER, adapters_off, add_adapter
+
+    prior = demo_engine.pipelines.prior.prior
+    x, t = torch.randn(1, 16, 3, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
+    hidden, pooled = torch.randn(1, 24, 64), torch.randn(1, 1, 64)
+    image = torch.zeros(1, 1, 16)
+    with torch.no_grad():
+        base = prior(x, t, clip_text_pooled=pooled, clip_text=hidden, clip_img=image).sample
+    stack = LoraStack({"prior": prior})
+    try:
+        params = add_adapter(prior, rank=2, alpha=2)
+        with torch.no_grad():
+            for module in prior.modules():
+                if hasattr(module, "lora_B") and ADAPTER in module.lora_B:
+                    module.lora_B[ADAPTER].weight.fill_(0.05)
+            adapted = prior(x, t, clip_text_pooled=pooled, clip_text=hidden, clip_img=image).sample
+            with adapters_off({"prior": prior}):
+                off = prior(x, t, clip_text_pooled=pooled, clip_text=hidden, clip_img=image).sample
+        assert torch.equal(off, base) and not torch.allclose(adapted, base, atol=1e-3)
+        assert params and all(p.requires_grad for p in params)
+    finally:
+        stack.unload()

@@ -24,6 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -98,7 +100,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
     the official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU)."""
     size = engine.pipelines.defaults.get("width", 1024)
     if size <= 256:
-        return dict(steps=1200, lr=2e-3, batch=16, resolution=size, decoder=True, preserve=40)
+        return dict(steps=600, lr=2e-3, batch=16, resolution=size, decoder=True, preserve=40)
     return dict(steps=1000, lr=1e-4, batch=1, resolution=1024, decoder=False, preserve=0)
 
 
@@ -186,10 +188,11 @@ def load_dataset(folder: Path, trigger: str | None, resolution: int, square_only
 
 
 def preservation(engine: CascadeEngine, examples: list[Example], cfg: LoraTrainConfig, log: Log) -> list[Example]:
-    """DreamBooth's prior preservation: pictures the base model itself draws, trained on beside the user's, so the
-    LoRA learns what the trigger word adds and leaves what the model drew before alone (kohya's regularisation
-    images, made here instead of collected). Drawn from `preserve_prompts`, else the model's own domain where it
-    has one (the demo model: its scene prompts, never its held-out pairs), else the captions without the trigger."""
+    """DreamBooth's prior preservation: pictures the base model itself draws (kohya's regularisation images, made
+    here instead of collected), on which the adapted model is held to the base model's own predictions while it
+    learns the user's (kept_loss), so the LoRA learns what the trigger word adds and leaves what the model drew
+    before alone. Drawn from `preserve_prompts`, else the model's own domain where it has one (the demo model: its
+    scene prompts, never its held-out pairs), else the captions without the trigger."""
     if not cfg.preserve:
         return []
     prompts = cfg.preserve_prompts or domain_prompts(engine, cfg.preserve, cfg.seed)
@@ -350,8 +353,9 @@ def train_lora(
     examples = load_dataset(cfg.images, cfg.trigger, cfg.resolution, square, log)
     kept = preservation(engine, examples, cfg, log)
     started = time.perf_counter()
-    data = encode_dataset(engine, examples + kept, bool(cfg.decoder))
-    log(f"encoded {len(examples)} pictures and captions in {time.perf_counter() - started:.1f} s")
+    data = encode_dataset(engine, examples, bool(cfg.decoder))
+    keep = encode_dataset(engine, kept, bool(cfg.decoder)) if kept else None
+    log(f"encoded {len(examples) + len(kept)} pictures and captions in {time.perf_counter() - started:.1f} s")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stack = LoraStack(models)
@@ -362,7 +366,7 @@ def train_lora(
                 {"params": add_adapter(model, cfg.rank, cfg.alpha), "lr": _lr_of(cfg, role)}
                 for role, model in models.items()
             ]
-        return _loop(engine, cfg, models, groups, data, examples, out, log, progress, cancel)
+        return _loop(engine, cfg, models, groups, data, keep, examples, out, log, progress, cancel)
     finally:
         with engine.layers_lock:
             stack.unload()  # the very same base layers back, whatever happened
@@ -378,7 +382,7 @@ def _lr_of(cfg: LoraTrainConfig, role: str) -> float:
     return cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr / 10
 
 
-def _loop(engine, cfg, models, groups, data, examples, out, log, progress, cancel) -> dict:
+def _loop(engine, cfg, models, groups, data, keep, examples, out, log, progress, cancel) -> dict:
     p = engine.pipelines
     device = p.device
     v_target = isinstance(p.prior.scheduler, VPredictionWuerstchenScheduler)
@@ -390,7 +394,6 @@ def _loop(engine, cfg, models, groups, data, examples, out, log, progress, cance
         start_step, losses = _resume(cfg.resume, models, optimizer, log)
     generator = torch.Generator().manual_seed(cfg.seed + start_step)
     rng = random.Random(cfg.seed + start_step)
-    sizes = list(data.prior_latents)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nothing()
     for model in models.values():
         model.train()
@@ -402,13 +405,13 @@ def _loop(engine, cfg, models, groups, data, examples, out, log, progress, cance
         for step in range(start_step, cfg.steps):
             if cancel.cancelled:
                 raise GenerationCancelled
-            size = rng.choice(sizes)
-            idx = [rng.randrange(len(data.prior_latents[size])) for _ in range(cfg.batch)]
             with autocast:
-                text = _text_of(engine, data, size, idx) if cfg.text_encoder else None
-                loss = prior_loss(p.prior.prior, data, size, idx, generator, v_target, text)
-                if cfg.decoder:
-                    loss = loss + _decoder_loss(p.decoder.decoder, data, size, idx, generator, v_target, text)
+                # Without preservation a tenth of the captions are dropped, so guidance's empty caption learns the
+                # pictures too; with it the empty caption stays the base model's (kept_loss pins it).
+                drop_share = 0.1 if keep is None else 0.0
+                loss = _batch_loss(engine, models, data, rng, cfg, generator, v_target, drop_share)
+                if keep is not None:
+                    loss = loss + kept_loss(engine, models, keep, rng, cfg, generator, v_target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -494,33 +497,99 @@ def make_optimizer(cfg: LoraTrainConfig, params: list, device: torch.device):
     return bitsandbytes.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
 
 
-def _text_of(engine: CascadeEngine, data: Encoded, size, idx) -> tuple:
-    """The batch's captions and the empty caption through the text encoder as it is now (it learns too)."""
-    hidden, pooled = encode_text(engine, [data.captions[size][i] for i in idx] + [""])
-    return hidden[:-1], pooled[:-1], (hidden[-1:], pooled[-1:])
+def _pick(data: Encoded, rng: random.Random, batch: int) -> tuple[tuple[int, int], list[int]]:
+    size = rng.choice(sorted(data.prior_latents))
+    return size, [rng.randrange(len(data.prior_latents[size])) for _ in range(batch)]
+
+
+def _text(engine, data: Encoded, size, idx, drop: torch.Tensor, live: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's captions as the prior reads them, those in `drop` replaced by the empty caption (as guidance uses
+    it). `live`: through the text encoder as it is now (it learns too), else as encoded at the start."""
+    if live:
+        return encode_text(engine, ["" if d else data.captions[size][i] for i, d in zip(idx, drop.tolist())])
+    hidden, pooled = data.hidden[size][idx], data.pooled[size][idx]
+    if drop.any():
+        hidden, pooled = hidden.clone(), pooled.clone()
+        hidden[drop], pooled[drop] = data.empty[0].to(hidden.dtype), data.empty[1].to(pooled.dtype)
+    return hidden, pooled
+
+
+def _drop(n: int, generator: torch.Generator, share: float) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < share
+
+
+def _batch_loss(engine, models, data: Encoded, rng, cfg, generator, v_target, drop_share: float) -> torch.Tensor:
+    """The user's pictures: the model's own target (v or the noise) for the prior, and Stage B when it learns."""
+    size, idx = _pick(data, rng, cfg.batch)
+    drop = _drop(len(idx), generator, drop_share)
+    text = _text(engine, data, size, idx, drop, "text_encoder" in models)
+    loss = prior_loss(models["prior"], data, size, idx, generator, v_target, text)
+    if "decoder" in models:
+        x_t, t, target, effnet = _decoder_inputs(data, size, idx, drop, generator, v_target)
+        pred = models["decoder"](x_t, t, clip_text_pooled=text[1], effnet=effnet).sample
+        loss = loss + F.mse_loss(pred.float(), target.float())
+    return loss
 
 
 def prior_loss(prior, data: Encoded, size, idx, generator, v_target, text=None) -> torch.Tensor:
     x0 = data.prior_latents[size][idx]
-    hidden, pooled, empty = text or (data.hidden[size][idx], data.pooled[size][idx], data.empty)
-    drop = torch.rand(len(idx), generator=generator) < 0.1  # the empty caption, as guidance uses it
-    if drop.any():
-        hidden, pooled = hidden.clone(), pooled.clone()
-        hidden[drop], pooled[drop] = empty[0].to(hidden.dtype), empty[1].to(pooled.dtype)
+    hidden, pooled = text or _text(None, data, size, idx, _drop(len(idx), generator, 0.1), live=False)
     x_t, t, target = _noised(x0, generator, v_target, 0.5)
-    no_image = torch.zeros(len(idx), 1, prior.config.clip_image_in_channels, device=x0.device, dtype=x0.dtype)
-    pred = prior(x_t, t.to(x0.dtype), clip_text_pooled=pooled, clip_text=hidden, clip_img=no_image).sample
+    pred = prior(x_t, t.to(x0.dtype), clip_text_pooled=pooled, clip_text=hidden, clip_img=_no_image(prior, x0)).sample
     return F.mse_loss(pred.float(), target.float())
 
 
-def _decoder_loss(decoder, data: Encoded, size, idx, generator, v_target, text=None) -> torch.Tensor:
+def _no_image(prior, x0: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x0.shape[0], 1, prior.config.clip_image_in_channels, device=x0.device, dtype=x0.dtype)
+
+
+def _decoder_inputs(data: Encoded, size, idx, drop: torch.Tensor, generator, v_target) -> tuple:
+    """Stage B's noised latents, time, target and its Stage C condition (jittered; zero in `drop`'s rows, which is
+    what the decoder's guidance runs with beside the empty caption)."""
     x0 = data.decoder_latents[size][idx]
     effnet = data.prior_latents[size][idx]
     effnet = effnet + 0.1 * torch.randn(effnet.shape, generator=generator).to(effnet.device, effnet.dtype)
+    effnet = effnet * (~drop).to(effnet.device, effnet.dtype).view(-1, 1, 1, 1)
     x_t, t, target = _noised(x0, generator, v_target, 0.25)
-    pooled = text[1] if text is not None else data.pooled[size][idx]
-    pred = decoder(x_t, t.to(x0.dtype), clip_text_pooled=pooled, effnet=effnet).sample
-    return F.mse_loss(pred.float(), target.float())
+    return x_t, t.to(x0.dtype), target, effnet
+
+
+def kept_loss(engine, models, keep: Encoded, rng, cfg, generator, v_target) -> torch.Tensor:
+    """Preservation as distillation: on the base model's own pictures, noised to any step and with their captions (a
+    quarter of them empty, with Stage B's condition zeroed too: what guidance reads), the adapted model is pulled to
+    predict what the base model (the adapters switched off) predicts there. This pins the model's output itself on
+    what it already draws, where training on the pictures alone only pins it near them; the LoRA is left free only
+    where the trigger word is."""
+    size, idx = _pick(keep, rng, max(1, cfg.batch // 2))
+    drop, live = _drop(len(idx), generator, 0.25), "text_encoder" in models
+    x0 = keep.prior_latents[size][idx]
+    x_t, t, _ = _noised(x0, generator, v_target, 0.5)
+    dec = _decoder_inputs(keep, size, idx, drop, generator, v_target) if "decoder" in models else None
+
+    def predict() -> list[torch.Tensor]:
+        hidden, pooled = _text(engine, keep, size, idx, drop, live)
+        prior = models["prior"]
+        out = [prior(x_t, t.to(x0.dtype), clip_text_pooled=pooled, clip_text=hidden, clip_img=_no_image(prior, x0))]
+        if dec is not None:
+            out.append(models["decoder"](dec[0], dec[1], clip_text_pooled=pooled, effnet=dec[3]))
+        return [o.sample.float() for o in out]
+
+    with torch.no_grad(), adapters_off(models):
+        want = predict()
+    return sum(F.mse_loss(got, w) for got, w in zip(predict(), want))
+
+
+@contextmanager
+def adapters_off(models: dict[str, torch.nn.Module]):
+    """The base model, for as long as the block runs: every adapter layer switched off (peft's own switch)."""
+    layers = [m for model in models.values() for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Example], steps: int) -> dict[str, str]:

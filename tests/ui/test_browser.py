@@ -319,10 +319,16 @@ def test_history_search_and_select(page):
 
 
 def test_start_from_a_history_image_and_repaint_what_is_painted(page):
+    # A fresh page: the previous test left the History gallery in preview mode, where the first image is the big
+    # preview and a click on it selected the next-newest generation (the sweep's 1024² cell). A 1024² picture in
+    # the editor renders so slowly in a GPU-less headless Chromium that later clicks timed out.
+    page.reload()
+    page.wait_for_selector("#generate", timeout=60_000)
     page.get_by_role("tab", name="History").click()
     page.wait_for_selector("#history img")
     page.locator("#history img").first.click()
     page.wait_for_function("document.querySelector('#history-details').innerText.includes('Seed:')")
+    assert "Size: 128×128" in page.locator("#history-details").inner_text()
     page.locator("#history-start-from").click()
     page.wait_for_selector("#init-image canvas", state="visible")  # back on Generate, the picture panel open
     page.locator("#init-image button[aria-label='Brush']").click()

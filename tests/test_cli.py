@@ -190,6 +190,10 @@ def test_start_from_a_picture_inpaint_outpaint_and_reproduce_finding_the_inputs(
     with Image.open(inpainted) as image:  # an all-black mask repaints nothing: the cropped input, to the pixel
         assert image.getpixel((5, 5)) == (40, 80, 220) and "Mask hash: " in image.text["parameters"]
 
+    assert main(["generate", "", "--image-prompt", f"{scene}:0.8", *common]) == 0  # a picture alone, no text
+    with Image.open(Path(capsys.readouterr().out.strip().split("\t")[0])) as image:
+        assert "Image prompt hashes: " in image.text["parameters"]
+
     square = tmp_path / "square.png"
     Image.new("RGB", (128, 128), (245, 245, 245)).save(square)
     assert main(["generate", "a red circle", "--init-image", str(square), "--outpaint", "left=128", *common]) == 0
@@ -205,7 +209,7 @@ def test_start_from_a_picture_inpaint_outpaint_and_reproduce_finding_the_inputs(
         (["--init-image", "PNG", "--strength", "1.5"], "strength: must be a finite number from 0 (keep the input)"),
         (["--mask", "PNG"], "mask: needs --init-image"),
         (["--init-image", "PNG", "--outpaint", "sideways=3"], "outpaint: 'sideways=3' is not SIDE=PIXELS"),
-        (["--image-prompt", "PNG:0.5"], "image_prompts: cascade-studio-demo has no CLIP image tower"),
+        (["--image-prompt", "PNG:2.5"], "image_prompts.0.weight: must be a finite number from 0"),
     ],
 )
 def test_bad_picture_arguments(args, message, tmp_path, capsys):

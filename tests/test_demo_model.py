@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from PIL import Image
 
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
+from cascade_studio.engine.inputs import from_image
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
 from cascade_studio.train.evaluate import evaluate_vqgan, json_ready
-from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES
+from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, render, sample_scene
 from tests.test_cli import CLI
 
 PROMPTS = [  # (prompt, background): a training and a held-out colour-shape pair
@@ -96,6 +98,21 @@ def test_the_position_follows_the_prompt(demo, seed):
 def test_the_number_of_shapes_follows_the_prompt(demo, prompt, count):
     found = [analyze(demo(demo.request(prompt=prompt, seed=seed)).images[0]).count for seed in range(4)]
     assert found.count(count) >= 3, found
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_an_image_prompt_alone_keeps_the_references_background_colour_and_place(demo, held_out):
+    """A variation of a picture: no text, the picture through the demo's CLIP image tower (held-out references
+    are colour-shape pairs no caption named together). The place may slip a cell for a group of three."""
+    rng, places = random.Random(f"image-prompt-{held_out}"), 0
+    for seed in range(3):
+        scene = sample_scene(rng, held_out=held_out)
+        ref = from_image(render(scene, 128), "image_prompts.0.image")
+        request = demo.request(prompt="", image_prompts=[{"image": ref.sha256}], seed=seed)
+        seen = analyze(demo(request, pictures={ref.sha256: ref.image}).images[0])
+        assert (seen.background, seen.colour) == (scene.background, scene.colour), (scene, seen)
+        places += seen.position == scene.position
+    assert places >= 2
 
 
 def test_cli_defaults_to_the_demo_model_offline(tmp_path):

@@ -767,10 +767,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--stage",
-        choices=("b-text", "a-decoder"),
+        choices=("b-text", "a-decoder", "c-image"),
         help="with --from: b-text (default), the decoder with text (Stage B text; adds the stage, or "
-        "trains on from where it stopped; another --seed gives fresh scenes), or a-decoder, Stage "
-        "A's decoder half (its encoder frozen, so the latents keep their meaning)",
+        "trains on from where it stopped; another --seed gives fresh scenes), a-decoder, Stage "
+        "A's decoder half (its encoder frozen, so the latents keep their meaning), or c-image, the CLIP image "
+        "tower for image prompts (taught through the frozen prior; trains on if the model has one)",
     )
     t.set_defaults(func=cmd_train_demo)
 

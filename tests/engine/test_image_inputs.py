@@ -91,9 +91,9 @@ def test_pictures_named_but_not_given_and_towers_missing_are_refused(demo_engine
     with pytest.raises(RequestError) as caught:
         demo_engine(demo_engine.request(prompt=NEW, init_image=scene.sha256), pictures={})
     assert caught.value.messages == [f"init_image: no picture with sha256 {scene.sha256} was given"]
-    with pytest.raises(RequestError) as caught:
-        demo_engine.request(prompt="", image_prompts=[{"image": scene.sha256, "weight": 0.5}])
-    assert caught.value.messages[0].startswith("image_prompts: cascade-studio-demo has no CLIP image tower")
+    with pytest.raises(RequestError) as caught:  # the tiny test model has no CLIP image tower either
+        engine.request(prompt="", image_prompts=[{"image": scene.sha256, "weight": 0.5}])
+    assert caught.value.messages[0].startswith("image_prompts: tiny has no CLIP image tower")
     with pytest.raises(RequestError) as caught:  # the tiny test model has no Stage C image encoder
         engine.request(prompt=NEW, init_image=scene.sha256)
     assert caught.value.messages[0].startswith("init_image: ") and "no image encoder" in caught.value.messages[0]

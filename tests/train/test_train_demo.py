@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from cascade_studio.cli import main
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
+from cascade_studio.engine.inputs import from_image
 from cascade_studio.train.run import TrainConfig, train_demo
 
 
@@ -26,16 +27,18 @@ def trained(tmp_path_factory):
         steps_b=2,
         steps_b_text=2,
         steps_c=2,
+        steps_c_image=2,
         steps_previewer=2,
         decoder_scenes=16,
         prior_scenes=16,
+        image_scenes=16,
     )
     return out, train_demo(out, cfg, log=logs.append), logs
 
 
 def test_train_demo_writes_a_loadable_model(trained):
     out, report, logs = trained
-    assert {"stage A", "stage B", "stage C", "stage B text", "previewer", "stage A decoder"} == set(
+    assert {"stage A", "stage B", "stage C", "stage B text", "previewer", "stage A decoder", "image tower"} == set(
         report["final_losses"]
     )
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
@@ -167,3 +170,24 @@ def test_from_stage_a_decoder_trains_only_stage_a_decoder_half(trained, tmp_path
     assert card["added_later"][-1]["stage"] == "stage A decoder" and card["added_later"][-1]["continued"]
     engine = CascadeEngine.from_settings(Settings(model=str(again), device="cpu"))
     assert engine(engine.request(prompt="a red circle", seed=0, prior_steps=2, decoder_steps=2)).images
+
+
+def test_from_stage_c_image_teaches_an_image_tower_and_leaves_text_prompts_as_they_were(trained, tmp_path):
+    """Only the tower and the weight of the prior's image mapper learn, so a prompt without a picture gives the
+    pixels it gave before; the new folder takes image prompts through the same code as the official tower."""
+    src, again = trained[0], tmp_path / "again"
+    assert main(["train-demo", "--from", str(src), "--out", str(again), "--stage", "c-image", "--scale", "0.002"]) == 0
+    old = load_file(src / "prior" / "diffusion_pytorch_model.safetensors")
+    new = load_file(again / "prior" / "diffusion_pytorch_model.safetensors")
+    assert {k for k in old if not torch.equal(old[k], new[k])} == {"clip_img_mapper.weight"}
+    card = json.loads((again / "cascade_studio.json").read_text())
+    assert card["added_later"][-1]["stage"] == "image tower" and card["added_later"][-1]["continued"]
+
+    before = CascadeEngine.from_settings(Settings(model=str(src), device="cpu"))
+    engine = CascadeEngine.from_settings(Settings(model=str(again), device="cpu"))
+    assert engine.pipelines.image_tower_path == again / "image_tower"
+    text = dict(prompt="a red circle", seed=3, prior_steps=2, decoder_steps=2)
+    assert engine(engine.request(**text)).images[0].tobytes() == before(before.request(**text)).images[0].tobytes()
+    ref = from_image(engine(engine.request(**text)).images[0], "image_prompts.0.image")
+    alone = engine.request(**(text | {"prompt": ""}), image_prompts=[{"image": ref.sha256}])
+    assert engine(alone, pictures={ref.sha256: ref.image}).images[0].size == (128, 128)

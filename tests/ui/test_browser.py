@@ -7,11 +7,13 @@ browser download is never used. Without Chromium the test fails in CI and is ski
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 
 import pytest
+from PIL import Image
 
 from tests.ui.conftest import ARTIFACTS
 
@@ -350,6 +352,30 @@ def test_start_from_a_history_image_and_repaint_what_is_painted(page):
     page.get_by_role("tab", name="Compare A/B").click()  # the picture it started from against the result
     page.wait_for_function("document.querySelector('#ab-changes').innerText.includes('the picture it started from')")
     page.reload()  # the next tests start from text again
+    page.wait_for_selector("#generate", timeout=60_000)
+
+
+def test_an_image_prompt_alone_makes_a_variation_of_the_picture(page, tmp_path):
+    """A picture in the first image-prompt slot and no text: the demo's CLIP image tower reads it, and the result
+    keeps its background and shape colour; the details name the picture."""
+    from cascade_studio.train.analyze import analyze
+    from cascade_studio.train.scenes import Scene, render
+
+    reference = tmp_path / "reference.png"
+    render(Scene("yellow", "purple", "circle", "large", "centre", 1), 128).save(reference)
+    page.locator("#picture-panel").get_by_text("Start from a picture").first.click()
+    page.get_by_text("Image prompts: pictures the prior sees").click()
+    page.locator("#image-prompt-1 input[type=file]").set_input_files(str(reference))
+    page.wait_for_selector("#image-prompt-1 img")
+    page.locator("#prompt textarea").fill("")
+    assert "prior" in generate(page)
+    page.locator("#gallery img").first.click()
+    page.wait_for_function("document.querySelector('#details').innerText.includes('Image prompts:')")
+    src = page.locator("#gallery img").first.get_attribute("src")
+    made = analyze(Image.open(io.BytesIO(page.request.get(src).body())))
+    assert (made.background, made.colour) == ("yellow", "purple"), made
+    shot(page, "10-image-prompt")
+    page.reload()  # the next test starts from text again
     page.wait_for_selector("#generate", timeout=60_000)
 
 

@@ -387,8 +387,8 @@ def test_the_picture_panel_gives_the_picture_its_painted_mask_and_the_outpaint_b
     with pytest.raises(StudioError, match="outpaint: grow by a whole number of pixels from 1 to 2048"):
         h.build_request(picture_studio, h.FormValues(**(values.as_dict() | {"grow": ["top"], "grow_by": 0})),
                         {"background": picture, "layers": []})  # fmt: skip
-    with pytest.raises(StudioError, match="image_prompts: cascade-studio-demo has no CLIP image tower"):
-        h.build_request(picture_studio, values, None, [None, picture, None, None])  # a filled slot is a prompt
+    prompted = h.build_request(picture_studio, values, None, [None, picture, None, None])  # a filled slot
+    assert len(prompted.image_prompts) == 1 and store.picture_file(prompted.image_prompts[0].image).is_file()
     fields = h.image_prompt_fields(picture_studio, [None, picture], form(image_prompt_2_weight=0.4))
     assert len(fields["image_prompts"]) == 1 and fields["image_prompts"][0]["weight"] == 0.4
 

@@ -59,8 +59,14 @@ class ModelSource:
     # Stability's effnet_encoder.safetensors beside the official decoder repo's folders; None if not on disk.
     image_encoder: Path | None = None
     # The prior's CLIP image tower, for image prompts: a folder holding image_encoder/ (CLIPVisionModelWithProjection)
-    # and feature_extractor/, as the official prior repo lays them out; None if not on disk.
+    # and feature_extractor/, as the official prior repo lays them out (the demo's: its image_tower/); None if not
+    # on disk.
     image_tower: Path | None = None
+
+
+# The demo model keeps its Stage C encoder in image_encoder/, so its CLIP tower sits one folder down, laid out as
+# the prior repo's: image_tower/image_encoder/ and image_tower/feature_extractor/.
+DEMO_TOWER = "image_tower"
 
 
 def image_tower_in(root: Path) -> Path | None:
@@ -159,9 +165,9 @@ def _from_folder(root: Path, replaced: dict[str, Path]) -> ModelSource:
         variant=weights["prior"].variant if "prior" in weights else None,
         path=str(root.resolve()),
     )
-    tower = image_tower_in(root)
+    tower = image_tower_in(root) or image_tower_in(root / DEMO_TOWER)
     encoder = root / "image_encoder"  # the demo's Stage C encoder; in the official layout, CLIP's tower
-    if tower is not None or not has_weights(encoder, "image_encoder"):
+    if tower == root or not has_weights(encoder, "image_encoder"):
         encoder = root / EFFNET_FILE if (root / EFFNET_FILE).is_file() else None
     return ModelSource(
         {role: root / sub for role, sub in subfolders.items()},

@@ -25,12 +25,20 @@ from diffusers import StableCascadeUNet
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from .. import __version__
 from ..models.architectures import RES, RES_ATTN, write_word_tokenizer
 from ..models.previewer import Previewer
 from ..models.schedulers import VPredictionWuerstchenScheduler
+from ..models.source import DEMO_TOWER
 from . import stages
 from .scenes import caption, sample_scene
 
@@ -115,9 +123,11 @@ class TrainConfig:
     steps_b_text: int = 2500
     lr_b_text: float = 3e-4
     steps_c: int = 5000
+    steps_c_image: int = 1500
     steps_previewer: int = 400
     decoder_scenes: int = 10000
     prior_scenes: int = 40000
+    image_scenes: int = 8000
     batch_c: int = 128
     scale: float = 1.0
     threads: int = 2
@@ -216,6 +226,11 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     ]:
         model.eval().cpu().save_pretrained(out / name)
     VPredictionWuerstchenScheduler().save_pretrained(out / "scheduler")
+
+    t = time.perf_counter()  # after the others, on the saved prior: they draw the random numbers they drew before
+    losses["image tower"], _ = train_image_prompts(out, cfg, rng, gen, log)
+    seconds["image tower"] = time.perf_counter() - t
+
     plot_losses(losses, out / "loss.png")
     seconds["total"] = time.perf_counter() - start
     params = {
@@ -229,6 +244,9 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
             ("image_encoder", encoder),
         ]
     }
+    params["image_tower"] = sum(
+        t.numel() for t in load_file(out / DEMO_TOWER / "image_encoder" / "model.safetensors").values()
+    )
     report = {
         "name": "cascade-studio-demo",
         "defaults": DEMO_DEFAULTS,
@@ -251,7 +269,38 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
 
 
 # `train-demo --from DIR --stage S`: the card's name for each stage and the config field that counts its steps.
-STAGES_ON = {"b-text": ("stage B text", "steps_b_text"), "a-decoder": ("stage A decoder", "steps_a_decoder")}
+STAGES_ON = {
+    "b-text": ("stage B text", "steps_b_text"),
+    "a-decoder": ("stage A decoder", "steps_a_decoder"),
+    "c-image": ("image tower", "steps_c_image"),
+}
+
+
+def tower_processor() -> CLIPImageProcessor:
+    """What the pipelines feed the tower: the picture resized and centre-cropped to its side, CLIP's normalisation."""
+    side = stages.TOWER_SIDE
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def train_image_prompts(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log) -> tuple[list[float], dict]:
+    """Stage C with image prompts: a CLIP image tower taught through the frozen prior (its image mapper's weight
+    learns too), written beside the prior as image_tower/. On a folder that has one, the tower trains on."""
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").to(cfg.device).eval()
+    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
+    encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
+    processor = tower_processor()
+    if (folder / DEMO_TOWER / "image_encoder").is_dir():
+        tower = CLIPVisionModelWithProjection.from_pretrained(folder / DEMO_TOWER / "image_encoder")
+    else:
+        tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**stages.DEMO_VISION))
+    data = stages.image_prompt_dataset(encoder, processor, cfg.steps(cfg.image_scenes), rng, log)
+    steps = cfg.steps(cfg.steps_c_image)
+    losses = stages.train_image_tower(prior, tower.to(cfg.device), text_encoder, tokenizer, data, steps, rng, gen, log)
+    prior.eval().cpu().save_pretrained(folder / "prior")
+    tower.eval().cpu().save_pretrained(folder / DEMO_TOWER / "image_encoder")
+    processor.save_pretrained(folder / DEMO_TOWER / "feature_extractor")
+    return losses, {"image_scenes": cfg.steps(cfg.image_scenes)}
 
 
 def _load(cls, folder: Path):
@@ -281,6 +330,9 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
         steps, run = cfg.steps(cfg.steps_a_decoder), {}
         losses = stages.train_stage_a(vqgan, steps, rng, gen, log, decoder_only=True)
         vqgan.eval().cpu().save_pretrained(out / "vqgan")
+    elif stage == "c-image":
+        steps = cfg.steps(cfg.steps_c_image)
+        losses, run = train_image_prompts(out, cfg, rng, gen, log)
     else:
         tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
         decoder = _load(StableCascadeUNet, out / "decoder").to(cfg.device)

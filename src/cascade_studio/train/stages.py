@@ -12,7 +12,9 @@ Recipe (see ../../../../shared/notes/demo-model-calibration.md for what failed b
 - Stage C (prior) learns on precomputed image-encoder latents, so its steps touch no pixels; its text encoder is
   trained with it, helped by a small auxiliary loss that reads the caption's attributes off the pooled embedding;
 - Stage B text: the decoder trained further with C's pooled text (both encoders frozen), as the official decoder
-  reads the prompt (measured: the trained demo decoder's pixels barely depend on it; the steps are what help).
+  reads the prompt (measured: the trained demo decoder's pixels barely depend on it; the steps are what help);
+- the image tower (image prompts): a small CLIP vision tower taught through the frozen prior, whose image mapper's
+  weight alone learns with it, so prompts without a picture give what they gave before.
 """
 
 from __future__ import annotations
@@ -425,6 +427,99 @@ def train_stage_c(
         return loss.item()
 
     return run_steps("stage C", steps, step, log, every=max(1, steps // 40)), ema_prior, ema_text
+
+
+# The demo's CLIP image tower: a small ViT (CLIPVisionModelWithProjection, as the official prior repo's
+# image_encoder/) that sees the picture at 64 px through a CLIPImageProcessor, as the pipelines feed it.
+TOWER_SIDE = 64
+DEMO_VISION = dict(
+    image_size=TOWER_SIDE,
+    patch_size=8,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    projection_dim=16,  # the demo prior's clip_image_in_channels
+)
+
+
+def image_prompt_dataset(
+    encoder: ImageEncoder, processor, n: int, rng: random.Random, log: Log
+) -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
+    """n fresh scenes as (Stage C latents, the tower's pixel values, scenes): each picture is both what the prior
+    makes and the image prompt it is made from."""
+    encoder.eval()
+    latents, pixels, scenes = [], [], []
+    for i in range(0, n, 256):
+        batch = [sample_scene(rng) for _ in range(min(256, n - i))]
+        pictures = [render(s, SIDE, rng) for s in batch]
+        arrays = np.stack([np.asarray(p, dtype=np.float32) / 255 for p in pictures])
+        images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device_of(encoder))
+        with torch.no_grad():
+            latents.append(encoder(encoder_view(images)).cpu())
+        pixels.append(processor(images=pictures, return_tensors="pt").pixel_values)
+        scenes += batch
+    log(f"encoded {n} scenes for the image tower")
+    return torch.cat(latents), torch.cat(pixels), scenes
+
+
+def train_image_tower(
+    prior: nn.Module,
+    tower: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    data: tuple[torch.Tensor, torch.Tensor, list[Scene]],
+    steps: int,
+    rng: random.Random,
+    gen: torch.Generator,
+    log: Log,
+    batch: int = 128,
+    lr: float = 1e-3,
+) -> list[float]:
+    """The CLIP image tower, end to end through the prior's v-loss: the prior makes each scene from the tower's
+    embedding of that scene, with the empty caption (three rows in four: an image prompt alone) or its own, as
+    image prompts come alone or beside text. As with the text encoder in stage C, small heads read the scene's
+    attributes off the embedding (dropped after training). Only the tower and the weight of the prior's image
+    mapper learn: the mapper's bias and every other weight stay, so a zero embedding (no image prompt, or weight 0)
+    gives the prior exactly as it was."""
+    latents, pixels, scenes = data
+    device = device_of(prior)
+    prior.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    mapper = prior.clip_img_mapper.weight.requires_grad_(True)
+    dim = tower.config.projection_dim
+    heads = nn.ModuleDict({k: nn.Linear(dim, len(v)) for k, v in AUX_LABELS.items()}).to(device)
+    params = [mapper, *tower.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, weight_decay=0.01)
+    sched = schedule(opt, steps, lr, warmup=min(100, steps // 10 + 1))
+
+    def step(_: int) -> float:
+        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
+        texts = [caption(scenes[i], rng) if rng.random() < 0.25 else "" for i in idx]
+        with torch.no_grad():
+            hidden, pooled = encode_captions(text_encoder, tokenizer, texts)
+        embeds = tower(pixels[idx].to(device)).image_embeds
+        t = sample_t(batch, gen, high_noise_share=0.5)
+        loss = v_loss(
+            lambda x, r: (
+                prior(x, r, clip_text_pooled=pooled.unsqueeze(1), clip_text=hidden, clip_img=embeds.unsqueeze(1)).sample
+            ),
+            latents[idx].to(device),
+            t,
+            gen,
+        )
+        aux = sum(
+            F.cross_entropy(
+                heads[k](embeds), torch.tensor([labels.index(getattr(scenes[i], k)) for i in idx], device=device)
+            )
+            for k, labels in AUX_LABELS.items()
+        )
+        optimise(opt, sched, loss + 0.1 * aux, clip=params)
+        return loss.item()
+
+    losses = run_steps("image tower", steps, step, log, every=max(1, steps // 20))
+    prior.requires_grad_(True)
+    return losses
 
 
 def train_previewer(

@@ -430,6 +430,9 @@ def image_details(record: JobRecord, index: int) -> str:
     if r.init_image:
         how = "inpainted where the mask is white" if r.mask else "image-to-image"
         lines.insert(4, f"**From a picture:** {how}, strength {r.strength:g}, fit {r.fit} (`{r.init_image[:12]}`)")
+    if r.image_prompts:
+        pictures = ", ".join(f"`{p.image[:12]}` × {p.weight:g}" for p in r.image_prompts)
+        lines.insert(4, f"**Image prompts:** {pictures}")
     if record.timings:
         lines.append(f"**Time:** {record.timings['total']:.2f} s" + (" (prior cached)" if record.prior_cached else ""))
     return "  \n".join(lines)

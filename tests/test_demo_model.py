@@ -115,6 +115,16 @@ def test_an_image_prompt_alone_keeps_the_references_background_colour_and_place(
     assert places >= 2
 
 
+def test_a_size_other_than_the_one_it_was_trained_at_is_said(demo):
+    """At 256x256 the demo draws its 128x128 scene more than once: the person is told, not left to wonder."""
+    assert demo.warnings(demo.request(prompt="a red circle on a white background")) == []
+    result = demo(demo.request(prompt="a red circle on a white background", width=256, height=256, prior_steps=2))
+    assert (
+        "size: cascade-studio-demo was trained on 128x128 pictures only; at 256x256 it may draw its scene more than "
+        "once" in result.warnings
+    )
+
+
 def test_cli_defaults_to_the_demo_model_offline(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}
     proc = subprocess.run(

@@ -184,8 +184,8 @@ def test_picture_block_runs_as_written(tmp_path):
         assert result.returncode == (int(expected.group(1)) if expected else 0), (command, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, result.stderr
     made = sorted((tmp_path / "outputs").glob("*.png"), key=lambda p: p.stat().st_mtime_ns)
-    assert len(made) == 3 and len(list((tmp_path / "outputs" / "inputs").glob("*.png"))) == 4
-    with Image.open(made[-1]) as outpainted:
+    assert len(made) == 5 and len(list((tmp_path / "outputs" / "inputs").glob("*.png"))) == 5  # ref.png too
+    with Image.open(made[2]) as outpainted:  # the third line; then the two image-prompt lines
         assert outpainted.size == (256, 128)
 
 

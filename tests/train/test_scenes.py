@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer
 from cascade_studio.models.architectures import write_word_tokenizer
 from cascade_studio.models.schedulers import VPredictionWuerstchenScheduler
 from cascade_studio.train.analyze import analyze, score
-from cascade_studio.train.evaluate import score_splits
+from cascade_studio.train.evaluate import people_phrasing, score_partial, score_splits
 from cascade_studio.train.run import caption_words
 from cascade_studio.train.scenes import HELD_OUT, PALETTE, caption, render, sample_scene
 
@@ -163,3 +163,31 @@ def test_rates_pool_every_prompt_of_every_seed():
         assert [rates["position"] for rates in data["seed_rates"].values()] == pytest.approx([0.4, 0.2])
         assert data["standard_errors"]["colour"] == pytest.approx((0.3 * 0.7 / 10) ** 0.5)
         assert data["standard_errors"]["background"] == 0
+
+
+def test_the_eval_phrasings_are_held_out_of_training():
+    rng = random.Random(5)
+    trained = set()
+    for _ in range(20000):
+        scene = sample_scene(rng)
+        trained.add(caption(scene, rng))
+    asked = [people_phrasing(sample_scene(rng), rng)[0].lower() for _ in range(500)]
+    assert len(set(asked)) > 200 and not set(asked) & trained
+
+
+def test_the_partial_split_scores_an_unnamed_background_by_contrast():
+    """A prompt that names no background is right when the background is not the shape's colour; the place counts
+    only where the prompt names it."""
+    truthful = score_partial(lambda scene, seed, prompt: render(scene, 128), 40, [0])
+    assert all(rate == 1.0 for rate in truthful["rates"].values()), truthful["rates"]
+    unnamed = [not any(f"{c} background" in r["prompt"] for c in PALETTE) for r in truthful["samples"]]
+    assert 5 < sum(unnamed) < 35
+
+    def flooded(scene, seed, prompt):  # the whole picture in the shape's colour, with a small dark blob
+        image = Image.new("RGB", (128, 128), PALETTE[scene.colour])
+        ImageDraw.Draw(image).ellipse((60, 60, 72, 72), fill=PALETTE["black" if scene.colour != "black" else "white"])
+        return image
+
+    report = score_partial(flooded, 40, [0])
+    backgrounds = [r["hits"]["background"] for r in report["samples"]]
+    assert not any(hit for hit, blank in zip(backgrounds, unnamed) if blank)

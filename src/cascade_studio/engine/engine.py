@@ -344,8 +344,16 @@ class CascadeEngine:
             raise RequestError(problems)
 
     def warnings(self, request: GenerationRequest) -> list[str]:
-        """What to tell the person about their prompt: words cut off, words the model (and its LoRAs) never saw."""
-        return self.prompt_report(request.prompt, self.lora_words(request)).warnings
+        """What to tell the person about their prompt: words cut off, words the model (and its LoRAs) never saw; and
+        a size other than the only one a small model was trained at (the demo's 128x128 scene repeats at 256x256)."""
+        out = self.prompt_report(request.prompt, self.lora_words(request)).warnings
+        trained = self.pipelines.prompt_help.get("trained_size")
+        if trained and [request.width, request.height] != list(trained):
+            out.append(
+                f"size: {self.identity.name} was trained on {trained[0]}x{trained[1]} pictures only; at "
+                f"{request.width}x{request.height} it may draw its scene more than once"
+            )
+        return out
 
     def lora_words(self, request: GenerationRequest) -> frozenset[str]:
         """The words the request's LoRAs were trained on (their trigger words and captions, as the files say)."""

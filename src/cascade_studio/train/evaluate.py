@@ -21,20 +21,76 @@ import torch
 from PIL import Image
 
 from .analyze import ATTRIBUTES, analyze, score
-from .scenes import HELD_OUT, PALETTE, SHAPES, SIZES, Scene, render, sample_scene
+from .scenes import COUNTS, HELD_OUT, PALETTE, SHAPES, SIZES, Scene, position_phrase, render, sample_scene
 from .stages import SIDE, device_of, encoder_view
 
 SPLITS = {"held-out": True, "training": False}
 
 
 def evaluate(engine, *, n: int = 60, seeds: Sequence[int] = (0,), **settings) -> dict:
-    """Per split: the share of images showing each asked-for attribute, and the share showing all of them."""
+    """Per split: the share of images showing each asked-for attribute, and the share showing all of them; and the
+    same for prompts as people write them (the "partial" split)."""
 
-    def generate(scene: Scene, image_seed: int) -> Image.Image:
-        return engine(engine.request(prompt=scene.prompt(), seed=image_seed, **settings)).images[0]
+    def generate(scene: Scene, image_seed: int, prompt: str | None = None) -> Image.Image:
+        asked = scene.prompt() if prompt is None else prompt
+        return engine(engine.request(prompt=asked, seed=image_seed, **settings)).images[0]
 
     report = {"model": engine.identity.name, "stage": "all", "n": n, "seeds": list(seeds), "settings": settings}
-    return report | {"splits": score_splits(generate, n, seeds)}
+    return report | {"splits": score_splits(generate, n, seeds) | {"partial": score_partial(generate, n, seeds)}}
+
+
+def people_phrasing(scene: Scene, rng: random.Random) -> tuple[str, bool, bool]:
+    """A prompt in a word order no caption was trained on, leaving out the background, the place or the size:
+    (prompt, names the background, names the place)."""
+    noun = scene.shape + ("s" if scene.count > 1 else "")
+    size = rng.choice(("", scene.size))
+    thing = " ".join(w for w in (COUNTS[scene.count], size, scene.colour, noun) if w)
+    bare = " ".join(w for w in (size, scene.colour, noun) if w)
+    where = position_phrase(scene.position, rng.randrange(3))
+    forms = [
+        (f"{thing}, {where}", False, True),
+        (f"{where}, {thing}", False, True),
+        (f"{bare if scene.count == 1 else thing} {where}, {scene.background} background", True, True),
+        (f"{scene.background} background, {thing}", True, False),
+        (f"{thing} with a {scene.background} background", True, False),
+    ]
+    return rng.choice(forms)
+
+
+def score_partial(make_image: Callable[..., Image.Image], n: int, seeds: Sequence[int]) -> dict:
+    """Training colour-shape pairs asked for as people write (people_phrasing): colour, count and shape are always
+    scored; the background and the place only where the prompt names them. A prompt that names no background
+    scores its background as right when it is not the colour the prompt gives the shape (the scenes' rule: they
+    always differ; the failure it catches is the whole picture in the shape's colour)."""
+    rows, scenes, by_seed = [], [], {}
+    for seed in seeds:
+        rng = random.Random(f"{seed}-partial")
+        seed_rows = []
+        for i in range(n):
+            scene = sample_scene(rng)
+            prompt, names_background, names_place = people_phrasing(scene, rng)
+            image_seed = seed * 100_000 + i
+            image = make_image(scene, image_seed, prompt)
+            seen = analyze(image)
+            hits = score(scene, seen)
+            if not names_background:
+                hits["background"] = seen.background != scene.colour
+            if not names_place:
+                hits["position"] = None
+            seed_rows.append({"prompt": prompt, "seed": image_seed, "hits": hits, "image": image})
+            scenes.append(scene)
+        by_seed[seed] = hit_rates(seed_rows)
+        rows += seed_rows
+    rates = hit_rates(rows)
+    counted = {a: sum(r["hits"][a] is not None for r in rows) for a in ATTRIBUTES} | {"all": len(rows)}
+    return {
+        "rates": rates,
+        "standard_errors": {a: math.sqrt(p * (1 - p) / counted[a]) for a, p in rates.items()},
+        "seed_rates": by_seed,
+        "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
+        "shape_size_rates": shape_rates(rows, scenes, BY_SIZE),
+        "samples": rows,
+    }
 
 
 def evaluate_decoder(
@@ -166,8 +222,9 @@ def shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callabl
 
 
 def hit_rates(rows: list[dict]) -> dict[str, float]:
-    rates = {a: mean(r["hits"][a] for r in rows) for a in ATTRIBUTES}
-    return rates | {"all": mean(all(r["hits"].values()) for r in rows)}
+    """Per attribute, the share of rows that showed it, over the rows that asked for it (a hit of None: not asked)."""
+    rates = {a: mean(r["hits"][a] for r in rows if r["hits"][a] is not None) for a in ATTRIBUTES}
+    return rates | {"all": mean(all(h for h in r["hits"].values() if h is not None) for r in rows)}
 
 
 def score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seeds: Sequence[int]) -> dict:

@@ -63,7 +63,7 @@ class Scene:
     def prompt(self) -> str:
         """The plain, fully specified caption used for evaluation."""
         noun = self.shape + ("s" if self.count > 1 else "")
-        where = _position_phrase(self.position, 0)
+        where = position_phrase(self.position, 0)
         return f"{COUNTS[self.count]} {self.size} {self.colour} {noun} {where} on a {self.background} background"
 
 
@@ -79,7 +79,7 @@ def sample_scene(rng: random.Random, *, held_out: bool = False) -> Scene:
     return Scene(background, colour, shape, size, rng.choice(list(POSITIONS)), count)
 
 
-def _position_phrase(position: str, variant: int) -> str:
+def position_phrase(position: str, variant: int) -> str:
     if position == "centre":
         return ("in the centre", "in the center", "in the middle")[variant % 3]
     if " " in position:
@@ -96,7 +96,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
         scene.size
     ]
     count = COUNTS[scene.count]
-    where = _position_phrase(scene.position, rng.randrange(3))
+    where = position_phrase(scene.position, rng.randrange(3))
     bg = scene.background
     templates = [
         f"{count} {size} {scene.colour} {noun} {where} on a {bg} background",

@@ -81,16 +81,7 @@ def score_partial(make_image: Callable[..., Image.Image], n: int, seeds: Sequenc
             scenes.append(scene)
         by_seed[seed] = hit_rates(seed_rows)
         rows += seed_rows
-    rates = hit_rates(rows)
-    counted = {a: sum(r["hits"][a] is not None for r in rows) for a in ATTRIBUTES} | {"all": len(rows)}
-    return {
-        "rates": rates,
-        "standard_errors": {a: math.sqrt(p * (1 - p) / counted[a]) for a, p in rates.items()},
-        "seed_rates": by_seed,
-        "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
-        "shape_size_rates": shape_rates(rows, scenes, BY_SIZE),
-        "samples": rows,
-    }
+    return split_report(rows, scenes, by_seed)
 
 
 def evaluate_decoder(
@@ -249,16 +240,23 @@ def score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seeds:
             by_seed[seed] = hit_rates(seed_rows)
             rows += seed_rows
             scenes += seed_scenes
-        rates = hit_rates(rows)
-        splits[split] = {
-            "rates": rates,
-            "standard_errors": {a: math.sqrt(p * (1 - p) / len(rows)) for a, p in rates.items()},
-            "seed_rates": by_seed,
-            "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
-            "shape_size_rates": shape_rates(rows, scenes, BY_SIZE),
-            "samples": rows,
-        }
+        splits[split] = split_report(rows, scenes, by_seed)
     return splits
+
+
+def split_report(rows: list[dict], scenes: list[Scene], by_seed: dict) -> dict:
+    """One split's pooled rates, each with its standard error over the rows that asked for it, the rates of each
+    seed, the shape rates by shape and by size, and the rows themselves."""
+    rates = hit_rates(rows)
+    asked = {a: sum(r["hits"][a] is not None for r in rows) for a in ATTRIBUTES} | {"all": len(rows)}
+    return {
+        "rates": rates,
+        "standard_errors": {a: math.sqrt(p * (1 - p) / asked[a]) for a, p in rates.items()},
+        "seed_rates": by_seed,
+        "shape_rates": shape_rates(rows, scenes, BY_SHAPE),
+        "shape_size_rates": shape_rates(rows, scenes, BY_SIZE),
+        "samples": rows,
+    }
 
 
 def table(report: dict) -> str:

@@ -243,6 +243,17 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert set(row["eval_with_lora"]) == {"held-out", "training", "partial"} and "cross: trained 2 steps" in proc.stdout
 
 
+def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):
+    """The docs' Stage A colour figures come from this script; the shipped Stage A gives teal back as teal."""
+    out = tmp_path / "stage_a.json"
+    command = [sys.executable, str(ROOT / "bench" / "stage_a_colours.py"), "--n", "4", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["scenes"] == 4 and report["palette_scenes_mean_error"] < report["random_colour_scenes_mean_error"]
+    assert max(abs(a - b) for a, b in zip(report["teal_square_centre"], report["teal"])) < 12
+
+
 def test_lora_gpu_bench_times_each_row_on_a_tiny_prior(tmp_path):
     """The script a GPU session runs for the LoRA step's time and memory: every row, with and without checkpointing."""
     out = tmp_path / "lora_gpu.json"

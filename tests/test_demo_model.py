@@ -200,3 +200,20 @@ def test_eval_demo_pools_prompt_seeds(tmp_path, demo):
         runs = [alone[seed]["splits"][split] for seed in (0, 1)]
         assert data["samples"] == runs[0]["samples"] + runs[1]["samples"]
         assert data["seed_rates"] == {"0": runs[0]["rates"], "1": runs[1]["rates"]}
+
+
+def test_stage_a_draws_colours_no_scene_uses(demo):
+    """A LoRA adapts the prior and Stage B, never Stage A, so a new colour (the LoRA proof's teal, any other) must be
+    one Stage A can draw: encoded and decoded alone, a square and its background in random colours come back."""
+    import torch
+
+    vqgan, rng = demo.pipelines.decoder.vqgan, random.Random(5)
+    for _ in range(12):
+        fill, ground = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+        picture = Image.new("RGB", (128, 128), ground)
+        picture.paste(fill, (40, 40, 88, 88))
+        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            back = vqgan.decode(vqgan.encode(pixels).latents).sample.clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255
+        for colour, patch in ((fill, back[52:76, 52:76]), (ground, back[4:28, 4:28])):
+            assert np.abs(patch.mean(axis=(0, 1)) - colour).max() < 12, (colour, patch.mean(axis=(0, 1)))

@@ -45,6 +45,7 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     assert meta["cascade_studio.base_model"] == "cascade-studio-demo" and meta["cascade_studio.rank"] == "4"
     assert meta["cascade_studio.steps"] == "6" and len(meta["cascade_studio.dataset_hash"]) == 12
     assert json.loads(meta["cascade_studio.base_identity"])["preset"] == "demo"
+    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet"  # what was trained, not every part there is
     assert out.with_suffix(".loss.png").is_file() and (tmp_path / "loras" / "teal.sample-3.png").is_file()
     checkpoint = tmp_path / "loras" / "teal-step4.resume.safetensors"
     assert checkpoint.is_file() and (tmp_path / "loras" / "teal-step4.safetensors").is_file()
@@ -193,7 +194,8 @@ def test_a_text_encoder_lora_learns_there_and_leaves_the_encoder_as_it_was(tmp_p
     train_lora(demo_engine, cfg, log=lambda _: None)
     after = text_encoder.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
-    keys, _ = header(out)
+    keys, meta = header(out)
+    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet,lora_prior_te"
     text_keys = [k for k in keys if k.startswith("lora_prior_te_text_model_encoder_layers_")]
     assert text_keys and any(k.endswith("self_attn_q_proj.lora_up.weight") for k in text_keys)
     saved, demo_engine.lora_library = demo_engine.lora_library, LoraLibrary(tmp_path)  # this test's own folder

@@ -166,8 +166,9 @@ def test_from_stage_a_decoder_trains_only_stage_a_decoder_half(trained, tmp_path
         for file in (src / part).iterdir():
             assert (again / part / file.name).read_bytes() == file.read_bytes()
     card = json.loads((again / "cascade_studio.json").read_text())
-    assert card["config"]["steps_a_decoder"] == before["config"]["steps_a_decoder"] + 3  # 1,000 x 0.003 more
+    assert card["config"]["steps_a_decoder"] == before["config"]["steps_a_decoder"] + 9  # 3,000 x 0.003 more
     assert card["added_later"][-1]["stage"] == "stage A decoder" and card["added_later"][-1]["continued"]
+    assert card["added_later"][-1]["any_colour"] == 0.5
     engine = CascadeEngine.from_settings(Settings(model=str(again), device="cpu"))
     assert engine(engine.request(prompt="a red circle", seed=0, prior_steps=2, decoder_steps=2)).images
 
@@ -191,3 +192,29 @@ def test_from_stage_c_image_teaches_an_image_tower_and_leaves_text_prompts_as_th
     ref = from_image(engine(engine.request(**text)).images[0], "image_prompts.0.image")
     alone = engine.request(**(text | {"prompt": ""}), image_prompts=[{"image": ref.sha256}])
     assert engine(alone, pictures={ref.sha256: ref.image}).images[0].size == (128, 128)
+
+
+def test_stage_a_pictures_in_any_colour_keep_the_scene_and_change_only_its_two_colours():
+    """Stage A's decoder also learns colours the scenes never use (a LoRA's new colour needs them drawn); the swap
+    keeps each scene's drawing, and with no share asked for, the pictures and random numbers are as before."""
+    import random
+
+    import numpy as np
+
+    from cascade_studio.train.scenes import PALETTE
+    from cascade_studio.train.stages import scene_images
+
+    plain, scenes = scene_images(random.Random(3), 8, 64)
+    assert torch.equal(scene_images(random.Random(3), 8, 64, any_colour=0.0)[0], plain)
+    swapped, same_scenes = scene_images(random.Random(3), 8, 64, any_colour=1.0)
+    assert same_scenes == scenes
+    palette = {tuple(c) for c in PALETTE.values()}
+    for before, after in zip(plain, swapped):
+        b = before.permute(1, 2, 0).reshape(-1, 3)
+        a = (after.permute(1, 2, 0).reshape(-1, 3) * 255).round()
+        colours = {tuple(c) for c in a.int().tolist()}
+        assert len(colours) == 2 and not colours & palette  # two new colours (a draw from 16 M never hits the 8)
+        # the same pixels share a colour before and after: the drawing is the scene's
+        _, groups_before = np.unique(b.numpy(), axis=0, return_inverse=True)
+        _, groups_after = np.unique(a.numpy(), axis=0, return_inverse=True)
+        assert len(set(zip(groups_before.ravel().tolist(), groups_after.ravel().tolist()))) == 2

@@ -379,9 +379,12 @@ def test_an_image_prompt_alone_makes_a_variation_of_the_picture(page, tmp_path):
     page.wait_for_selector("#generate", timeout=60_000)
 
 
-def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path):
-    """Pictures uploaded with their kohya captions, a short training with its loss and samples shown as it runs,
-    then the new LoRA picked on the Generate tab, its trigger word put in the prompt, and the image made with it."""
+def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studio_out):
+    """Pictures uploaded with their kohya captions, settings from the folded-away ones too, a short training with
+    its loss and samples shown as it runs, then the new LoRA picked on the Generate tab, its trigger word put in the
+    prompt, and the image made with it."""
+    from safetensors import safe_open
+
     from cascade_studio.train.concepts import write_concept
 
     folder = write_concept("teal", tmp_path / "teal", n=6)
@@ -397,6 +400,11 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path):
     set_number(page, "train-steps", 24)
     set_number(page, "train-sample-every", 8)
     set_number(page, "train-preserve", 4)
+    page.locator("#train-more").get_by_text("More settings").click()
+    set_number(page, "train-lr", 0.001)
+    set_number(page, "train-batch", 4)
+    page.locator("#train-text-encoder input[type=checkbox]").check()
+    shot(page, "9-train-settings")
     page.locator("#train-start").click()
     page.wait_for_function(
         "document.querySelector('#train-status').innerText.includes('Training step')", timeout=120_000
@@ -407,6 +415,9 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path):
     assert page.locator("#train-samples img").count() == 3  # steps 8, 16 and 24
     assert page.locator("#train-loss canvas, #train-loss svg").count() >= 1
     shot(page, "9-train")
+    with safe_open(str(studio_out / "loras" / "browser-teal.safetensors"), framework="pt") as f:
+        meta = f.metadata()  # the folded-away settings reached the training
+    assert meta["cascade_studio.learning_rate"] == "0.001" and meta["cascade_studio.adapts"].endswith("lora_prior_te")
 
     page.get_by_role("tab", name="Generate").click()
     if not page.locator("#lora-1").is_visible():

@@ -1,8 +1,9 @@
 """Two things the demo model has never seen, to prove LoRA training on: the colour teal and the shape cross (a plus
-sign). Teal, because the demo's Stage A can draw it: its autoencoder, trained on the 8 palette colours, turns pink
-into purple and cyan into blue-grey, but keeps teal teal (0,128,128 -> 42,127,119), so a LoRA of the prior and Stage
-B can teach it. `write_concept` draws a small captioned dataset of one of them (kohya's layout: picture + .txt), and
-`shows_concept` tells from the pixels whether a generated picture shows it.
+sign). A LoRA adapts the prior and Stage B, never Stage A, so Stage A must be able to draw what is new, as the
+official one draws any colour: the demo's Stage A decoder is trained on pictures in random colours too (since run 14
+of the shipped model, a teal square comes back from Stage A alone as 0,127,127; before, as a blue 31,89,165).
+`write_concept` draws a small captioned dataset of one of them (kohya's layout: picture + .txt), and `shows_concept`
+tells from the pixels whether a generated picture shows it.
 
 Training captions use some backgrounds, places and partners; evaluation prompts ask for others ("unlike the
 training captions"), so a LoRA that only memorised its pictures fails them.

@@ -346,9 +346,8 @@ def train_lora(
     cancel = cancel or CancelToken()
     p = engine.pipelines
     engine.remove_loras()
-    models = {"prior": p.prior.prior} | ({"decoder": p.decoder.decoder} if cfg.decoder else {})
-    if cfg.text_encoder:
-        models["text_encoder"] = p.prior.text_encoder
+    parts = {"prior": p.prior.prior, "decoder": p.decoder.decoder, "text_encoder": p.prior.text_encoder}
+    models = {role: parts[role] for role in _roles(cfg)}
     square = engine.pipelines.defaults.get("width", 1024) <= 256  # the demo model makes one size only
     examples = load_dataset(cfg.images, cfg.trigger, cfg.resolution, square, log)
     kept = preservation(engine, examples, cfg, log)
@@ -610,10 +609,16 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
         "cascade_studio.dataset_hash": dataset_hash(examples),
         "cascade_studio.pictures": str(len(examples)),
         "cascade_studio.preservation_pictures": str(cfg.preserve),
-        "cascade_studio.adapts": ",".join(k.removesuffix("_") for k in KOHYA_PREFIX.values()),
+        "cascade_studio.adapts": ",".join(  # the key prefixes of the parts trained, not every part a LoRA may have
+            KOHYA_PREFIX[role].removesuffix("_") for role in _roles(cfg)
+        ),
         "ss_network_dim": str(cfg.rank),  # kohya's names for the same, which other tools show
         "ss_network_alpha": str(cfg.alpha),
     }
+
+
+def _roles(cfg: LoraTrainConfig) -> list[str]:
+    return ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * cfg.text_encoder
 
 
 def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

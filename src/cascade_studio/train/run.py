@@ -119,7 +119,8 @@ DEMO_DEFAULTS = dict(
 class TrainConfig:
     seed: int = 0
     steps_a: int = 1000
-    steps_a_decoder: int = 1000
+    steps_a_decoder: int = 3000
+    a_any_colour: float = 0.5  # the share of Stage A decoder pictures in random colours (see stages.train_stage_a)
     steps_b: int = 4500
     steps_b_text: int = 2500
     lr_b_text: float = 3e-4
@@ -213,7 +214,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     # Last, so that it draws no random numbers before the other stages: they are as they were without it.
     t = time.perf_counter()
     losses["stage A decoder"] = stages.train_stage_a(
-        vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log, decoder_only=True
+        vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log, decoder_only=True, any_colour=cfg.a_any_colour
     )
     seconds["stage A decoder"] = time.perf_counter() - t
 
@@ -328,8 +329,8 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
     t = time.perf_counter()
     vqgan = _load(PaellaVQModel, out / "vqgan").to(cfg.device)
     if stage == "a-decoder":
-        steps, run = cfg.steps(cfg.steps_a_decoder), {}
-        losses = stages.train_stage_a(vqgan, steps, rng, gen, log, decoder_only=True)
+        steps, run = cfg.steps(cfg.steps_a_decoder), {"any_colour": cfg.a_any_colour}
+        losses = stages.train_stage_a(vqgan, steps, rng, gen, log, decoder_only=True, any_colour=cfg.a_any_colour)
         vqgan.eval().cpu().save_pretrained(out / "vqgan")
     elif stage == "c-image":
         steps = cfg.steps(cfg.steps_c_image)

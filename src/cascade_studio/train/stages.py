@@ -123,9 +123,18 @@ def optimise(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, clip: list[n
     sched.step()
 
 
-def scene_images(rng: random.Random, n: int, side: int = SIDE) -> tuple[torch.Tensor, list[Scene]]:
+def scene_images(
+    rng: random.Random, n: int, side: int = SIDE, any_colour: float = 0.0
+) -> tuple[torch.Tensor, list[Scene]]:
+    """n scenes as a B x 3 x side x side batch in 0-1. `any_colour`: the share whose two colours are replaced by two
+    random ones (a scene is drawn in exactly two colours, so the swap is exact)."""
     scenes = [sample_scene(rng) for _ in range(n)]
     arrays = [np.asarray(render(s, side, rng), dtype=np.float32) / 255 for s in scenes]
+    for i, scene in enumerate(scenes):
+        if any_colour and rng.random() < any_colour:
+            shape = (arrays[i] == np.array(PALETTE[scene.colour], dtype=np.float32) / 255).all(axis=2, keepdims=True)
+            colours = [np.array([rng.random() for _ in range(3)], dtype=np.float32) for _ in range(2)]
+            arrays[i] = np.where(shape, colours[0], colours[1])
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), scenes
 
 
@@ -150,12 +159,14 @@ def train_stage_a(
     batch: int = 16,
     crop: int = 64,
     decoder_only: bool = False,
+    any_colour: float = 0.0,
 ) -> list[float]:
     """Autoencoder on random crops; latents get light noise so the decoder's imperfect output still decodes.
 
     `decoder_only` trains the decoder half alone, its encoder frozen: the latents, and every stage trained on them,
     keep their meaning while the reconstructions sharpen (measured: corners and tips were what a short stage A
-    lost, and the shape scores with them)."""
+    lost, and the shape scores with them). `any_colour`: the share of pictures in random colours, so that Stage A
+    draws colours the scenes never use, as the official Stage A does (a LoRA's new colour needs it)."""
     if decoder_only:
         vqgan.eval().requires_grad_(False)  # the encoder's BatchNorm keeps its statistics
         parts = [vqgan.up_blocks, vqgan.out_block]
@@ -169,7 +180,7 @@ def train_stage_a(
     device = device_of(vqgan)
 
     def step(_: int) -> float:
-        images, _ = scene_images(rng, batch)
+        images, _ = scene_images(rng, batch, any_colour=any_colour)
         y, x = rng.randrange(0, SIDE - crop + 1, 8), rng.randrange(0, SIDE - crop + 1, 8)
         images = images[:, :, y : y + crop, x : x + crop].to(device)
         with torch.set_grad_enabled(not decoder_only):

@@ -23,6 +23,10 @@ from .results import BUSY, IDLE, client_of
 
 PICTURES = (".png", ".jpg", ".jpeg", ".webp")
 COLUMNS = ["picture", "caption"]
+# Settings whose boxes hold whole numbers (Gradio's Number gives floats).
+WHOLE_NUMBERS = ("steps", "rank", "sample_every", "preserve", "batch", "resolution", "seed")
+# Settings whose box says 0 for "the default" (a Number box is never empty; 0 is not a valid value of these).
+ZERO_IS_DEFAULT = ("alpha", "text_encoder_lr")
 
 
 # --- what the buttons do (plain functions, tested directly) ---------------------------------------------------------
@@ -50,8 +54,8 @@ def training_spec(paths: list[str] | None, rows, **settings) -> TrainingSpec:
         {"image": base64.b64encode(path.read_bytes()).decode(), "caption": captions.get(name) or None}
         for name, path in sorted(pictures.items())
     ]
-    given = {k: v for k, v in settings.items() if v not in (None, "")}
-    for key in ("steps", "rank", "sample_every", "preserve"):
+    given = {k: v for k, v in settings.items() if v not in (None, "") and not (k in ZERO_IS_DEFAULT and v == 0)}
+    for key in WHOLE_NUMBERS:
         if isinstance(given.get(key), float) and given[key] == int(given[key]):
             given[key] = int(given[key])
     try:
@@ -103,10 +107,7 @@ class Train:
     captions: gr.Dataframe
     name: gr.Textbox
     trigger: gr.Textbox
-    steps: gr.Number
-    rank: gr.Number
-    sample_every: gr.Number
-    preserve: gr.Number
+    settings: dict[str, gr.components.Component]  # TrainingSpec's field -> its box, in the order of on_start's inputs
     start: gr.Button
     stop: gr.Button
     status: gr.Markdown
@@ -143,21 +144,7 @@ def build_train(studio: Studio) -> Train:
             with gr.Row():
                 name = gr.Textbox("my-lora", label="LoRA name", max_lines=1, elem_id="train-name")
                 trigger = gr.Textbox(label="Trigger word", max_lines=1, placeholder="e.g. sks", elem_id="train-trigger")
-            with gr.Row():
-                steps = gr.Number(
-                    label="Steps", value=d["steps"], precision=0, elem_id="train-steps", info="this model's default"
-                )
-                rank = gr.Number(label="Rank", value=8, precision=0, elem_id="train-rank", info="1 to 256")
-                sample_every = gr.Number(
-                    label="Sample every", value=100, precision=0, elem_id="train-sample-every", info="steps; 0: none"
-                )
-                preserve = gr.Number(
-                    label="Preserve",
-                    value=d["preserve"],
-                    precision=0,
-                    elem_id="train-preserve",
-                    info="base-model pictures trained beside yours",
-                )
+            settings = build_settings(d)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start", scale=3)
                 stop = gr.Button("Stop", elem_id="train-stop", interactive=False, scale=1)
@@ -180,10 +167,7 @@ def build_train(studio: Studio) -> Train:
         captions,
         name,
         trigger,
-        steps,
-        rank,
-        sample_every,
-        preserve,
+        settings,
         start,
         stop,
         status,
@@ -193,13 +177,55 @@ def build_train(studio: Studio) -> Train:
     )
 
 
+def build_settings(d: dict) -> dict[str, gr.components.Component]:
+    """The training settings: the common four in view, the rest folded away, each starting at the loaded model's
+    default (`defaults_for`), so an untouched box trains what `train-lora` would."""
+    with gr.Row():
+        boxes = {
+            "steps": gr.Number(label="Steps", value=d["steps"], precision=0, info="this model's default"),
+            "rank": gr.Number(label="Rank", value=8, precision=0, info="1 to 256"),
+            "sample_every": gr.Number(label="Sample every", value=100, precision=0, info="steps; 0: none"),
+            "preserve": gr.Number(
+                label="Preserve", value=d["preserve"], precision=0, info="base-model pictures trained beside yours"
+            ),
+        }
+    with gr.Accordion("More settings", open=False, elem_id="train-more"):
+        with gr.Row():
+            boxes |= {
+                "lr": gr.Number(label="Learning rate", value=d["lr"], info="above 0, at most 0.1"),
+                "batch": gr.Number(label="Batch", value=d["batch"], precision=0, info="1 to 256"),
+                "alpha": gr.Number(label="Alpha", value=0, info="0: the rank (scale 1)"),
+                "seed": gr.Number(label="Seed", value=0, precision=0, info="the same seed trains the same LoRA"),
+            }
+        with gr.Row():
+            boxes |= {
+                "resolution": gr.Number(
+                    label="Resolution", value=d["resolution"], precision=0, info="the long side, a multiple of 128"
+                ),
+                "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: a tenth of the rate"),
+            }
+        with gr.Row():
+            boxes |= {
+                "decoder": gr.Checkbox(
+                    value=d["decoder"], label="Adapt the decoder too", info="Stage B learns to draw what is new"
+                ),
+                "text_encoder": gr.Checkbox(
+                    value=False, label="Adapt the text encoder too", info="the new word is learnt there as well"
+                ),
+            }
+    for key, box in boxes.items():
+        box.elem_id = f"train-{key.replace('_', '-')}"
+    return boxes
+
+
 def wire_train(studio: Studio, train: Train, picker: LoraPicker) -> None:
     t = train
     t.files.change(lambda paths: caption_rows(paths), inputs=t.files, outputs=t.captions, api_visibility="private")
 
-    def on_start(paths, rows, name, trigger, steps, rank, sample_every, preserve, request: gr.Request):
+    # The request comes first: Gradio fills it in only among the positional parameters, before the settings' *values.
+    def on_start(request: gr.Request, paths, rows, name, trigger, *values):
         try:
-            settings = dict(steps=steps, rank=rank, sample_every=sample_every, preserve=preserve)
+            settings = dict(zip(t.settings, values))
             spec = training_spec(paths, rows, name=name, trigger=trigger, **settings)
             task = new_training(studio.queue, spec)
             job = h.submit_task(studio, task, client_of(request))
@@ -233,7 +259,7 @@ def wire_train(studio: Studio, train: Train, picker: LoraPicker) -> None:
 
     t.start.click(
         on_start,
-        inputs=[t.files, t.captions, t.name, t.trigger, t.steps, t.rank, t.sample_every, t.preserve],
+        inputs=[t.files, t.captions, t.name, t.trigger, *t.settings.values()],
         outputs=[t.job, t.start, t.stop, t.samples, t.status, t.loss, *picker.names],
         show_progress="hidden",
         concurrency_limit=studio.queue.max_queued + 1,

@@ -180,7 +180,7 @@ def test_start_from_a_picture_inpaint_outpaint_and_reproduce_finding_the_inputs(
     moved = tmp_path / "elsewhere" / first.name
     moved.parent.mkdir()
     first.rename(moved)
-    assert main(["reproduce", str(moved), "--out", str(tmp_path / "again"), "--threads", "1"]) == 2
+    assert main(["reproduce", str(moved), "--out", str(tmp_path / "again")]) == 2
     assert "the image was made from the picture(s) init_image (sha256" in capsys.readouterr().err
     assert main(["reproduce", str(moved), "--inputs", str(inputs[0].parent), "--out", str(tmp_path / "again")]) == 0
     assert "identical pixels" in capsys.readouterr().err

@@ -401,9 +401,14 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studi
     set_number(page, "train-sample-every", 8)
     set_number(page, "train-preserve", 4)
     page.locator("#train-more").get_by_text("More settings").click()
-    set_number(page, "train-lr", 0.001)
+    page.locator("#train-lr input[type=number]").wait_for(state="visible")
+    # The folded-away boxes mount as the accordion opens, and a value typed at once was seen reset (CI): fill the
+    # lr last and check what each box holds before starting.
     set_number(page, "train-batch", 4)
     page.locator("#train-text-encoder input[type=checkbox]").check()
+    set_number(page, "train-lr", 0.001)
+    for elem, value in (("train-lr", "0.001"), ("train-batch", "4")):
+        page.wait_for_function(f"document.querySelector('#{elem} input[type=number]').value === '{value}'")
     shot(page, "9-train-settings")
     page.locator("#train-start").click()
     page.wait_for_function(

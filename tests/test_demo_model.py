@@ -21,7 +21,7 @@ from cascade_studio.engine import CascadeEngine
 from cascade_studio.engine.inputs import from_image
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
-from cascade_studio.train.evaluate import evaluate_vqgan, json_ready
+from cascade_studio.train.evaluate import decoded_image, evaluate_vqgan, json_ready
 from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, render, sample_scene
 from tests.test_cli import CLI
 
@@ -214,6 +214,6 @@ def test_stage_a_draws_colours_no_scene_uses(demo):
         picture.paste(fill, (40, 40, 88, 88))
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None]
         with torch.no_grad():
-            back = vqgan.decode(vqgan.encode(pixels).latents).sample.clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255
+            back = np.asarray(decoded_image(vqgan, vqgan.encode(pixels).latents), dtype=float)
         for colour, patch in ((fill, back[52:76, 52:76]), (ground, back[4:28, 4:28])):
             assert np.abs(patch.mean(axis=(0, 1)) - colour).max() < 12, (colour, patch.mean(axis=(0, 1)))

@@ -254,6 +254,21 @@ def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_
     assert max(abs(a - b) for a, b in zip(report["teal_square_centre"], report["teal"])) < 12
 
 
+def test_demo_sizes_bench_scores_each_size_both_ways(tmp_path):
+    """The README's figures for the demo at other sizes come from this script; drawn at 128x128, a 256x256 picture
+    is the 128x128 one enlarged, so it scores the same."""
+    out = tmp_path / "sizes.json"
+    command = [sys.executable, str(ROOT / "bench" / "demo_sizes.py"), "--n", "2", "--sizes", "128x128,256x256,256x128"]
+    proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = json.loads(out.read_text())["sizes"]
+    assert set(sizes) == {"128x128", "256x256", "256x128"}
+    drawn = {size: dict(row["drawn at 128x128"]) for size, row in sizes.items()}
+    assert all(row.pop("seconds") > 0 for row in drawn.values())
+    assert drawn["256x256"] == drawn["128x128"] and set(drawn["256x128"]) == {*drawn["128x128"]}
+    assert set(sizes["256x128"]["at the size asked for (before)"]) == {*drawn["128x128"], "seconds"}
+
+
 def test_lora_gpu_bench_times_each_row_on_a_tiny_prior(tmp_path):
     """The script a GPU session runs for the LoRA step's time and memory: every row, with and without checkpointing."""
     out = tmp_path / "lora_gpu.json"

@@ -115,14 +115,44 @@ def test_an_image_prompt_alone_keeps_the_references_background_colour_and_place(
     assert places >= 2
 
 
-def test_a_size_other_than_the_one_it_was_trained_at_is_said(demo):
-    """At 256x256 the demo draws its 128x128 scene more than once: the person is told, not left to wonder."""
-    assert demo.warnings(demo.request(prompt="a red circle on a white background")) == []
-    result = demo(demo.request(prompt="a red circle on a white background", width=256, height=256, prior_steps=2))
-    assert (
-        "size: cascade-studio-demo was trained on 128x128 pictures only; at 256x256 it may draw its scene more than "
-        "once" in result.warnings
-    )
+@pytest.mark.parametrize("side", [256, 512])
+def test_a_larger_square_is_its_one_scene_enlarged(demo, side):
+    """At 256x256 or 512x512 (what OpenAI-style clients ask for) the demo draws its one 128x128 scene and enlarges
+    it: run at that size its prior would repeat the scene over a latent it never learnt. The person is told."""
+    prompt = "a red circle on a white background"
+    drawn = demo(demo.request(prompt=prompt, seed=3))
+    assert drawn.warnings == []
+    large = demo(demo.request(prompt=prompt, seed=3, width=side, height=side))
+    enlarged = drawn.images[0].resize((side, side), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(large.images[0]), np.asarray(enlarged))
+    seen = analyze(large.images[0].resize((128, 128), Image.Resampling.BOX))
+    assert (seen.background, seen.colour, seen.count, seen.shape) == ("white", "red", 1, "circle")
+    assert large.warnings == [
+        "size: cascade-studio-demo was trained on 128x128 pictures only, so it drew this one at 128x128 and "
+        f"enlarged it to {side}x{side}"
+    ]
+
+
+def test_another_shape_of_picture_is_its_scene_with_the_background_carried_out(demo):
+    """At 256x128 the demo draws its 128x128 scene in the middle and carries its plain background out to the sides,
+    rather than running on a 3x6 latent, where it drew the scene twice; 1792x1024 is that, enlarged."""
+    prompt = "a red circle on a white background"
+    drawn = np.asarray(demo(demo.request(prompt=prompt, seed=3)).images[0])
+    wide = demo(demo.request(prompt=prompt, seed=3, width=256, height=128))
+    pixels = np.asarray(wide.images[0])
+    assert pixels.shape == (128, 256, 3) and np.array_equal(pixels[:, 64:192], drawn)
+    sides = np.concatenate([pixels[:, :64], pixels[:, 192:]], axis=1).reshape(-1, 3)
+    assert (sides == sides[0]).all() and analyze(Image.fromarray(pixels[:, :128])).background == "white"
+    seen = analyze(wide.images[0])
+    assert (seen.colour, seen.count, seen.shape) == ("red", 1, "circle")
+    assert wide.warnings == [
+        "size: cascade-studio-demo was trained on 128x128 pictures only, so it drew this one at 128x128, carried its "
+        "edges out to 256x128"
+    ]
+    assert demo.warnings(demo.request(prompt=prompt, width=1792, height=1024)) == [
+        "size: cascade-studio-demo was trained on 128x128 pictures only, so it drew this one at 128x128, carried its "
+        "edges out to 224x128 and enlarged it to 1792x1024"
+    ]
 
 
 def test_cli_defaults_to_the_demo_model_offline(tmp_path):

@@ -79,6 +79,38 @@ def test_inpainting_keeps_every_unmasked_pixel(demo_engine, scene):
     assert np.abs(made[:, :64] - source[:, :64]).mean() > 40  # repainted, as the prompt says
 
 
+def test_inpainting_a_larger_picture_keeps_its_own_pixels(demo_engine, scene):
+    """At 512x512 the demo draws at 128x128 and enlarges (test_demo_model): the kept pixels are still the 512x512
+    input's own, not an enlarged copy of it."""
+    e = demo_engine
+    large = picture(scene.image.resize((512, 512), Image.Resampling.NEAREST))
+    mask = Image.new("L", (512, 512), 0)
+    mask.paste(255, (0, 0, 256, 512))  # repaint the left half
+    m = picture(mask, "mask", mask=True)
+    request = e.request(prompt=NEW, seed=5, init_image=large.sha256, mask=m.sha256, width=512, height=512)
+    made = e(request, pictures={large.sha256: large.image, m.sha256: m.image}).images[0]
+    assert made.size == (512, 512)
+    made, source = np.asarray(made, int), np.asarray(large.image, int)
+    assert np.abs(made[:, 256:] - source[:, 256:]).max() == 0
+    assert np.abs(made[:, :256] - source[:, :256]).mean() > 40
+
+
+def test_a_wide_input_is_drawn_from_its_middle_square(demo_engine, scene):
+    """The demo draws squares: from a 256x128 picture it starts from the middle square, and its picture comes back
+    in the middle of a 256x128 one."""
+    e = demo_engine
+    wide = Image.new("RGB", (256, 128), scene.image.getpixel((0, 0)))
+    wide.paste(scene.image, (64, 0))
+    given = picture(wide)
+    request = e.request(prompt=NEW, seed=5, init_image=given.sha256, strength=0.0, width=256, height=128)
+    result = e(request, pictures={given.sha256: given.image})
+    assert result.images[0].size == (256, 128)
+    assert distance(result.images[0].crop((64, 0, 192, 128)), scene.image) < 4
+    assert result.warnings[-1].endswith(
+        "carried its edges out to 256x128; it started from the init_image's middle square"
+    )
+
+
 def test_a_mask_of_another_size_is_resized_and_said(demo_engine, scene):
     e = demo_engine
     small = picture(Image.new("L", (32, 32), 255), "mask", mask=True)

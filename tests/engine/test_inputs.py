@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cascade_studio.engine import RequestError
-from cascade_studio.engine.inputs import decode
+from cascade_studio.engine.inputs import cut_to_shape, decode, grow_to_shape
 
 
 def png(image: Image.Image, **options) -> bytes:
@@ -72,3 +72,18 @@ def test_modes_animations_and_rotation_become_plain_rgb_and_say_so():
 
     as_text = decode("data:image/png;base64," + base64.b64encode(png(Image.new("RGB", (4, 4)))).decode(), "image")
     assert as_text.image.size == (4, 4) and len(as_text.sha256) == 64
+
+
+def test_cut_to_shape_and_grow_to_shape_meet_in_the_middle():
+    """What a small model that draws squares does with a wide picture: the middle square in, and its picture grown
+    back to the wide shape around it, the new sides the colour of its border."""
+    wide = Image.new("RGB", (300, 100), (0, 0, 255))
+    wide.paste((255, 0, 0), (100, 0, 200, 100))  # a red middle square
+    middle = cut_to_shape(wide, 128, 128)
+    assert middle.size == (100, 100) and middle.getcolors() == [(10000, (255, 0, 0))]
+    drawn = Image.new("RGB", (128, 128), (250, 250, 250))
+    drawn.paste((0, 200, 0), (0, 50, 10, 60))  # a speck on the left edge is not streaked across the new side
+    grown = grow_to_shape(drawn, 300, 100)
+    assert grown.size == (384, 128) and grown.crop((128, 0, 256, 128)).tobytes() == drawn.tobytes()
+    assert grown.crop((0, 0, 128, 128)).getcolors() == [(128 * 128, (250, 250, 250))]
+    assert grow_to_shape(drawn, 256, 256) is drawn and cut_to_shape(drawn, 512, 512).size == (128, 128)

@@ -8,6 +8,8 @@ What it adds to calling the two pipelines directly:
 - progress with optional previews, per-stage timings, and cancellation that takes effect inside a step (each
   block of the two UNets and of Stage A's decoder checks the token), so a slow step does not delay Cancel;
 - prompts longer than CLIP's window reported with the words that are cut;
+- a model trained at one size only (the demo, 128x128) drawing at that scale and its picture enlarged to the size
+  asked for, not its scene repeated over a latent larger than it learnt;
 - starting from a picture: image-to-image (the input's Stage C latent noised to `strength`, and only the rest of
   the prior's steps run), inpainting (the kept part of the latent put back at every step, the kept pixels pasted
   back after decoding) and image prompts (CLIP image embeddings, weighted);
@@ -36,7 +38,7 @@ from ..models.loading import CascadePipelines, load_pipelines
 from ..models.lora import LoraLibrary, LoraStack, LoraWeights, read_lora
 from ..models.source import ModelIdentity, source_for
 from .cache import LRUCache
-from .inputs import fit, fit_note, paste_back
+from .inputs import cut_to_shape, fit, fit_note, grow_to_shape, grown_size, paste_back
 from .progress import CancelToken, GenerationCancelled, ProgressCallback, ProgressEvent, Stage
 from .request import GenerationRequest, RequestError, make_request
 from .speed import Speedup, optimize, release, reset_graphs, resolve_speedup
@@ -345,15 +347,35 @@ class CascadeEngine:
 
     def warnings(self, request: GenerationRequest) -> list[str]:
         """What to tell the person about their prompt: words cut off, words the model (and its LoRAs) never saw; and
-        a size other than the only one a small model was trained at (the demo's 128x128 scene repeats at 256x256)."""
+        a size other than the only one a small model was trained at (see drawing_size)."""
         out = self.prompt_report(request.prompt, self.lora_words(request)).warnings
-        trained = self.pipelines.prompt_help.get("trained_size")
-        if trained and [request.width, request.height] != list(trained):
-            out.append(
-                f"size: {self.identity.name} was trained on {trained[0]}x{trained[1]} pictures only; at "
-                f"{request.width}x{request.height} it may draw its scene more than once"
-            )
+        (w, h), (dw, dh) = (request.width, request.height), self.drawing_size(request.width, request.height)
+        if (dw, dh) == (w, h):
+            return out
+        said = f"size: {self.identity.name} was trained on {dw}x{dh} pictures only, so it drew this one at {dw}x{dh}"
+        if dw * h == dh * w:
+            out.append(f"{said} and enlarged it to {w}x{h}")
+            return out
+        grown = grown_size((dw, dh), w, h)
+        done = (
+            f"carried its edges out to {w}x{h}"
+            if grown == (w, h)
+            else f"carried its edges out to {grown[0]}x{grown[1]} and enlarged it to {w}x{h}"
+        )
+        middle = "square" if dw == dh else f"{dw}:{dh} part"
+        out.append(
+            f"{said}, {done}" + (f"; it started from the init_image's middle {middle}" if request.init_image else "")
+        )
         return out
+
+    def drawing_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size the model draws a width x height picture at. A model trained at one size only (the demo:
+        128x128, a 3x3 latent) draws at that size whatever is asked for: run on a larger latent its prior repeats
+        the scene it learnt, and its Stage B, run larger, draws many small shapes at its own scale, slowly (26 s at
+        1792x1024 on 2 threads). Its picture is then carried out to the shape asked for by repeating its edges (its
+        backgrounds are plain) and enlarged. Other models draw at the size asked for."""
+        trained = self.pipelines.prompt_help.get("trained_size")
+        return (int(trained[0]), int(trained[1])) if trained else (width, height)
 
     def lora_words(self, request: GenerationRequest) -> frozenset[str]:
         """The words the request's LoRAs were trained on (their trigger words and captions, as the files say)."""
@@ -433,11 +455,17 @@ class CascadeEngine:
             "decoder", request.decoder_steps, start, progress, cancel, cached_latents=latents if prior_cached else None
         )
         images = self._run_decoder(request, embeddings, latents, callback)
+        images = [self._to_size(image, request) for image in images]
         if begin is not None and begin.mask is not None:
             images = [paste_back(image, begin.image, begin.mask) for image in images]
         timings["decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         return GenerationResult(request, images, seeds, timings, prior_cached, self.identity, warnings)
+
+    @staticmethod
+    def _to_size(image: Image.Image, request: GenerationRequest) -> Image.Image:
+        """A picture drawn at drawing_size, at the size asked for: carried out to its shape, then enlarged."""
+        return fit(grow_to_shape(image, request.width, request.height), request.width, request.height, "resize")
 
     def _encode(self, prompt: str, negative_prompt: str) -> Embeddings:
         """Prompt and negative embeddings for one image, computed once by the shared text encoder."""
@@ -495,9 +523,10 @@ class CascadeEngine:
         pipe.scheduler.start = strength  # see models/schedulers.py
         try:
             # The prior concatenates negatives whenever it is given them, so pass them only when guidance is on.
+            width, height = self.drawing_size(request.width, request.height)
             out = pipe(
-                height=request.height,
-                width=request.width,
+                height=height,
+                width=width,
                 num_inference_steps=steps,
                 guidance_scale=request.prior_guidance,
                 generator=generators,
@@ -519,12 +548,14 @@ class CascadeEngine:
         if note := fit_note(source.size, w, h, how, "init_image"):
             warnings.append(note)
         key = (request.init_image, w, h, how)
+        drawn = self.drawing_size(w, h)
         latent = self._latent_cache.get(key)
         if latent is None:
             p = self.pipelines
-            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(p.device, torch.float32) / 255
+            shaped = np.array(cut_to_shape(image, *drawn))  # its middle, when the model draws another shape
+            pixels = torch.from_numpy(shaped).permute(2, 0, 1)[None].to(p.device, torch.float32) / 255
             encoder = self.image_encoder()
-            latent = encode(encoder, pixels.to(next(encoder.parameters()).dtype), w, h).to(p.dtype)
+            latent = encode(encoder, pixels.to(next(encoder.parameters()).dtype), *drawn).to(p.dtype)
             self._latent_cache.put(key, latent)
         if request.mask is None:
             return Start(image, latent)
@@ -535,8 +566,8 @@ class CascadeEngine:
             )
             mask = mask.resize(source.size, Image.Resampling.BILINEAR)
         mask = fit(mask, w, h, how, fill=0)
-        repaint = torch.from_numpy(np.array(mask) >= 128).float()[None, None]
-        latent_mask = torch.nn.functional.adaptive_max_pool2d(repaint, latent_size(w, h))  # any repainted pixel
+        repaint = torch.from_numpy(np.array(cut_to_shape(mask, *drawn)) >= 128).float()[None, None]
+        latent_mask = torch.nn.functional.adaptive_max_pool2d(repaint, latent_size(*drawn))  # any repainted pixel
         return Start(image, latent, mask, latent_mask.to(latent.device, latent.dtype))
 
     def _image_embeds(self, request: GenerationRequest, pictures: Pictures) -> torch.Tensor | None:

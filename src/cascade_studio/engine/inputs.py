@@ -139,6 +139,34 @@ def fit(image: Image.Image, width: int, height: int, how: str, fill: int | tuple
     return image.resize((width, height), resample)
 
 
+def cut_to_shape(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest middle part of the picture that has the shape of width x height (not its size)."""
+    w, h = image.size
+    cut_w, cut_h = min(w, round(h * width / height)), min(h, round(w * height / width))
+    left, top = (w - cut_w) // 2, (h - cut_h) // 2
+    return image.crop((left, top, left + cut_w, top + cut_h))
+
+
+def grown_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """The size `grow_to_shape` grows a picture of `size` to."""
+    w, h = size
+    return max(w, round(h * width / height)), max(h, round(w * height / width))
+
+
+def grow_to_shape(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The picture grown to the shape of width x height (not to its size), centred as `cut_to_shape` cuts, the new
+    sides the median colour of its border: a small model's plain background carried out to the shape asked for
+    (repeating the edge pixels instead streaks any speck on the edge across the new part)."""
+    (w, h), (grown_w, grown_h) = image.size, grown_size(image.size, width, height)
+    if (grown_w, grown_h) == (w, h):
+        return image
+    pixels = np.asarray(image.convert("RGB"))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    grown = Image.new("RGB", (grown_w, grown_h), tuple(np.median(border, axis=0).round().astype(int).tolist()))
+    grown.paste(image, ((grown_w - w) // 2, (grown_h - h) // 2))
+    return grown
+
+
 def fit_note(size: tuple[int, int], width: int, height: int, how: str, field_name: str) -> str | None:
     """What fitting did, in words, when it cut, padded or stretched (not for a plain scale to the same shape)."""
     w, h = size

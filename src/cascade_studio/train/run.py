@@ -47,7 +47,7 @@ DEMO_PROMPT_HELP = {
     "closed_vocabulary": True,
     "hint": "it draws 1-3 circles, squares or triangles in red, green, blue, yellow, orange, purple, white or black, "
     "at a place (left, top right, centre...), on a plain background",
-    "trained_size": [128, 128],  # other sizes are said to repeat the scene (see engine.warnings)
+    "trained_size": [128, 128],  # it draws at this size whatever is asked for (engine.drawing_size)
 }
 TEXT_LENGTH = 24  # tokens: the longest caption is 19, and the pipeline pads every prompt to this length
 

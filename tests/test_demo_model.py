@@ -22,8 +22,9 @@ from cascade_studio.engine import CascadeEngine
 from cascade_studio.engine.inputs import from_image
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
+from cascade_studio.train.analyze import foreground as analyser_foreground
 from cascade_studio.train.evaluate import decoded_image, evaluate_vqgan, json_ready
-from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, render, sample_scene
+from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, position_phrase, render, sample_scene
 from tests.test_cli import CLI
 
 PROMPTS = [  # (prompt, background): a training and a held-out colour-shape pair
@@ -99,6 +100,39 @@ def test_the_position_follows_the_prompt(demo, seed):
 def test_the_number_of_shapes_follows_the_prompt(demo, prompt, count):
     found = [analyze(demo(demo.request(prompt=prompt, seed=seed)).images[0]).count for seed in range(4)]
     assert found.count(count) >= 3, found
+
+
+PHRASINGS = [  # (prompt, background, shape colour, shape): other words and word orders than the scene prompts'
+    ("An orange circle on a blue background.", "blue", "orange", "circle"),
+    ("one white square on a black background", "black", "white", "square"),
+    ("a red ball on a white background", "white", "red", "circle"),
+    ("a big yellow box on a black background", "black", "yellow", "square"),
+    ("a violet triangle on a yellow background", "yellow", "purple", "triangle"),
+    ("a large yellow triangle on a violet background", "purple", "yellow", "triangle"),
+    ("Red circle, white background", "white", "red", "circle"),
+    ("On a green background, a large red square in the centre.", "green", "red", "square"),
+]
+
+
+@pytest.mark.parametrize("prompt, background, colour, shape", PHRASINGS)
+def test_each_phrasing_moves_the_picture_as_its_words_say(demo, prompt, background, colour, shape):
+    seen = [analyze(demo(demo.request(prompt=prompt, seed=seed)).images[0]) for seed in range(4)]
+    right = [(d.background, d.colour, d.shape) == (background, colour, shape) for d in seen]
+    assert sum(right) >= 3, seen
+
+
+def test_a_prompt_without_a_background_never_paints_the_background_in_the_shapes_colour(demo):
+    """People rarely name a background; the model then picks one, never one near the shape's colour (before, "a red
+    square on the left" came out as a red picture with a small dark blob)."""
+    rng = random.Random(7)
+    for i in range(24):
+        scene = sample_scene(rng)
+        noun = scene.shape + ("s" if scene.count > 1 else "")
+        prompt = f"{('a', 'two', 'three')[scene.count - 1]} {scene.colour} {noun} {position_phrase(scene.position, i)}"
+        image = demo(demo.request(prompt=prompt, seed=i)).images[0]
+        _, background = analyser_foreground(np.asarray(image, dtype=float))
+        distance = float(np.sqrt(((background - np.array(PALETTE[scene.colour])) ** 2).sum()))
+        assert distance > 60, (prompt, background)
 
 
 @pytest.mark.parametrize("held_out", [False, True])

@@ -767,13 +767,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--stage",
-        choices=("b-text", "a-decoder", "c-image", "c-low-noise"),
+        choices=("b-text", "a-decoder", "c-image", "c-low-noise", "c-words"),
         help="with --from: b-text (default), the decoder with text (Stage B text; adds the stage, or "
         "trains on from where it stopped; another --seed gives fresh scenes), a-decoder, Stage "
         "A's decoder half (its encoder frozen, so the latents keep their meaning), or c-image, the CLIP image "
         "tower for image prompts (taught through the frozen prior; trains on if the model has one), or "
         "c-low-noise, the prior at little noise with a few wrong-colour captions (image-to-image at low strength "
-        "then keeps the picture's colours)",
+        "then keeps the picture's colours), or c-words, the text encoder alone on every phrasing the captions use "
+        "(the prior frozen; words its tokenizer lacks, such as ball, box and violet, are added)",
     )
     t.set_defaults(func=cmd_train_demo)
 

@@ -50,7 +50,7 @@ def test_distance_to_the_input_grows_with_strength(demo_engine, scene):
             ).images[0],
             scene.image,
         )
-        for s in (0.0, 0.2, 0.7)
+        for s in (0.0, 0.5, 0.7)  # below about 0.3 the prior keeps the input (its low-noise stage): 0.2 is like 0
     ]
     assert far[0] < far[1] < far[2] and far[2] > 60, far
 

@@ -13,12 +13,12 @@ from diffusers import DDPMWuerstchenScheduler
 from PIL import Image, ImageDraw, ImageFilter
 from transformers import CLIPTokenizer
 
-from cascade_studio.models.architectures import write_word_tokenizer
+from cascade_studio.models.architectures import extend_word_tokenizer, write_word_tokenizer
 from cascade_studio.models.schedulers import VPredictionWuerstchenScheduler
 from cascade_studio.train.analyze import analyze, score
 from cascade_studio.train.evaluate import people_phrasing, score_partial, score_splits
-from cascade_studio.train.run import caption_words
-from cascade_studio.train.scenes import HELD_OUT, PALETTE, caption, render, sample_scene
+from cascade_studio.train.run import WORDS_ADDED, caption_words
+from cascade_studio.train.scenes import HELD_OUT, PALETTE, caption, mentioned, render, sample_scene
 
 DATA = Path(__file__).parent / "data"
 
@@ -47,6 +47,41 @@ def test_captions_include_the_obvious_phrasings():
         t.startswith("a ") and t.endswith(" background") and len(t.split()) == 7 for t in texts
     )  # a red circle on a blue background
     assert any(t.startswith(("two small", "two little")) and " at the top left" in t for t in texts)
+
+
+def test_captions_are_written_as_people_write(tmp_path):
+    """Other words for a shape or colour, "an" and "one", a capital and a full stop, the background first or after a
+    comma, and no count, place or background; `mentioned` still tells what a caption states."""
+    rng = random.Random(3)
+    pairs = [(scene, caption(scene, rng)) for scene in (sample_scene(rng) for _ in range(4000))]
+    texts = [text for _, text in pairs]
+    for word in ("ball", "balls", "dot", "box", "boxes", "violet", "an", "one"):
+        assert any(f" {word} " in f" {t.lower()} " for t in texts), word
+    assert any(t[0].isupper() for t in texts) and any(t.endswith(".") for t in texts)
+    assert any(t.startswith("on a ") and ", " in t for t in texts)  # on a white background, a red circle ...
+    assert any(t.count(" ") == 3 and t.endswith(" background") and ", " in t for t in texts)  # red circle, white ...
+    assert "an orange circle" in {t.lower().rstrip(".") for t in texts}
+    assert not any(" a orange" in f" {t.lower()}" for t in texts)
+    for scene, text in pairs:
+        said = mentioned(scene, text)
+        assert said["background"] == (" background" in text), text  # "violet background" names purple
+        assert said["count"] == (scene.count == 1 or bool({"two", "three"} & set(text.lower().split()))), text
+
+
+def test_a_tokenizer_grows_words_without_moving_the_ones_it_has(tmp_path):
+    """`train-demo --stage c-words` adds the captions' new words to a trained model's tokenizer: each becomes one
+    token with an id after every old one, and every old word is spelt with the same tokens as before."""
+    old_words = ["a", "left", "purple", "circle", "circles", "square", "squares", "on", "background", "three", "the"]
+    folder = write_word_tokenizer(tmp_path, old_words, 24)
+    before = CLIPTokenizer.from_pretrained(folder)
+    size = extend_word_tokenizer(folder, list(WORDS_ADDED))
+    after = CLIPTokenizer.from_pretrained(folder)
+    assert size == len(after) > len(before)
+    assert {t: i for t, i in after.get_vocab().items() if t in before.get_vocab()} == before.get_vocab()
+    for word in WORDS_ADDED:
+        assert after.tokenize(word) == [f"{word}</w>"], word
+    for word in old_words + ["a purple circle on the left"]:
+        assert after(word).input_ids == before(word).input_ids, word
 
 
 def test_tokenizer_covers_every_caption_word(tmp_path):

@@ -237,3 +237,42 @@ def test_stage_a_pictures_in_any_colour_keep_the_scene_and_change_only_its_two_c
         _, groups_before = np.unique(b.numpy(), axis=0, return_inverse=True)
         _, groups_after = np.unique(a.numpy(), axis=0, return_inverse=True)
         assert len(set(zip(groups_before.ravel().tolist(), groups_after.ravel().tolist()))) == 2
+
+
+def test_from_stage_c_words_adds_words_as_the_ones_they_stand_for_and_trains_the_prior(tmp_path):
+    """The words the captions gained ("ball", "box", "violet", "an", "one") join the shipped model's tokenizer after
+    every id it had, each with the embedding of the word it stands for, and the rest of the text encoder stays: every
+    prompt it could read is read as before. Then only the prior learns: the decoder, Stage A and the image tower stay
+    as they were."""
+    from transformers import CLIPTokenizer
+
+    from cascade_studio.models.source import DEMO_DIR
+    from cascade_studio.train.run import WORDS_ADDED
+
+    src, again = tmp_path / "src", tmp_path / "again"
+    shutil.copytree(DEMO_DIR, src)
+    command = ["train-demo", "--from", str(src), "--out", str(again), "--stage", "c-words", "--scale", "0.002"]
+    assert main(command) == 0
+    before, after = CLIPTokenizer.from_pretrained(src / "tokenizer"), CLIPTokenizer.from_pretrained(again / "tokenizer")
+    for prompt in ("a large red triangle in the centre on a black background", "three small squares at the top"):
+        assert after(prompt).input_ids == before(prompt).input_ids
+    for word in WORDS_ADDED:
+        assert after.tokenize(word) == [f"{word}</w>"]
+    old, new = (load_file(f / "text_encoder" / "model.safetensors") for f in (src, again))
+    rows = "text_model.embeddings.token_embedding.weight"
+    assert all(torch.equal(old[k], new[k]) for k in old if k != rows)
+    assert torch.equal(new[rows][: len(before)], old[rows])
+    for word, plain in WORDS_ADDED.items():
+        assert torch.equal(
+            new[rows][after.convert_tokens_to_ids(f"{word}</w>")], new[rows][before.vocab[f"{plain}</w>"]]
+        )
+    run = json.loads((again / "cascade_studio.json").read_text())["added_later"][-1]
+    assert run["stage"] == "stage C words" and run["steps"] == 2
+    assert set(run["words_added"]) == {w for w in WORDS_ADDED if f"{w}</w>" not in before.get_vocab()}
+    old, new = (load_file(f / "prior" / "diffusion_pytorch_model.safetensors") for f in (src, again))
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+    for part in ("decoder", "vqgan", "image_encoder", "previewer", "image_tower/image_encoder"):
+        for file in (src / part).iterdir():
+            assert (again / part / file.name).read_bytes() == file.read_bytes(), (part, file.name)
+    engine = CascadeEngine.from_settings(Settings(model=str(again), device="cpu"))
+    assert engine(engine.request(prompt="An orange ball.", seed=0, prior_steps=2, decoder_steps=2)).images

@@ -172,25 +172,55 @@ def write_word_tokenizer(folder: Path, words: list[str], model_max_length: int =
     """
     folder.mkdir(parents=True, exist_ok=True)
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    symbols = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
     for suffix in ("", "</w>"):
-        for ch in symbols:
+        for ch in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
             vocab.setdefault(ch + suffix, len(vocab))
-    merges: list[str] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merge = f"{parts[0]} {parts[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_word_merges(folder, vocab, [], words)
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length})
     )
     return folder
+
+
+def extend_word_tokenizer(folder: Path, words: list[str]) -> int:
+    """Add words to a tokenizer written by write_word_tokenizer, each as one token, after every token it has: the
+    ids it had stay, so a text encoder keeps its embeddings and grows rows for the new ones. Returns the size."""
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = (folder / "merges.txt").read_text().splitlines()[1:]
+    return _write_word_merges(folder, vocab, [m for m in merges if m], words)
+
+
+def _write_word_merges(folder: Path, vocab: dict[str, int], merges: list[str], words: list[str]) -> int:
+    """Append the merges that spell each word: its letters joined left to right, then, where an earlier merge
+    splits the word otherwise ("l e" from "left" leaves "vio le t"), its leftover pieces joined."""
+    ranks = {m: i for i, m in enumerate(merges)}
+
+    def join(a: str, b: str) -> str:
+        ranks.setdefault(f"{a} {b}", len(ranks))
+        vocab.setdefault(a + b, len(vocab))
+        return a + b
+
+    for word in dict.fromkeys(w.lower() for w in words):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            parts = [join(parts[0], parts[1])] + parts[2:]
+        parts = _bpe(word, ranks)
+        while len(parts) > 1:
+            parts = [join(parts[0], parts[1])] + parts[2:]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(ranks) + "\n")
+    return len(vocab)
+
+
+def _bpe(word: str, ranks: dict[str, int]) -> list[str]:
+    """The pieces CLIPTokenizer's BPE makes of one word: the best-ranked known pair merged until none is left."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(f"{a} {b}", len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def build_tiny_model(

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from .. import __version__
-from ..models.architectures import RES, RES_ATTN, write_word_tokenizer
+from ..models.architectures import RES, RES_ATTN, extend_word_tokenizer, write_word_tokenizer
 from ..models.previewer import Previewer
 from ..models.schedulers import VPredictionWuerstchenScheduler
 from ..models.source import DEMO_TOWER
@@ -127,6 +127,8 @@ class TrainConfig:
     steps_c: int = 5000
     steps_c_image: int = 1500
     steps_c_low_noise: int = 600
+    steps_c_words: int = 600
+    words_scenes: int = 20000
     c_wrong_colour: float = 0.05  # the share of low-noise captions naming another colour (stages.train_prior_low_noise)
     low_noise_scenes: int = 20000
     steps_previewer: int = 400
@@ -146,7 +148,9 @@ def caption_words(rng: random.Random, n: int = 20000) -> list[str]:
     """Every word the captions use (sampled widely enough to hit every template and phrase)."""
     words: set[str] = set()
     for _ in range(n):
-        words.update(caption(sample_scene(rng, held_out=rng.random() < 0.2), rng).replace(",", " ").split())
+        words.update(
+            caption(sample_scene(rng, held_out=rng.random() < 0.2), rng).lower().replace(",", " ").rstrip(".").split()
+        )
     return sorted(words)
 
 
@@ -284,6 +288,20 @@ STAGES_ON = {
     "a-decoder": ("stage A decoder", "steps_a_decoder"),
     "c-image": ("image tower", "steps_c_image"),
     "c-low-noise": ("stage C low noise", "steps_c_low_noise"),
+    "c-words": ("stage C words", "steps_c_words"),
+}
+# Words the captions gained after the shipped model's first runs, each with the word it stands for: `--stage
+# c-words` adds them to a model's tokenizer, their embeddings starting from that word's (a fresh run has them all).
+WORDS_ADDED = {
+    "an": "a",
+    "one": "a",
+    "violet": "purple",
+    "ball": "circle",
+    "balls": "circles",
+    "dot": "circle",
+    "dots": "circles",
+    "box": "square",
+    "boxes": "squares",
 }
 
 
@@ -330,6 +348,33 @@ def train_low_noise(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log
     return losses, {"wrong_colour": cfg.c_wrong_colour, "scenes": cfg.steps(cfg.low_noise_scenes)}
 
 
+def train_words(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log) -> tuple[list[float], dict]:
+    """Words and phrasings for the model in `folder`: words its tokenizer lacks (WORDS_ADDED) are added, each with
+    the embedding of the word it stands for (so "a red ball" reads as "a red circle", and every prompt it could read
+    gives the same embedding as before), then the prior trains on captions in every phrasing (see
+    stages.train_prior_words). Written back in place."""
+    vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
+    added = [w for w in WORDS_ADDED if f"{w}</w>" not in vocab]
+    size = extend_word_tokenizer(folder / "tokenizer", added)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    rows = text_encoder.resize_token_embeddings(size, mean_resizing=False).weight
+    with torch.no_grad():
+        for word in added:
+            rows[tokenizer.convert_tokens_to_ids(f"{word}</w>")] = rows[vocab[f"{WORDS_ADDED[word]}</w>"]]
+    text_encoder.save_pretrained(folder / "text_encoder")
+    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
+    encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
+    with torch.no_grad():
+        latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.words_scenes), rng, log)
+    steps = cfg.steps(cfg.steps_c_words)
+    losses, ema = stages.train_prior_words(
+        prior, text_encoder.to(cfg.device), tokenizer, latents, scenes, steps, rng, gen, log
+    )
+    ema.model.cpu().save_pretrained(folder / "prior")
+    return losses, {"words_added": added, "scenes": cfg.steps(cfg.words_scenes)}
+
+
 def _load(cls, folder: Path):
     """A component from its config and weights: from_pretrained would record this machine's path in the config."""
     model = cls.from_config(cls.load_config(folder))
@@ -363,6 +408,9 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
     elif stage == "c-low-noise":
         steps = cfg.steps(cfg.steps_c_low_noise)
         losses, run = train_low_noise(out, cfg, rng, gen, log)
+    elif stage == "c-words":
+        steps = cfg.steps(cfg.steps_c_words)
+        losses, run = train_words(out, cfg, rng, gen, log)
     else:
         tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
         decoder = _load(StableCascadeUNet, out / "decoder").to(cfg.device)

@@ -89,34 +89,66 @@ def position_phrase(position: str, variant: int) -> str:
     return (f"on the {position}", f"at the {position}", f"on the {position} side")[variant % 3]
 
 
+# Other words people use for a shape or a colour: captions use them now and then, so the text encoder learns them.
+SHAPE_WORDS = {"circle": ("circle", "ball", "dot"), "square": ("square", "box"), "triangle": ("triangle",)}
+COLOUR_WORDS = {"purple": ("purple", "violet")}
+
+
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith("x") else "s")
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
-    """One of several plain-English phrasings; some leave out size, position or background, as people do."""
-    noun = scene.shape + ("s" if scene.count > 1 else "")
+    """One of several plain-English phrasings, as people write them: some leave out size, count, place or background
+    (the scene then shows some, never the background in the shape's colour), some put the background first or after
+    a comma; now and then another word for the shape ("ball", "box") or colour ("violet"), "an" or "one" for a
+    single shape, a capital and a full stop. `mentioned` says which attributes a caption states."""
+    word = rng.choice(SHAPE_WORDS[scene.shape]) if rng.random() < 0.2 else scene.shape
+    noun = plural(word) if scene.count > 1 else word
+    colour, bg = (rng.choice(COLOUR_WORDS.get(c, (c,))) for c in (scene.colour, scene.background))
     size = {"small": rng.choice(("small", "small", "little")), "large": rng.choice(("large", "large", "big"))}[
         scene.size
     ]
-    count = COUNTS[scene.count]
+    if scene.count == 1:
+        count = "one" if rng.random() < 0.15 else "a"
+        sized, bare = f"{count} {size} {colour} {noun}", f"{count} {colour} {noun}"
+        if count == "a":  # "an orange circle", "a large orange circle"
+            sized, bare = f"{article(size)} {size} {colour} {noun}", f"{article(colour)} {colour} {noun}"
+    else:
+        count = COUNTS[scene.count]
+        sized, bare = f"{count} {size} {colour} {noun}", f"{count} {colour} {noun}"
     where = position_phrase(scene.position, rng.randrange(3))
-    bg = scene.background
+    on_bg = f"on {article(bg)} {bg} background"
     templates = [
-        f"{count} {size} {scene.colour} {noun} {where} on a {bg} background",
-        f"{count} {scene.colour} {noun} {where} on a {bg} background",
-        f"a {bg} background with {count} {size} {scene.colour} {noun} {where}",
-        f"{count} {size} {scene.colour} {noun} on a {bg} background, {where}",
-        f"{count} {size} {scene.colour} {noun} {where}",
+        f"{sized} {where} {on_bg}",
+        f"{bare} {where} {on_bg}",
+        f"{article(bg)} {bg} background with {sized} {where}",
+        f"{sized} {on_bg}, {where}",
+        f"{sized} {where}",
+        f"{on_bg}, {sized} {where}",
+        f"{colour} {noun}, {bg} background",  # no count: a plural leaves it to the scene
+        f"{bare}",
     ]
     if scene.count == 1:
-        templates.append(f"a {scene.colour} {noun} on a {bg} background")
-    return rng.choice(templates)
+        templates.append(f"{bare} {on_bg}")
+    text = rng.choice(templates)
+    if rng.random() < 0.2:
+        text = text[0].upper() + text[1:]
+    return text + "." if rng.random() < 0.2 else text
 
 
 def mentioned(scene: Scene, text: str) -> dict[str, bool]:
     """Which attributes a caption states (an unstated one is the model's free choice)."""
-    words = f" {text} "
+    words = f" {text.lower().rstrip('.')} "
     return {
-        "background": f" {scene.background} background" in words,
+        "background": any(f" {c} background" in words for c in COLOUR_WORDS.get(scene.background, (scene.background,))),
         "size": any(f" {w} " in words for w in ("small", "little", "large", "big")),
         "position": any(k in words for k in (" left", " right", " top", " bottom", " centre", " center", " middle")),
+        "count": scene.count == 1 or any(f" {w} " in words for w in ("two", "three")),
     }
 
 

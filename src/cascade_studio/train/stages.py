@@ -483,12 +483,6 @@ def train_prior_low_noise(
     prior learnt that the prompt fixes every colour, so image-to-image at strength 0.15 with a prompt naming a new
     colour took the prompt's colour (the input's stayed in 10%). Where a caption is sometimes wrong, a picture under
     little noise outweighs the prompt, and from pure noise the prompt still decides."""
-    device = device_of(prior)
-    text_encoder.eval().requires_grad_(False)
-    params = list(prior.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    constant, ema = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0), EMA(prior, 0.99)
-    no_image = torch.zeros(batch, 1, prior.config.clip_image_in_channels, device=device)
     colours = list(PALETTE)
 
     def told(scene: Scene) -> str:
@@ -496,19 +490,13 @@ def train_prior_low_noise(
             scene = replace(scene, colour=rng.choice([c for c in colours if c not in (scene.colour, scene.background)]))
         return caption(scene, rng)
 
-    def step(_: int) -> float:
-        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
-        texts = [told(scenes[i]) if rng.random() > 0.1 else "" for i in idx]
-        with torch.no_grad():
-            hidden, pooled = encode_captions(text_encoder, tokenizer, texts)
-        t = torch.rand(batch, generator=gen)
-        t[: batch // 2] *= 0.3
-        loss = prior_loss(prior, hidden, pooled, no_image, latents[idx].to(device), t, gen)
-        optimise(opt, constant, loss, clip=params)
-        ema.update(prior)
-        return loss.item()
+    def low_noise(n: int) -> torch.Tensor:
+        t = torch.rand(n, generator=gen)
+        t[: n // 2] *= 0.3
+        return t
 
-    return run_steps("stage C low noise", steps, step, log, every=max(1, steps // 20)), ema
+    data = (latents, scenes, told, low_noise)
+    return _train_prior_alone("stage C low noise", prior, text_encoder, tokenizer, data, steps, rng, gen, log, batch)
 
 
 def train_prior_words(
@@ -528,6 +516,25 @@ def train_prior_words(
     constant learning rate and a fast EMA, as the low-noise stage: scene prompts score as before. (The text encoder
     trained instead, alone or with the prior, learnt the phrasings too but cost held-out shape 8 to 11 points: see
     the model card.) 10% empty captions, as in stage C."""
+    data = (latents, scenes, lambda scene: caption(scene, rng), lambda n: sample_t(n, gen, high_noise_share=0.5))
+    return _train_prior_alone("stage C words", prior, text_encoder, tokenizer, data, steps, rng, gen, log, batch)
+
+
+def _train_prior_alone(
+    name: str,
+    prior: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    data: tuple[torch.Tensor, list[Scene], Callable[[Scene], str], Callable[[int], torch.Tensor]],
+    steps: int,
+    rng: random.Random,
+    gen: torch.Generator,
+    log: Log,
+    batch: int,
+) -> tuple[list[float], EMA]:
+    """The prior alone on (latents, scenes, a caption per scene, noise levels per batch), its text encoder frozen:
+    lr 1e-4 constant, an EMA of 0.99, 10% empty captions (the runs that train a shipped prior on)."""
+    latents, scenes, told, noise_levels = data
     device = device_of(prior)
     text_encoder.eval().requires_grad_(False)
     params = list(prior.parameters())
@@ -537,16 +544,16 @@ def train_prior_words(
 
     def step(_: int) -> float:
         idx = [rng.randrange(len(scenes)) for _ in range(batch)]
-        texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
+        texts = [told(scenes[i]) if rng.random() > 0.1 else "" for i in idx]
         with torch.no_grad():
             hidden, pooled = encode_captions(text_encoder, tokenizer, texts)
-        t = sample_t(batch, gen, high_noise_share=0.5)
+        t = noise_levels(batch)
         loss = prior_loss(prior, hidden, pooled, no_image, latents[idx].to(device), t, gen)
         optimise(opt, constant, loss, clip=params)
         ema.update(prior)
         return loss.item()
 
-    return run_steps("stage C words", steps, step, log, every=max(1, steps // 20)), ema
+    return run_steps(name, steps, step, log, every=max(1, steps // 20)), ema
 
 
 # The demo's CLIP image tower: a small ViT (CLIPVisionModelWithProjection, as the official prior repo's

@@ -14,7 +14,8 @@ from cascade_studio.cli import main
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.engine.inputs import from_image
-from cascade_studio.train.run import TrainConfig, train_demo
+from cascade_studio.models.source import DEMO_DIR
+from cascade_studio.train.run import SHIPPED_RECIPE, TrainConfig, train_demo
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,8 @@ def trained(tmp_path_factory):
         steps_a_decoder=2,
         steps_b=2,
         steps_b_text=2,
+        b_text_rounds=(2,),  # as the shipped recipe: a second round, on fresh scenes
+        steps_a_decoder_plain=2,
         steps_c=2,
         steps_c_image=2,
         steps_c_low_noise=2,
@@ -44,8 +47,9 @@ def test_train_demo_writes_a_loadable_model(trained):
     assert stages | {"stage C low noise"} == set(report["final_losses"])
     assert any(line.startswith("stage C low noise step 2/2 loss") for line in logs)
     assert any(line.startswith("stage C step 2/2 loss") for line in logs)
-    assert any(line.startswith("stage A decoder step 2/2 loss") for line in logs)
-    assert any(line.startswith("stage B text step 2/2 loss") for line in logs)
+    assert sum(line.startswith("stage B text step 2/2 loss") for line in logs) == 2  # two rounds
+    assert sum(line.startswith("stage A decoder step 2/2 loss") for line in logs) == 2  # plain, then any colour
+    assert len(report["losses"]["stage B text"]) == len(report["losses"]["stage A decoder"]) == 4
     assert (out / "loss.png").is_file()
     assert (out / "image_encoder" / "config.json").is_file()  # for `eval-demo --stage decoder`
     card = json.loads((out / "cascade_studio.json").read_text())
@@ -59,6 +63,16 @@ def test_train_demo_writes_a_loadable_model(trained):
     assert engine.pipelines.previewer is not None
     result = engine(engine.request(prompt="a red circle on a white background", seed=0, prior_steps=2, decoder_steps=2))
     assert result.images[0].size == (128, 128) and result.model.name == "cascade-studio-demo"
+
+
+def test_a_fresh_run_trains_each_stage_for_the_steps_the_shipped_model_had():
+    """`train-demo` without --quick is the shipped model's recipe: the steps its card sums over all its runs."""
+    card = json.loads((DEMO_DIR / "cascade_studio.json").read_text())["config"]
+    cfg = TrainConfig(**SHIPPED_RECIPE)
+    assert cfg.steps_b_text + sum(cfg.b_text_rounds) == card["steps_b_text"] == 103_500
+    assert cfg.steps_a_decoder_plain + cfg.steps_a_decoder == card["steps_a_decoder"] == 11_000
+    for key in ("steps_a", "steps_b", "steps_c", "steps_previewer", "steps_c_image", "prior_scenes", "batch_c"):
+        assert getattr(cfg, key) == card[key], key
 
 
 def _mapper_weight(folder):

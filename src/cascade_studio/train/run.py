@@ -1,7 +1,8 @@
 """Train the demo model: every stage from a fixed seed, in one command, into the official folder layout.
 
-    cascade-studio train-demo --out demo-model             # the shipped recipe
-    cascade-studio train-demo --out quick --scale 0.05     # a smoke test in a couple of minutes
+    cascade-studio train-demo --out demo-model             # the shipped recipe (SHIPPED_RECIPE: hours)
+    cascade-studio train-demo --out demo-model --quick     # the short recipe: its first Stage B text round alone
+    cascade-studio train-demo --out smoke --quick --scale 0.05   # a smoke test in a couple of minutes
 
 `--from DIR` trains one stage of a trained model on: the decoder with text (Stage B text, the default: it adds the
 stage to a model trained before the stage existed, or trains the decoder on from where it stopped; give another
@@ -120,9 +121,11 @@ class TrainConfig:
     seed: int = 0
     steps_a: int = 1000
     steps_a_decoder: int = 3000
+    steps_a_decoder_plain: int = 0  # Stage A decoder steps on the scenes' own colours, before the steps above
     a_any_colour: float = 0.5  # the share of Stage A decoder pictures in random colours (see stages.train_stage_a)
     steps_b: int = 4500
     steps_b_text: int = 2500
+    b_text_rounds: tuple[int, ...] = ()  # Stage B text rounds after the first: fresh scenes each (4 a step)
     lr_b_text: float = 3e-4
     steps_c: int = 5000
     steps_c_image: int = 1500
@@ -142,6 +145,16 @@ class TrainConfig:
 
     def steps(self, n: int) -> int:
         return max(2, round(n * self.scale))
+
+
+# What a fresh `train-demo` runs unless told --quick: the steps the shipped model was trained for, in the order its
+# card lists them (`added_later`: it was made run by run with --from). Its runs took 8.0 h on 2 CPU threads (the
+# card's seconds; 6-8 h as fast as the shared machine was), nearly all of it Stage B text. --quick runs the
+# TrainConfig defaults: the first Stage B text round alone.
+SHIPPED_RECIPE = dict(
+    b_text_rounds=(5000, 8000, 12000, 8000, 24000, 12000, 24000, 8000),  # with the first 2,500: 103,500 steps
+    steps_a_decoder_plain=8000,  # then 3,000 in any colour: 11,000 steps
+)
 
 
 def caption_words(rng: random.Random, n: int = 20000) -> list[str]:
@@ -211,6 +224,11 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     losses["stage B text"] = stages.train_decoder_text(
         decoder, encoder, ema_text.model, tokenizer, data_b, cfg.steps(cfg.steps_b_text), cfg.lr_b_text, rng, gen, log
     )
+    for steps in cfg.b_text_rounds:  # each with its own warm-up and cosine, as the shipped model's runs had
+        data = stages.decoder_dataset(vqgan, cfg.steps(4 * steps), rng, log, scale=data_b.scale)
+        losses["stage B text"] += stages.train_decoder_text(
+            decoder, encoder, ema_text.model, tokenizer, data, cfg.steps(steps), cfg.lr_b_text, rng, gen, log
+        )
     seconds["stage B text"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -220,7 +238,11 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
 
     # Last, so that it draws no random numbers before the other stages: they are as they were without it.
     t = time.perf_counter()
-    losses["stage A decoder"] = stages.train_stage_a(
+    losses["stage A decoder"] = []
+    if cfg.steps_a_decoder_plain:
+        plain = cfg.steps(cfg.steps_a_decoder_plain)
+        losses["stage A decoder"] = stages.train_stage_a(vqgan, plain, rng, gen, log, decoder_only=True)
+    losses["stage A decoder"] += stages.train_stage_a(
         vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log, decoder_only=True, any_colour=cfg.a_any_colour
     )
     seconds["stage A decoder"] = time.perf_counter() - t

@@ -358,10 +358,7 @@ def train_low_noise(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log
     """Stage C low noise on the prior in `folder` (its text and image encoders frozen), written back in place."""
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").to(cfg.device)
-    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
-    encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
-    with torch.no_grad():
-        latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.low_noise_scenes), rng, log)
+    prior, latents, scenes = _prior_and_scenes(folder, cfg, cfg.steps(cfg.low_noise_scenes), rng, log)
     steps = cfg.steps(cfg.steps_c_low_noise)
     losses, ema = stages.train_prior_low_noise(
         prior, text_encoder, tokenizer, latents, scenes, steps, rng, gen, log, wrong_colour=cfg.c_wrong_colour
@@ -385,16 +382,23 @@ def train_words(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log) ->
         for word in added:
             rows[tokenizer.convert_tokens_to_ids(f"{word}</w>")] = rows[vocab[f"{WORDS_ADDED[word]}</w>"]]
     text_encoder.save_pretrained(folder / "text_encoder")
-    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
-    encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
-    with torch.no_grad():
-        latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.words_scenes), rng, log)
+    prior, latents, scenes = _prior_and_scenes(folder, cfg, cfg.steps(cfg.words_scenes), rng, log)
     steps = cfg.steps(cfg.steps_c_words)
     losses, ema = stages.train_prior_words(
         prior, text_encoder.to(cfg.device), tokenizer, latents, scenes, steps, rng, gen, log
     )
     ema.model.cpu().save_pretrained(folder / "prior")
     return losses, {"words_added": added, "scenes": cfg.steps(cfg.words_scenes)}
+
+
+def _prior_and_scenes(folder: Path, cfg: TrainConfig, n: int, rng: random.Random, log):
+    """The prior in `folder` and n fresh scenes encoded by its image encoder: what a stage that trains the prior
+    alone starts from (stages._train_prior_alone)."""
+    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
+    encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
+    with torch.no_grad():
+        latents, scenes = stages.encode_dataset(encoder, n, rng, log)
+    return prior, latents, scenes
 
 
 def _load(cls, folder: Path):

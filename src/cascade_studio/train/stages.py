@@ -34,17 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.image_encoder import ImageEncoder  # noqa: F401 - trained here, used by models/ and train/
-from .scenes import (
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Scene,
-    caption,
-    mentioned,
-    render,
-    sample_scene,
-)
+from .scenes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, caption, mentioned, render, sample_scene
 
 Log = Callable[[str], None]
 

@@ -89,7 +89,9 @@ def main() -> None:
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=kind, help="a training setting (default: the model's)"
         )
-    parser.add_argument("--text-encoder", dest="text_encoder", action="store_true", help="adapt the text encoder too")
+    parser.add_argument(
+        "--text-encoder", dest="text_encoder", action=argparse.BooleanOptionalAction, help="adapt the text encoder too"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "lora-concepts.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,7 +99,7 @@ def main() -> None:
     base, base_shapes = eval_rates(engine, args.eval_n, args.eval_seeds, None)
     names = ("steps", "preserve", "lr", "rank", "text_encoder_lr")
     settings = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    settings |= {"text_encoder": True} if args.text_encoder else {}
+    settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
     report |= {"eval_prompts_per_split": args.eval_n * args.eval_seeds}
     report |= {"base_eval": base, "base_shape_rates": base_shapes, "concepts": {}}

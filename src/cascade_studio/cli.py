@@ -853,14 +853,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-encoder",
         dest="text_encoder",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also adapt the text encoder (kohya's TE LoRA), so a new word is learnt where words are read",
+        default=None,
+        help="also adapt the text encoder (kohya's TE LoRA), so a new word is learnt where words are read (default: "
+        "yes for the demo model, no for the official ones)",
     )
     lt.add_argument(
         "--text-encoder-lr",
         dest="text_encoder_lr",
         type=float,
-        help="the text encoder's learning rate (above 0 and at most 0.1; default a tenth of --lr)",
+        help="the text encoder's learning rate (above 0 and at most 0.1; default: --lr for the demo model, a tenth "
+        "of it for the official ones)",
     )
     lt.add_argument(
         "--preserve",

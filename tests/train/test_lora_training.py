@@ -19,7 +19,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CancelToken, CascadeEngine, GenerationCancelled
 from cascade_studio.metadata import read_png
 from cascade_studio.models.image_encoder import EfficientNetEncoder
-from cascade_studio.models.lora import LoraLibrary, LoraStack
+from cascade_studio.models.lora import KOHYA_PREFIX, LoraLibrary, LoraStack
 from cascade_studio.models.source import EFFNET_FILE
 from cascade_studio.train.concepts import write_concept
 from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, train_lora
@@ -39,13 +39,15 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     assert main([*train, "--out", str(out), "--sample-every", "3", "--save-every", "4"]) == 0
     keys, meta = header(out)
     assert keys and all(
-        re.fullmatch(r"lora_(prior_)?unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in keys
+        re.fullmatch(r"lora_(prior_unet|unet|prior_te)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in keys
     )
-    assert any(k.startswith("lora_prior_unet_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+    # The demo model's defaults adapt the prior, Stage B and the text encoder (its Stage B reads shape from words).
+    adapted = {role for role, prefix in KOHYA_PREFIX.items() if any(k.startswith(prefix) for k in keys)}
+    assert adapted == {"prior", "decoder", "text_encoder"}
     assert meta["cascade_studio.base_model"] == "cascade-studio-demo" and meta["cascade_studio.rank"] == "4"
     assert meta["cascade_studio.steps"] == "6" and len(meta["cascade_studio.dataset_hash"]) == 12
     assert json.loads(meta["cascade_studio.base_identity"])["preset"] == "demo"
-    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet"  # what was trained, not every part there is
+    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet,lora_prior_te"  # what was trained
     assert out.with_suffix(".loss.png").is_file() and (tmp_path / "loras" / "teal.sample-3.png").is_file()
     checkpoint = tmp_path / "loras" / "teal-step4.resume.safetensors"
     assert checkpoint.is_file() and (tmp_path / "loras" / "teal-step4.safetensors").is_file()
@@ -61,7 +63,9 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     (tmp_path / "outputs" / "loras").mkdir(parents=True)
     shutil.copy(out, tmp_path / "outputs" / "loras")  # into the LoRA folder: by name from now on
     assert main(["loras", "--out", str(tmp_path / "outputs")]) == 0
-    assert re.search(r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior", capsys.readouterr().out)
+    assert re.search(
+        r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior, text_encoder", capsys.readouterr().out
+    )
     gen = ["generate", "a large teal circle in the centre on a white background", "--seed", "1", *common]
     assert main([*gen, "--lora", "teal:0.8", "--lora", f"{resumed}:0.5"]) == 0
     png = sorted((tmp_path / "outputs").rglob("*.png"))[-1]

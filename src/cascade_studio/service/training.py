@@ -53,7 +53,7 @@ class TrainingSpec(BaseModel):
     resolution: Annotated[int, Field(ge=128, le=2048, multiple_of=128)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     decoder: bool | None = None
-    text_encoder: bool = False
+    text_encoder: bool | None = None
     text_encoder_lr: Annotated[float, Field(gt=0, le=0.1)] | None = None
     preserve: Annotated[int, Field(ge=0, le=1000)] | None = None
     sample_every: Annotated[int, Field(ge=0)] = 0

@@ -86,8 +86,8 @@ class LoraTrainConfig:
     sample_every: int = 0  # 0: no samples during training
     save_every: int = 0  # 0: checkpoints only on Ctrl-C or cancel
     decoder: bool | None = None  # default: the model's (the demo: yes, it must learn to draw what is new)
-    text_encoder: bool = False  # also adapt the text encoder (kohya's TE LoRA): a new word is learnt there too
-    text_encoder_lr: float | None = None  # default: a tenth of lr
+    text_encoder: bool | None = None  # also adapt the text encoder (kohya's TE LoRA); default: the model's
+    text_encoder_lr: float | None = None  # default: the model's (the demo: lr), else a tenth of lr
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' 8-bit AdamW, on CUDA (a quarter of the moments' memory)
@@ -96,12 +96,31 @@ class LoraTrainConfig:
 
 
 def defaults_for(engine: CascadeEngine) -> dict:
-    """Settings that work for the model loaded: the tiny demo model learns fast and needs its decoder taught too;
-    the official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU)."""
+    """Settings that work for the model loaded: the tiny demo model learns fast and needs its decoder and its text
+    encoder taught too (its Stage B reads shape from the caption, and a new word must mean something there); the
+    official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU, the prior alone)."""
     size = engine.pipelines.defaults.get("width", 1024)
     if size <= 256:
-        return dict(steps=600, lr=2e-3, batch=16, resolution=size, decoder=True, preserve=40)
-    return dict(steps=1000, lr=1e-4, batch=1, resolution=1024, decoder=False, preserve=0)
+        return dict(
+            steps=600,
+            lr=2e-3,
+            batch=16,
+            resolution=size,
+            decoder=True,
+            text_encoder=True,
+            text_encoder_lr=2e-3,
+            preserve=40,
+        )
+    return dict(
+        steps=1000,
+        lr=1e-4,
+        batch=1,
+        resolution=1024,
+        decoder=False,
+        text_encoder=False,
+        text_encoder_lr=None,
+        preserve=0,
+    )
 
 
 def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
@@ -618,7 +637,7 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
 
 
 def _roles(cfg: LoraTrainConfig) -> list[str]:
-    return ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * cfg.text_encoder
+    return ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * bool(cfg.text_encoder)
 
 
 def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

@@ -202,7 +202,7 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                 "resolution": gr.Number(
                     label="Resolution", value=d["resolution"], precision=0, info="the long side, a multiple of 128"
                 ),
-                "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: a tenth of the rate"),
+                "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: the model's default"),
             }
         with gr.Row():
             boxes |= {
@@ -210,7 +210,7 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                     value=d["decoder"], label="Adapt the decoder too", info="Stage B learns to draw what is new"
                 ),
                 "text_encoder": gr.Checkbox(
-                    value=False, label="Adapt the text encoder too", info="the new word is learnt there as well"
+                    value=d["text_encoder"], label="Adapt the text encoder too", info="the new word is learnt there too"
                 ),
             }
     for key, box in boxes.items():

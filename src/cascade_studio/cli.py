@@ -861,8 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-encoder-lr",
         dest="text_encoder_lr",
         type=float,
-        help="the text encoder's learning rate (above 0 and at most 0.1; default: --lr for the demo model, a tenth "
-        "of it for the official ones)",
+        help="the text encoder's learning rate (above 0 and at most 0.1; default: 2e-3 for the demo model, a tenth "
+        "of --lr for the official ones)",
     )
     lt.add_argument(
         "--preserve",

@@ -87,7 +87,7 @@ class LoraTrainConfig:
     save_every: int = 0  # 0: checkpoints only on Ctrl-C or cancel
     decoder: bool | None = None  # default: the model's (the demo: yes, it must learn to draw what is new)
     text_encoder: bool | None = None  # also adapt the text encoder (kohya's TE LoRA); default: the model's
-    text_encoder_lr: float | None = None  # default: the model's (the demo: lr), else a tenth of lr
+    text_encoder_lr: float | None = None  # default: the model's (the demo: 2e-3), else a tenth of lr
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' 8-bit AdamW, on CUDA (a quarter of the moments' memory)

@@ -243,6 +243,14 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert set(row["eval_with_lora"]) == {"held-out", "training", "partial"} and "cross: trained 2 steps" in proc.stdout
     assert set(row["shape_rates_with_lora"]) == set(report["base_shape_rates"]) == set(row["eval_with_lora"])
     assert row["largest_shape_change"].split()[0] in row["eval_with_lora"] and "moved most: " in proc.stdout
+    changes = row["eval_changes_points"]  # paired over the same prompts: each change is the rates' difference
+    assert {key.split()[0] for key in changes} == set(row["eval_with_lora"])
+    for key, (change, low, high) in changes.items():
+        split, attribute = key.split()
+        rates = row["eval_with_lora"][split][attribute], report["base_eval"][split][attribute]
+        assert abs(change - (rates[0] - rates[1]) * 100) < 0.06
+        assert low <= change <= high
+    assert row["eval_max_change_points"] == max(abs(c[0]) for c in changes.values())
 
 
 def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):

@@ -34,7 +34,7 @@ from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.train.analyze import ATTRIBUTES
 from cascade_studio.train.concepts import CONCEPTS, sample, shows_concept, write_concept
-from cascade_studio.train.evaluate import evaluate
+from cascade_studio.train.evaluate import all_asked, evaluate
 from cascade_studio.train.lora import LoraTrainConfig, train_lora
 from cascade_studio.train.scenes import sample_scene
 
@@ -93,9 +93,7 @@ def paired_changes(base: dict, with_lora: dict, draws: int = 2000) -> dict:
 
 def _hit(hits: dict, attribute: str) -> bool | None:
     """One prompt's hit for an attribute (None where the prompt did not ask), or for all it asked."""
-    if attribute == "all":
-        return all(h for h in hits.values() if h is not None)
-    return hits[attribute]
+    return all_asked(hits) if attribute == "all" else hits[attribute]
 
 
 def largest_shape_change(base: dict, with_lora: dict) -> str:

@@ -215,7 +215,12 @@ def shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callabl
 def hit_rates(rows: list[dict]) -> dict[str, float]:
     """Per attribute, the share of rows that showed it, over the rows that asked for it (a hit of None: not asked)."""
     rates = {a: mean(r["hits"][a] for r in rows if r["hits"][a] is not None) for a in ATTRIBUTES}
-    return rates | {"all": mean(all(h for h in r["hits"].values() if h is not None) for r in rows)}
+    return rates | {"all": mean(all_asked(r["hits"]) for r in rows)}
+
+
+def all_asked(hits: dict[str, bool | None]) -> bool:
+    """Whether one image showed every attribute its prompt asked for (the "all" rate counts these)."""
+    return all(h for h in hits.values() if h is not None)
 
 
 def score_splits(make_image: Callable[[Scene, int], Image.Image], n: int, seeds: Sequence[int]) -> dict:

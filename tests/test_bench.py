@@ -231,6 +231,7 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     out = tmp_path / "lora.json"
     command = [sys.executable, str(ROOT / "bench" / "lora_concepts.py"), "--concepts", "cross", "--images", "4"]
     command += ["--n", "3", "--eval-n", "2", "--eval-seeds", "2", "--steps", "2", "--preserve", "1", "--out", str(out)]
+    command += ["--weights", "1", "0.5", "--parts", "--pixel-prompts", "2"]
     proc = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
     )
@@ -251,6 +252,12 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
         assert abs(change - (rates[0] - rates[1]) * 100) < 0.06
         assert low <= change <= high
     assert row["eval_max_change_points"] == max(abs(c[0]) for c in changes.values())
+    at_half = row["by_weight"]["0.5"]  # each weight scored on its own; the first is the row's
+    assert row["weight"] == 1 and at_half["weight"] == 0.5
+    assert row["by_weight"]["1.0"]["eval_with_lora"] == row["eval_with_lora"]
+    assert set(at_half["eval_with_lora"]) == set(row["eval_with_lora"]) and "cross at weight 0.5: " in proc.stdout
+    assert set(row["by_part"]) == {"prior", "decoder", "text_encoder"}  # the demo's defaults adapt all three
+    assert row["by_part"]["text_encoder"]["weight"] == 1 and "cross at its text encoder alone: " in proc.stdout
 
 
 def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):

@@ -59,17 +59,19 @@ def concept_rate(engine: CascadeEngine, concept: str, n: int, lora: str | None, 
     return hits / n
 
 
-def pixels_moved(engine: CascadeEngine, lora: str, weight: float, n: int = 20) -> float:
-    """How far the LoRA moves the pictures of n scene prompts (never its word): mean |difference| per pixel, 0-255."""
-    rng, moved = random.Random("pixels-moved"), []
-    for i in range(n):
-        prompt = sample_scene(rng).prompt()
-        base, with_lora = (
-            np.asarray(engine(engine.request(prompt=prompt, seed=i, loras=loras)).images[0], dtype=float)
-            for loras in ([], [{"name": lora, "weight": weight}])
-        )
-        moved.append(float(np.abs(base - with_lora).mean()))
-    return sum(moved) / n
+def scene_pictures(engine: CascadeEngine, n: int, loras: list[dict]) -> list[np.ndarray]:
+    """The pictures of n scene prompts (never a concept's word), the same prompts and seeds every call."""
+    rng = random.Random("pixels-moved")
+    prompts = [sample_scene(rng).prompt() for _ in range(n)]
+    return [
+        np.asarray(engine(engine.request(prompt=prompt, seed=i, loras=loras)).images[0], dtype=float)
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def pixels_moved(base: list[np.ndarray], with_lora: list[np.ndarray]) -> float:
+    """How far the LoRA moves the scene pictures: mean |difference| per pixel, 0-255."""
+    return sum(float(np.abs(b - w).mean()) for b, w in zip(base, with_lora)) / len(base)
 
 
 def eval_rates(
@@ -112,19 +114,21 @@ def largest_shape_change(base: dict, with_lora: dict) -> str:
     return f"{split} {shape} {base[split][shape]:.0%} -> {with_lora[split][shape]:.0%}"
 
 
-def scores(engine, concept: str, lora: str, weight: float, base_shapes: dict, base_hits: dict, args) -> dict:
+def scores(engine, concept: str, lora: str, weight: float, base: dict, args) -> dict:
     """A trained LoRA's scores at one weight: how often it shows its concept, and eval-demo's changes against the
-    base model's prompts and seeds (base_hits), each with its 95% interval."""
+    base model's on the same prompts and seeds (`base`: its shape rates, hits and scene pictures, made once), each
+    with its 95% interval."""
     with_lora, shapes, hits = eval_rates(engine, args.eval_n, args.eval_seeds, lora, weight)
-    changes = paired_changes(base_hits, hits)
+    changes = paired_changes(base["hits"], hits)
+    pictures = scene_pictures(engine, args.pixel_prompts, [{"name": lora, "weight": weight}])
     largest = max(changes, key=lambda k: abs(changes[k][0]))
     return {
         "weight": weight,
         "held_out_with_lora": concept_rate(engine, concept, args.n, lora, weight),
         "eval_with_lora": with_lora,
         "shape_rates_with_lora": shapes,
-        "largest_shape_change": largest_shape_change(base_shapes, shapes),
-        "scene_pixels_moved": round(pixels_moved(engine, lora, weight, args.pixel_prompts), 3),
+        "largest_shape_change": largest_shape_change(base["shapes"], shapes),
+        "scene_pixels_moved": round(pixels_moved(base["pictures"], pictures), 3),
         "eval_changes_points": changes,  # [change, 95% interval low, high] per split and attribute
         "eval_max_change_points": abs(changes[largest][0]),
         "eval_max_change": f"{largest}: {changes[largest][0]:+.1f} points ({changes[largest][1]:+.1f} to "
@@ -174,13 +178,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=args.threads))
-    base, base_shapes, base_hits = eval_rates(engine, args.eval_n, args.eval_seeds, None)
+    base_eval, base_shapes, base_hits = eval_rates(engine, args.eval_n, args.eval_seeds, None)
+    base = {"shapes": base_shapes, "hits": base_hits, "pictures": scene_pictures(engine, args.pixel_prompts, [])}
     names = ("steps", "preserve", "lr", "rank", "text_encoder_lr")
     settings = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
     report |= {"eval_prompts_per_split": args.eval_n * args.eval_seeds}
-    report |= {"base_eval": base, "base_shape_rates": base_shapes, "concepts": {}}
+    report |= {"base_eval": base_eval, "base_shape_rates": base_shapes, "concepts": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:
             folder = write_concept(concept, Path(tmp) / concept, n=args.images)
@@ -192,12 +197,12 @@ def main() -> None:
             engine.lora_library.add(out)
             row = {"train_seconds": round(seconds, 1), "steps": summary["steps"], "final_loss": summary["final_loss"]}
             row["held_out_base"] = concept_rate(engine, concept, args.n, None)
-            by_weight = {w: scores(engine, concept, out.stem, w, base_shapes, base_hits, args) for w in args.weights}
+            by_weight = {w: scores(engine, concept, out.stem, w, base, args) for w in args.weights}
             row |= by_weight[args.weights[0]] | ({"by_weight": by_weight} if len(args.weights) > 1 else {})
             if args.parts:
                 w = args.weights[0]
                 row["by_part"] = {
-                    r: scores(engine, concept, engine.lora_library.add(f), w, base_shapes, base_hits, args)
+                    r: scores(engine, concept, engine.lora_library.add(f), w, base, args)
                     for r, f in split_by_part(out).items()
                 }
             report["concepts"][concept] = row

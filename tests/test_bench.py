@@ -297,3 +297,33 @@ def test_lora_gpu_bench_times_each_row_on_a_tiny_prior(tmp_path):
     rows = {(r["batch"], r["checkpointing"]): r for r in report["rows"]}
     assert set(rows) == {(1, True), (1, False), (4, True), (4, False)}
     assert all(r["seconds_per_step"] > 0 and r["loss_is_finite"] for r in rows.values())
+
+
+def test_each_lora_recipe_changes_its_one_thing_and_puts_the_defaults_back(demo_engine):
+    """The README's recipe figures come from bench/lora_recipes.py: each recipe patches what it says while it runs
+    (checked without training) and the defaults are back after."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import lora_recipes
+
+    from cascade_studio.train import lora
+    from cascade_studio.train.lora import LoraTrainConfig, resolve
+
+    cfg = resolve(LoraTrainConfig(images=ROOT, out=ROOT / "x.safetensors"), demo_engine)
+    defaults = lora.domain_prompts(demo_engine, 20, 0)
+    assert all(p.endswith("background") for p in defaults) and lora._lr_of(cfg, "decoder") == 2e-3
+    with lora_recipes.recipe("phrasing"):
+        phrased = lora.domain_prompts(demo_engine, 20, 0)
+        assert phrased[::2] == defaults[::2] and any("background" not in p for p in phrased[1::2])
+    with lora_recipes.recipe("decoder-lr"):
+        assert lora._lr_of(cfg, "decoder") == 1e-3 and lora._lr_of(cfg, "prior") == cfg.lr
+    with lora_recipes.recipe("no-prior"):
+        assert lora._lr_of(cfg, "prior") == 0 and lora._lr_of(cfg, "decoder") == cfg.lr
+    x0 = torch.zeros(64, 4, 8, 8)
+    with lora_recipes.recipe("shape-steps"):
+        lora_recipes.USER_BATCH["active"] = True  # as inside the user's batch loss
+        assert lora._noised(x0, torch.Generator().manual_seed(0), True, 0.25)[1].min() >= 0.3
+        assert lora._noised(x0, torch.Generator().manual_seed(0), True, 0.5)[1].min() < 0.3  # the prior's as ever
+        lora_recipes.USER_BATCH["active"] = False
+        assert lora._noised(x0, torch.Generator().manual_seed(0), True, 0.25)[1].min() < 0.3  # preservation's
+    assert lora.domain_prompts(demo_engine, 20, 0) == defaults and lora._lr_of(cfg, "prior") == cfg.lr
+    assert lora._noised.__module__ == lora._batch_loss.__module__ == lora._lr_of.__module__ == lora.__name__

@@ -1,19 +1,18 @@
 """Score a LoRA recipe that differs from the defaults in one thing: does it move eval-demo less for the same concept?
 
-    python bench/lora_recipes.py phrasing --concepts cross --out /tmp/cross-phrasing.json
     python bench/lora_recipes.py decoder-lr --concepts cross --out /tmp/cross-decoder-lr.json
-    python bench/lora_recipes.py phrasing+decoder-lr --concepts cross --preserve 80   # several, joined by +
+    python bench/lora_recipes.py scenes-only+every-step --concepts cross   # several, joined by +
 
 The recipe is patched into cascade_studio.train.lora for this process only; everything after its name goes to
 bench/lora_concepts.py, which trains and scores as usual (the report, by default
 bench/results/lora-recipe-NAME.json, says which recipe). What each one changes:
-- phrasing:    half the preservation prompts in the demo model's own caption phrasings (partial, reordered), not all
-               fully specified scenes, so that what is kept covers prompts as people write them too;
+- scenes-only: every preservation prompt a fully specified scene, none in the model's caption phrasings (the
+               defaults before 2026-12-07);
+- every-step:  Stage B learns the user's pictures at every noise level, not at t >= 0.3 only (decoder_min_t 0;
+               the defaults before 2026-12-07; scenes-only+every-step is that recipe whole);
 - decoder-lr:  Stage B at lr 1e-3 (the demo's default is 2e-3);
 - no-prior:    no prior adapters (lr 0 keeps peft's zero-initialised up weights at zero), only Stage B's and the
-               text encoder's: the prior's add nothing to the cross on their own;
-- shape-steps: Stage B learns the user's pictures at t >= 0.3 only, where shape is decided, so that its adapters
-               leave the last steps (edges and corners) to the base model; preservation still covers every step.
+               text encoder's: the prior's add nothing to the cross on their own.
 """
 
 from __future__ import annotations
@@ -30,50 +29,28 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import torch
-
 import cascade_studio.train.lora as lora
-from cascade_studio.train.scenes import caption, sample_scene
-
-USER_BATCH = {"active": False}  # set while the user's pictures' loss runs (shape-steps reads it)
+from cascade_studio.train.scenes import sample_scene
 
 
-def phrasing_prompts(engine, n: int, seed: int) -> list[str]:
+def scenes_only_prompts(engine, n: int, seed: int) -> list[str]:
     if engine.identity.preset != "demo":
         return []
     rng = random.Random(f"preservation-{seed}")
-    scenes = [sample_scene(rng) for _ in range(n)]
-    return [caption(s, rng) if i % 2 else s.prompt() for i, s in enumerate(scenes)]
+    return [sample_scene(rng).prompt() for _ in range(n)]
 
 
 def _patches(name: str) -> dict:
-    lr_of, batch_loss, noised = lora._lr_of, lora._batch_loss, lora._noised
-
-    def user_batch_loss(*args, **kwargs):
-        USER_BATCH["active"] = True
-        try:
-            return batch_loss(*args, **kwargs)
-        finally:
-            USER_BATCH["active"] = False
-
-    def shape_noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_noise_share: float):
-        if not (USER_BATCH["active"] and high_noise_share == 0.25):  # 0.25: Stage B's share (the prior's is 0.5)
-            return noised(x0, generator, v_target, high_noise_share)
-        t = 0.3 + 0.7 * torch.rand(x0.shape[0], generator=generator)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        a = lora.alpha_cumprod(t).to(x0.device).view(-1, *[1] * (x0.dim() - 1))
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_target else noise
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(x0.device), target
-
+    lr_of, defaults_for = lora._lr_of, lora.defaults_for
     return {
-        "phrasing": {"domain_prompts": phrasing_prompts},
+        "scenes-only": {"domain_prompts": scenes_only_prompts},
+        "every-step": {"defaults_for": lambda engine: defaults_for(engine) | {"decoder_min_t": 0.0}},
         "decoder-lr": {"_lr_of": lambda cfg, role: 1e-3 if role == "decoder" else lr_of(cfg, role)},
         "no-prior": {"_lr_of": lambda cfg, role: 0.0 if role == "prior" else lr_of(cfg, role)},
-        "shape-steps": {"_batch_loss": user_batch_loss, "_noised": shape_noised},
     }[name]
 
 
-RECIPES = ("phrasing", "decoder-lr", "no-prior", "shape-steps")
+RECIPES = ("scenes-only", "every-step", "decoder-lr", "no-prior")
 
 
 @contextmanager

@@ -310,20 +310,16 @@ def test_each_lora_recipe_changes_its_one_thing_and_puts_the_defaults_back(demo_
 
     cfg = resolve(LoraTrainConfig(images=ROOT, out=ROOT / "x.safetensors"), demo_engine)
     defaults = lora.domain_prompts(demo_engine, 20, 0)
-    assert all(p.endswith("background") for p in defaults) and lora._lr_of(cfg, "decoder") == 2e-3
-    with lora_recipes.recipe("phrasing"):
-        phrased = lora.domain_prompts(demo_engine, 20, 0)
-        assert phrased[::2] == defaults[::2] and any("background" not in p for p in phrased[1::2])
+    assert lora._lr_of(cfg, "decoder") == 2e-3
+    with lora_recipes.recipe("scenes-only"):
+        scenes = lora.domain_prompts(demo_engine, 20, 0)
+        assert all(p.endswith("background") for p in scenes) and scenes[::2] == defaults[::2]
     with lora_recipes.recipe("decoder-lr"):
         assert lora._lr_of(cfg, "decoder") == 1e-3 and lora._lr_of(cfg, "prior") == cfg.lr
     with lora_recipes.recipe("no-prior"):
         assert lora._lr_of(cfg, "prior") == 0 and lora._lr_of(cfg, "decoder") == cfg.lr
-    x0 = torch.zeros(64, 4, 8, 8)
-    with lora_recipes.recipe("shape-steps"):
-        lora_recipes.USER_BATCH["active"] = True  # as inside the user's batch loss
-        assert lora._noised(x0, torch.Generator().manual_seed(0), True, 0.25)[1].min() >= 0.3
-        assert lora._noised(x0, torch.Generator().manual_seed(0), True, 0.5)[1].min() < 0.3  # the prior's as ever
-        lora_recipes.USER_BATCH["active"] = False
-        assert lora._noised(x0, torch.Generator().manual_seed(0), True, 0.25)[1].min() < 0.3  # preservation's
+    assert cfg.decoder_min_t == 0.3
+    with lora_recipes.recipe("every-step"):
+        assert resolve(LoraTrainConfig(images=ROOT, out=ROOT / "x.safetensors"), demo_engine).decoder_min_t == 0
     assert lora.domain_prompts(demo_engine, 20, 0) == defaults and lora._lr_of(cfg, "prior") == cfg.lr
-    assert lora._noised.__module__ == lora._batch_loss.__module__ == lora._lr_of.__module__ == lora.__name__
+    assert lora.defaults_for.__module__ == lora._lr_of.__module__ == lora.domain_prompts.__module__ == lora.__name__

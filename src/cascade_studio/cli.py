@@ -882,8 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preserve-prompts",
         dest="preserve_prompts",
         metavar="FILE",
-        help="the prompts they are drawn from, one a line (default: the demo model's own scenes, or your "
-        "captions without the trigger word)",
+        help="the prompts they are drawn from, one a line (default: the demo model's own scenes, every other one "
+        "in its caption phrasings, or your captions without the trigger word)",
     )
     _add_model_options(lt, output=False)
     lt.set_defaults(func=cmd_train_lora)

@@ -162,6 +162,37 @@ def test_preservation_pictures_come_from_the_base_model_without_the_trigger_word
     assert any("such as 'a blue square on a white background'" in line for line in lines)
 
 
+def test_stage_b_learns_your_pictures_where_shape_is_decided_and_is_kept_at_every_step(tmp_path, demo_engine):
+    """The demo's recipe (bench/lora_recipes.py measured why): Stage B learns the user's pictures at noise levels
+    t >= 0.3 only, leaving the last steps (edges, corners) to the base model, while preservation holds it to
+    the base model at every step; the preservation prompts are the model's scenes, every other one in its caption
+    phrasings."""
+    import random
+
+    from cascade_studio.train.lora import _batch_loss, domain_prompts, encode_dataset, kept_loss, resolve
+
+    prompts = domain_prompts(demo_engine, 20, 0)
+    assert all(p.endswith("background") for p in prompts[::2]) and sum(p.endswith("background") for p in prompts) < 20
+    data = write_concept("cross", tmp_path / "cross", n=4)
+    cfg = resolve(LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", trigger="cross"), demo_engine)
+    encoded = encode_dataset(demo_engine, load_dataset(data, "cross", 128, True, log=lambda _: None), True)
+    p = demo_engine.pipelines
+    models, seen = {"prior": p.prior.prior, "decoder": p.decoder.decoder}, []
+    hook = p.decoder.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            _batch_loss(demo_engine, models, encoded, rng, cfg, generator, True, 0.1)
+            yours = torch.cat(seen)
+            kept_loss(demo_engine, models, encoded, rng, cfg, generator, True)
+    finally:
+        hook.remove()
+    assert cfg.decoder_min_t == 0.3 and len(yours) == cfg.batch and yours.min() >= 0.3
+    assert torch.cat(seen[1:]).min() < 0.3  # preservation's, every step
+    with pytest.raises(TrainingError, match=r"decoder_min_t: must be from 0 up to \(not including\) 1 \(got 1.0\)"):
+        resolve(LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", decoder_min_t=1.0), demo_engine)
+
+
 def test_8bit_adam_off_cuda_is_refused_saying_why(tmp_path, demo_engine):
     data = write_concept("teal", tmp_path / "teal", n=2)
     cfg = LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", steps=1, batch=2, preserve=0)

@@ -62,6 +62,7 @@ ALLOWED = {
     "resolution": "a multiple of 128 from 128 to 2048",
     "alpha": "above 0 and at most 1024",
     "preserve": "a whole number from 0 to 1000",
+    "decoder_min_t": "from 0 up to (not including) 1",
     "optimizer": "adamw or adamw8bit",
 }
 
@@ -90,6 +91,7 @@ class LoraTrainConfig:
     text_encoder_lr: float | None = None  # default: the model's (the demo: 2e-3), else a tenth of lr
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
+    decoder_min_t: float | None = None  # Stage B learns your pictures at noise levels t >= this; default: the model's
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' 8-bit AdamW, on CUDA (a quarter of the moments' memory)
     sample_prompt: str | None = None
     extra: dict = field(default_factory=dict)
@@ -98,7 +100,9 @@ class LoraTrainConfig:
 def defaults_for(engine: CascadeEngine) -> dict:
     """Settings that work for the model loaded: the tiny demo model learns fast and needs its decoder and its text
     encoder taught too (its Stage B reads shape from the caption, and a new word must mean something there); the
-    official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU, the prior alone)."""
+    official ones follow Stability's LoRA recipe (lr 1e-4, small batches on one GPU, the prior alone). The demo's
+    Stage B learns the user's pictures only where shape is decided (t >= 0.3): its last steps draw the corners and
+    edges of its flat shapes, and a LoRA trained there too drew squares with softer corners (bench/lora_recipes.py)."""
     size = engine.pipelines.defaults.get("width", 1024)
     if size <= 256:
         return dict(
@@ -110,6 +114,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
             text_encoder=True,
             text_encoder_lr=2e-3,
             preserve=40,
+            decoder_min_t=0.3,
         )
     return dict(
         steps=1000,
@@ -120,6 +125,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
         text_encoder=False,
         text_encoder_lr=None,
         preserve=0,
+        decoder_min_t=0.0,
     )
 
 
@@ -138,6 +144,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ("resolution", cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048),
         ("alpha", 0 < cfg.alpha <= 1024),
         ("preserve", 0 <= cfg.preserve <= 1000),
+        ("decoder_min_t", 0 <= cfg.decoder_min_t < 1),
         ("optimizer", cfg.optimizer in ("adamw", "adamw8bit")),
     ]
     bad = [f"{name}: must be {ALLOWED[name]} (got {getattr(cfg, name)})" for name, ok in checks if not ok]
@@ -235,13 +242,17 @@ def preservation(engine: CascadeEngine, examples: list[Example], cfg: LoraTrainC
 
 
 def domain_prompts(engine: CascadeEngine, n: int, seed: int) -> list[str]:
-    """Prompts from what the model was trained on, where we know it: the demo model's scenes (training pairs)."""
+    """Prompts from what the model was trained on, where we know it: the demo model's scenes, every other one in
+    the model's own caption phrasings (partial, reordered) as well as fully specified, so that what preservation
+    keeps covers prompts as people write them too (bench/lora_recipes.py: with all of them fully specified, the cross
+    moved eval-demo's partial prompts most)."""
     if engine.identity.preset != "demo":
         return []
-    from .scenes import sample_scene
+    from .scenes import caption, sample_scene
 
     rng = random.Random(f"preservation-{seed}")
-    return [sample_scene(rng).prompt() for _ in range(n)]
+    scenes = [sample_scene(rng) for _ in range(n)]
+    return [caption(scene, rng) if i % 2 else scene.prompt() for i, scene in enumerate(scenes)]
 
 
 def dataset_hash(examples: list[Example]) -> str:
@@ -492,8 +503,8 @@ class _nothing:
         return False
 
 
-def _noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_noise_share: float):
-    t = sample_t(x0.shape[0], generator, high_noise_share).to(x0.device)
+def _noised(x0: torch.Tensor, generator: torch.Generator, v_target: bool, high_noise_share: float, lowest_t=0.0):
+    t = sample_t(x0.shape[0], generator, high_noise_share, lowest_t).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     a = alpha_cumprod(t).to(x0.device).view(-1, *[1] * (x0.dim() - 1))
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -543,7 +554,7 @@ def _batch_loss(engine, models, data: Encoded, rng, cfg, generator, v_target, dr
     text = _text(engine, data, size, idx, drop, "text_encoder" in models)
     loss = prior_loss(models["prior"], data, size, idx, generator, v_target, text)
     if "decoder" in models:
-        x_t, t, target, effnet = _decoder_inputs(data, size, idx, drop, generator, v_target)
+        x_t, t, target, effnet = _decoder_inputs(data, size, idx, drop, generator, v_target, cfg.decoder_min_t)
         pred = models["decoder"](x_t, t, clip_text_pooled=text[1], effnet=effnet).sample
         loss = loss + F.mse_loss(pred.float(), target.float())
     return loss
@@ -561,14 +572,16 @@ def _no_image(prior, x0: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x0.shape[0], 1, prior.config.clip_image_in_channels, device=x0.device, dtype=x0.dtype)
 
 
-def _decoder_inputs(data: Encoded, size, idx, drop: torch.Tensor, generator, v_target) -> tuple:
+def _decoder_inputs(data: Encoded, size, idx, drop: torch.Tensor, generator, v_target, min_t=0.0) -> tuple:
     """Stage B's noised latents, time, target and its Stage C condition (jittered; zero in `drop`'s rows, which is
-    what the decoder's guidance runs with beside the empty caption)."""
+    what the decoder's guidance runs with beside the empty caption). `min_t` (the user's pictures: the setting
+    decoder_min_t): noised to t >= min_t only, so that Stage B's adapters leave the last steps to the base model;
+    preservation still covers every step. At 0, a quarter of the batch from the upper half, as the prior's."""
     x0 = data.decoder_latents[size][idx]
     effnet = data.prior_latents[size][idx]
     effnet = effnet + 0.1 * torch.randn(effnet.shape, generator=generator).to(effnet.device, effnet.dtype)
     effnet = effnet * (~drop).to(effnet.device, effnet.dtype).view(-1, 1, 1, 1)
-    x_t, t, target = _noised(x0, generator, v_target, 0.25)
+    x_t, t, target = _noised(x0, generator, v_target, 0.0 if min_t else 0.25, min_t)
     return x_t, t.to(x0.dtype), target, effnet
 
 

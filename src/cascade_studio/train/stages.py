@@ -46,9 +46,9 @@ def alpha_cumprod(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
     return (torch.cos((t + s_t) / (1 + s_t) * math.pi * 0.5) ** 2 / init).clamp(1e-4, 0.9999)
 
 
-def sample_t(n: int, generator: torch.Generator, high_noise_share: float = 0.0) -> torch.Tensor:
-    """t ~ U(0, 1); a share of the batch from U(0.5, 1), where conditioning matters most."""
-    t = torch.rand(n, generator=generator)
+def sample_t(n: int, generator: torch.Generator, high_noise_share: float = 0.0, lowest: float = 0.0) -> torch.Tensor:
+    """t ~ U(lowest, 1); a share of the batch (with lowest 0) from U(0.5, 1), where conditioning matters most."""
+    t = lowest + (1 - lowest) * torch.rand(n, generator=generator)
     k = int(n * high_noise_share)
     t[:k] = 0.5 + 0.5 * t[:k]
     return t

@@ -641,6 +641,7 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
         "cascade_studio.dataset_hash": dataset_hash(examples),
         "cascade_studio.pictures": str(len(examples)),
         "cascade_studio.preservation_pictures": str(cfg.preserve),
+        "cascade_studio.decoder_min_t": str(cfg.decoder_min_t),  # Stage B learnt your pictures at t >= this
         "cascade_studio.adapts": ",".join(  # the key prefixes of the parts trained, not every part a LoRA may have
             KOHYA_PREFIX[role].removesuffix("_") for role in _roles(cfg)
         ),

@@ -47,6 +47,8 @@ from cascade_studio.train.lora import LoraTrainConfig, train_lora
 from cascade_studio.train.scenes import sample_scene
 
 RESULTS = Path(__file__).parent / "results"
+# The training settings the bench passes on (default: the model's), with their types.
+SETTINGS = {"steps": int, "preserve": int, "lr": float, "rank": int, "text_encoder_lr": float, "decoder_min_t": float}
 
 
 def concept_rate(engine: CascadeEngine, concept: str, n: int, lora: str | None, weight: float = 1.0) -> float:
@@ -164,7 +166,7 @@ def main() -> None:
         default=[1.0],
         help="score each LoRA at these weights (the first is the report's row; with more, by_weight has each)",
     )
-    for name, kind in (("steps", int), ("preserve", int), ("lr", float), ("rank", int), ("text_encoder_lr", float)):
+    for name, kind in SETTINGS.items():
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=kind, help="a training setting (default: the model's)"
         )
@@ -180,8 +182,7 @@ def main() -> None:
     engine = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=args.threads))
     base_eval, base_shapes, base_hits = eval_rates(engine, args.eval_n, args.eval_seeds, None)
     base = {"shapes": base_shapes, "hits": base_hits, "pictures": scene_pictures(engine, args.pixel_prompts, [])}
-    names = ("steps", "preserve", "lr", "rank", "text_encoder_lr")
-    settings = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
     settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
     report |= {"eval_prompts_per_split": args.eval_n * args.eval_seeds}

@@ -105,6 +105,14 @@ def test_bad_arguments_table(args, message, tiny_model_dir, capsys):
     assert err.count("\n") == 1 and err.startswith("cascade-studio: error: ") and message in err
 
 
+def test_train_lora_refuses_a_setting_out_of_range_naming_it(tiny_model_dir, capsys):
+    """Training settings are checked against the model's defaults once it is loaded, before any picture is read."""
+    args = ["train-lora", str(tiny_model_dir), "--out", "x.safetensors", "--decoder-min-t", "1"]
+    assert main([*args, "--model", str(tiny_model_dir)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "cascade-studio: error: decoder_min_t: must be from 0 up to (not including) 1 (got 1.0)"
+
+
 def test_missing_weights_offline_explain_the_download(tmp_path):
     proc = run_cli("generate", "a cat", "--model", "full", "--cache-dir", str(tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

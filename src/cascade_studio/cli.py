@@ -279,6 +279,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         text_encoder_lr=args.text_encoder_lr,
         preserve=args.preserve,
         preserve_prompts=_prompt_lines(args.preserve_prompts),
+        decoder_min_t=args.decoder_min_t,
         optimizer=args.optimizer,
     )
     engine = _load_engine(settings)
@@ -863,6 +864,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="the text encoder's learning rate (above 0 and at most 0.1; default: 2e-3 for the demo model, a tenth "
         "of --lr for the official ones)",
+    )
+    lt.add_argument(
+        "--decoder-min-t",
+        dest="decoder_min_t",
+        type=float,
+        metavar="T",
+        help="Stage B learns your pictures at noise levels t >= T only (from 0 up to, not including, 1; default: 0.3 "
+        "for the demo model, where shape is decided, so its last steps keep the base model's edges; 0 for the "
+        "official ones)",
     )
     lt.add_argument(
         "--preserve",

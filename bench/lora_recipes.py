@@ -1,15 +1,14 @@
 """Score a LoRA recipe that differs from the defaults in one thing: does it move eval-demo less for the same concept?
 
     python bench/lora_recipes.py decoder-lr --concepts cross --out /tmp/cross-decoder-lr.json
-    python bench/lora_recipes.py scenes-only+every-step --concepts cross   # several, joined by +
+    python bench/lora_recipes.py scenes-only+no-prior --concepts cross --decoder-min-t 0   # several, joined by +
 
 The recipe is patched into cascade_studio.train.lora for this process only; everything after its name goes to
 bench/lora_concepts.py, which trains and scores as usual (the report, by default
 bench/results/lora-recipe-NAME.json, says which recipe). What each one changes:
 - scenes-only: every preservation prompt a fully specified scene, none in the model's caption phrasings (the
-               defaults before 2026-12-07);
-- every-step:  Stage B learns the user's pictures at every noise level, not at t >= 0.3 only (decoder_min_t 0;
-               the defaults before 2026-12-07; scenes-only+every-step is that recipe whole);
+               defaults before 2026-12-07; with --decoder-min-t 0, Stage B learning at every step as well, that
+               recipe whole);
 - decoder-lr:  Stage B at lr 1e-3 (the demo's default is 2e-3);
 - no-prior:    no prior adapters (lr 0 keeps peft's zero-initialised up weights at zero), only Stage B's and the
                text encoder's: the prior's add nothing to the cross on their own.
@@ -41,16 +40,15 @@ def scenes_only_prompts(engine, n: int, seed: int) -> list[str]:
 
 
 def _patches(name: str) -> dict:
-    lr_of, defaults_for = lora._lr_of, lora.defaults_for
+    lr_of = lora._lr_of
     return {
         "scenes-only": {"domain_prompts": scenes_only_prompts},
-        "every-step": {"defaults_for": lambda engine: defaults_for(engine) | {"decoder_min_t": 0.0}},
         "decoder-lr": {"_lr_of": lambda cfg, role: 1e-3 if role == "decoder" else lr_of(cfg, role)},
         "no-prior": {"_lr_of": lambda cfg, role: 0.0 if role == "prior" else lr_of(cfg, role)},
     }[name]
 
 
-RECIPES = ("scenes-only", "every-step", "decoder-lr", "no-prior")
+RECIPES = ("scenes-only", "decoder-lr", "no-prior")
 
 
 @contextmanager

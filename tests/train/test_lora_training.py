@@ -48,9 +48,7 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     assert meta["cascade_studio.steps"] == "6" and len(meta["cascade_studio.dataset_hash"]) == 12
     assert json.loads(meta["cascade_studio.base_identity"])["preset"] == "demo"
     assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet,lora_prior_te"  # what was trained
-    assert (
-        meta["cascade_studio.decoder_min_t"] == "0.3"
-    )  # the demo's: Stage B learnt the pictures where shape is decided
+    assert meta["cascade_studio.decoder_min_t"] == "0.3"  # the demo's: Stage B learnt where shape is decided
     assert out.with_suffix(".loss.png").is_file() and (tmp_path / "loras" / "teal.sample-3.png").is_file()
     checkpoint = tmp_path / "loras" / "teal-step4.resume.safetensors"
     assert checkpoint.is_file() and (tmp_path / "loras" / "teal-step4.safetensors").is_file()

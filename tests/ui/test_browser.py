@@ -412,7 +412,8 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studi
 
     page.locator("#train-text-encoder input[type=checkbox]").uncheck()  # on by default for the demo model
     held = "document.querySelector('#{} input[type=number]').value === '{}'"
-    for elem, value in (("train-batch", "4"), ("train-lr", "0.001")):
+    typed = (("train-batch", "4"), ("train-lr", "0.001"), ("train-decoder-min-t", "0.5"))
+    for elem, value in typed:
         for _ in range(5):
             set_number(page, elem, float(value) if "." in value else int(value))
             try:
@@ -420,7 +421,7 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studi
                 break
             except PlaywrightTimeout:
                 continue
-    for elem, value in (("train-lr", "0.001"), ("train-batch", "4")):
+    for elem, value in typed:
         page.wait_for_function(held.format(elem, value))
     shot(page, "9-train-settings")
     page.locator("#train-start").click()
@@ -438,6 +439,7 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studi
     assert (
         meta["cascade_studio.learning_rate"] == "0.001" and meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet"
     )
+    assert meta["cascade_studio.decoder_min_t"] == "0.5"
 
     page.get_by_role("tab", name="Generate").click()
     if not page.locator("#lora-1").is_visible():

@@ -342,11 +342,14 @@ def test_the_train_tab_reads_captions_and_names_what_is_missing(tmp_path):
     with pytest.raises(StudioError, match=r"steps: must be a whole number from 1 to 1000000 \(got 0\)"):
         training_spec(paths, rows, name="mine", steps=0)
     # The folded-away settings: whole numbers from Gradio's floats, 0 in alpha and the text encoder's rate (a Number
-    # box is never empty) left to the defaults.
+    # box is never empty) left to the defaults; 0 in the decoder's lowest t is a value of its own.
     more = dict(lr=1e-3, batch=4.0, alpha=0.0, seed=7.0, resolution=128.0, decoder=False, text_encoder=True)
-    spec = training_spec(paths, rows, name="mine", text_encoder_lr=0.0, **more)  # a box's 0: the default
+    spec = training_spec(paths, rows, name="mine", text_encoder_lr=0.0, decoder_min_t=0.0, **more)
     assert (spec.lr, spec.batch, spec.seed, spec.resolution) == (1e-3, 4, 7, 128) and isinstance(spec.batch, int)
+    assert spec.decoder_min_t == 0.0  # a real value here (Stage B learns at every step), not "the default"
     assert (spec.alpha, spec.decoder, spec.text_encoder, spec.text_encoder_lr) == (None, False, True, None)
+    with pytest.raises(StudioError, match=r"decoder_min_t: must be from 0 up to \(not including\) 1 \(got 1.0\)"):
+        training_spec(paths, rows, name="mine", decoder_min_t=1.0)
     with pytest.raises(StudioError, match=r"lr: must be above 0 and at most 0.1 \(got 0.5\)"):
         training_spec(paths, rows, name="mine", lr=0.5)
     with pytest.raises(StudioError, match=r"resolution: must be a multiple of 128 from 128 to 2048 \(got 100\)"):

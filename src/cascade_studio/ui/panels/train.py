@@ -196,22 +196,27 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                 "batch": gr.Number(label="Batch", value=d["batch"], precision=0, info="1 to 256"),
                 "alpha": gr.Number(label="Alpha", value=0, info="0: the rank (scale 1)"),
                 "seed": gr.Number(label="Seed", value=0, precision=0, info="the same seed trains the same LoRA"),
-            }
-        with gr.Row():
-            boxes |= {
                 "resolution": gr.Number(
                     label="Resolution", value=d["resolution"], precision=0, info="the long side, a multiple of 128"
                 ),
-                "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: the model's default"),
             }
-        with gr.Row():
+        with gr.Row():  # each stage's switch beside its own setting
             boxes |= {
                 "decoder": gr.Checkbox(
                     value=d["decoder"], label="Adapt the decoder too", info="Stage B learns to draw what is new"
                 ),
+                "decoder_min_t": gr.Number(
+                    label="Decoder learns from noise level",
+                    value=d["decoder_min_t"],
+                    info="0 to below 1; the steps below it stay the base model's",
+                ),
+            }
+        with gr.Row():
+            boxes |= {
                 "text_encoder": gr.Checkbox(
                     value=d["text_encoder"], label="Adapt the text encoder too", info="the new word is learnt there too"
                 ),
+                "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: the model's default"),
             }
     for key, box in boxes.items():
         box.elem_id = f"train-{key.replace('_', '-')}"

@@ -48,7 +48,15 @@ from cascade_studio.train.scenes import sample_scene
 
 RESULTS = Path(__file__).parent / "results"
 # The training settings the bench passes on (default: the model's), with their types.
-SETTINGS = {"steps": int, "preserve": int, "lr": float, "rank": int, "text_encoder_lr": float, "decoder_min_t": float}
+SETTINGS = {
+    "steps": int,
+    "preserve": int,
+    "preserve_weight": float,
+    "lr": float,
+    "rank": int,
+    "text_encoder_lr": float,
+    "decoder_min_t": float,
+}
 
 
 def concept_rate(engine: CascadeEngine, concept: str, n: int, lora: str | None, weight: float = 1.0) -> float:

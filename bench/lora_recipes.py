@@ -12,6 +12,8 @@ bench/results/lora-recipe-NAME.json, says which recipe). What each one changes:
 - decoder-lr:  Stage B at lr 1e-3 (the demo's default is 2e-3);
 - no-prior:    no prior adapters (lr 0 keeps peft's zero-initialised up weights at zero), only Stage B's and the
                text encoder's: the prior's add nothing to the cross on their own.
+(Preservation's loss weighted up, run here as kept-x3 and kept-x10 on 2026-12-07, is now a setting of its own:
+bench/lora_concepts.py --preserve-weight 3.)
 """
 
 from __future__ import annotations

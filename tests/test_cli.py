@@ -111,6 +111,10 @@ def test_train_lora_refuses_a_setting_out_of_range_naming_it(tiny_model_dir, cap
     assert main([*args, "--model", str(tiny_model_dir)]) == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "cascade-studio: error: decoder_min_t: must be from 0 up to (not including) 1 (got 1.0)"
+    args[-2:] = ["--preserve-weight", "0"]
+    assert main([*args, "--model", str(tiny_model_dir)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "cascade-studio: error: preserve_weight: must be above 0 and at most 100 (got 0.0)"
 
 
 def test_missing_weights_offline_explain_the_download(tmp_path):

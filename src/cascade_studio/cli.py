@@ -279,6 +279,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         text_encoder_lr=args.text_encoder_lr,
         preserve=args.preserve,
         preserve_prompts=_prompt_lines(args.preserve_prompts),
+        preserve_weight=args.preserve_weight,
         decoder_min_t=args.decoder_min_t,
         optimizer=args.optimizer,
     )
@@ -881,6 +882,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="N pictures the base model draws from the captions without the trigger word; while the LoRA learns "
         "yours it is held to the base model's own predictions on them, so it changes only what the word adds "
         "(default: 40 for the demo model, 0 for the official ones)",
+    )
+    lt.add_argument(
+        "--preserve-weight",
+        dest="preserve_weight",
+        type=float,
+        metavar="W",
+        help="how much holding to the base model counts against learning your pictures (above 0 and at most 100; "
+        "default 1; kohya's --prior_loss_weight): higher changes the rest of the model less, and may show your "
+        "concept less",
     )
     lt.add_argument(
         "--optimizer",

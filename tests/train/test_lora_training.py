@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -161,6 +162,36 @@ def test_preservation_pictures_come_from_the_base_model_without_the_trigger_word
     cfg.preserve_prompts, cfg.preserve = ["a blue square on a white background"], 1
     train_lora(demo_engine, cfg, log=lines.append)
     assert any("such as 'a blue square on a white background'" in line for line in lines)
+
+
+def test_a_heavier_preservation_weight_changes_pictures_without_the_word_less(tmp_path, demo_engine):
+    """--preserve-weight (kohya's prior_loss_weight): the same training, held harder to the base model's own
+    predictions, moves what the model draws for prompts without the trigger word less."""
+    data = write_concept("cross", tmp_path / "cross", n=4)
+    prompts = [f"a large {c} square in the centre on a white background" for c in ("red", "blue", "yellow")]
+
+    def pictures(loras: list[dict]) -> np.ndarray:
+        made = [
+            demo_engine(demo_engine.request(prompt=p, seed=i, loras=loras)).images[0] for i, p in enumerate(prompts)
+        ]
+        return np.stack([np.asarray(image, dtype=np.float32) for image in made])
+
+    base, moved = pictures([]), {}
+    saved, demo_engine.lora_library = demo_engine.lora_library, LoraLibrary(tmp_path)  # this test's own folder
+    try:
+        for weight in (1.0, 30.0):
+            out = tmp_path / f"cross-{weight:g}.safetensors"
+            cfg = LoraTrainConfig(
+                images=data, out=out, trigger="cross", steps=12, batch=2, rank=4, preserve=2, preserve_weight=weight
+            )
+            train_lora(demo_engine, cfg, log=lambda _: None)
+            meta = header(out)[1]
+            assert meta["cascade_studio.preservation_weight"] == meta["ss_prior_loss_weight"] == str(weight)
+            moved[weight] = float(np.abs(pictures([{"name": out.stem, "weight": 1}]) - base).mean())
+    finally:
+        demo_engine.remove_loras()
+        demo_engine.lora_library = saved
+    assert 0 < moved[30.0] < moved[1.0], moved
 
 
 def test_stage_b_learns_your_pictures_where_shape_is_decided_and_is_kept_at_every_step(tmp_path, demo_engine):

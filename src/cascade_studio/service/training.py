@@ -56,6 +56,7 @@ class TrainingSpec(BaseModel):
     text_encoder: bool | None = None
     text_encoder_lr: Annotated[float, Field(gt=0, le=0.1)] | None = None
     preserve: Annotated[int, Field(ge=0, le=1000)] | None = None
+    preserve_weight: Annotated[float, Field(gt=0, le=100)] | None = None
     decoder_min_t: Annotated[float, Field(ge=0, lt=1)] | None = None
     sample_every: Annotated[int, Field(ge=0)] = 0
     save_every: Annotated[int, Field(ge=0)] = 0

@@ -62,6 +62,7 @@ ALLOWED = {
     "resolution": "a multiple of 128 from 128 to 2048",
     "alpha": "above 0 and at most 1024",
     "preserve": "a whole number from 0 to 1000",
+    "preserve_weight": "above 0 and at most 100",
     "decoder_min_t": "from 0 up to (not including) 1",
     "optimizer": "adamw or adamw8bit",
 }
@@ -91,6 +92,7 @@ class LoraTrainConfig:
     text_encoder_lr: float | None = None  # default: the model's (the demo: 2e-3), else a tenth of lr
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
+    preserve_weight: float | None = None  # preservation's loss against your pictures' (kohya's prior_loss_weight)
     decoder_min_t: float | None = None  # Stage B learns your pictures at noise levels t >= this; default: the model's
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' 8-bit AdamW, on CUDA (a quarter of the moments' memory)
     sample_prompt: str | None = None
@@ -114,6 +116,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
             text_encoder=True,
             text_encoder_lr=2e-3,
             preserve=40,
+            preserve_weight=1.0,
             decoder_min_t=0.3,
         )
     return dict(
@@ -125,6 +128,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
         text_encoder=False,
         text_encoder_lr=None,
         preserve=0,
+        preserve_weight=1.0,
         decoder_min_t=0.0,
     )
 
@@ -144,6 +148,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ("resolution", cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048),
         ("alpha", 0 < cfg.alpha <= 1024),
         ("preserve", 0 <= cfg.preserve <= 1000),
+        ("preserve_weight", 0 < cfg.preserve_weight <= 100),
         ("decoder_min_t", 0 <= cfg.decoder_min_t < 1),
         ("optimizer", cfg.optimizer in ("adamw", "adamw8bit")),
     ]
@@ -440,7 +445,7 @@ def _loop(engine, cfg, models, groups, data, keep, examples, out, log, progress,
                 drop_share = 0.1 if keep is None else 0.0
                 loss = _batch_loss(engine, models, data, rng, cfg, generator, v_target, drop_share)
                 if keep is not None:
-                    loss = loss + kept_loss(engine, models, keep, rng, cfg, generator, v_target)
+                    loss = loss + cfg.preserve_weight * kept_loss(engine, models, keep, rng, cfg, generator, v_target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -641,12 +646,14 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
         "cascade_studio.dataset_hash": dataset_hash(examples),
         "cascade_studio.pictures": str(len(examples)),
         "cascade_studio.preservation_pictures": str(cfg.preserve),
+        "cascade_studio.preservation_weight": str(cfg.preserve_weight),
         "cascade_studio.decoder_min_t": str(cfg.decoder_min_t),  # Stage B learnt your pictures at t >= this
         "cascade_studio.adapts": ",".join(  # the key prefixes of the parts trained, not every part a LoRA may have
             KOHYA_PREFIX[role].removesuffix("_") for role in _roles(cfg)
         ),
         "ss_network_dim": str(cfg.rank),  # kohya's names for the same, which other tools show
         "ss_network_alpha": str(cfg.alpha),
+        "ss_prior_loss_weight": str(cfg.preserve_weight),
     }
 
 

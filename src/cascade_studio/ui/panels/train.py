@@ -196,8 +196,16 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                 "batch": gr.Number(label="Batch", value=d["batch"], precision=0, info="1 to 256"),
                 "alpha": gr.Number(label="Alpha", value=0, info="0: the rank (scale 1)"),
                 "seed": gr.Number(label="Seed", value=0, precision=0, info="the same seed trains the same LoRA"),
+            }
+        with gr.Row():
+            boxes |= {
                 "resolution": gr.Number(
                     label="Resolution", value=d["resolution"], precision=0, info="the long side, a multiple of 128"
+                ),
+                "preserve_weight": gr.Number(
+                    label="Preserve weight",
+                    value=d["preserve_weight"],
+                    info="above 0, at most 100; higher changes the rest of the model less",
                 ),
             }
         with gr.Row():  # each stage's switch beside its own setting

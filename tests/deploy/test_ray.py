@@ -34,11 +34,15 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # Ray turns 127.0.0.1 into this machine's network address; another loopback address keeps all its traffic on the
 # loopback interface. Token auth (on by default for `ray start`) is for clusters across machines.
 NODE_IP = "127.0.0.2"
+PROXY_WAIT = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
 ENV = os.environ | {
     "OMP_NUM_THREADS": "1",
     "HF_HUB_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
+    # Serve gives a starting proxy 5 s to answer, three times, then kills it and starts another: on a busy 2-core
+    # machine its imports take longer, and it never came up (serve.start gave up after 60 s).
+    PROXY_WAIT: "30",
 }
 
 
@@ -76,7 +80,7 @@ def cluster(tmp_path_factory):
             address=f"{NODE_IP}:{gcs}",
             _node_ip_address=NODE_IP,
             log_to_driver=False,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}},
+            runtime_env={"env_vars": {k: ENV[k] for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", PROXY_WAIT)}},
         )
         deadline = time.time() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
@@ -96,8 +100,10 @@ def cluster(tmp_path_factory):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             yield http, settings
         serve.shutdown()
-        ray.shutdown()
     finally:
+        # Disconnect before the cluster goes, on a failed start too: Ray ends a driver that has lost its cluster for a
+        # minute, and this driver is the whole test session (seen: a proxy that started too slowly on a busy machine).
+        ray.shutdown()
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
 
 

@@ -182,6 +182,12 @@ def main() -> None:
         "--text-encoder", dest="text_encoder", action=argparse.BooleanOptionalAction, help="adapt the text encoder too"
     )
     parser.add_argument(
+        "--trigger-embedding",
+        dest="trigger_embedding",
+        action=argparse.BooleanOptionalAction,
+        help="learn the concept word's own tokens too",
+    )
+    parser.add_argument(
         "--parts", action="store_true", help="also score each part the LoRA adapts alone, at the first weight"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "lora-concepts.json")
@@ -192,6 +198,7 @@ def main() -> None:
     base = {"shapes": base_shapes, "hits": base_hits, "pictures": scene_pictures(engine, args.pixel_prompts, [])}
     settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
     settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
+    settings |= {} if args.trigger_embedding is None else {"trigger_embedding": args.trigger_embedding}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
     report |= {"eval_prompts_per_split": args.eval_n * args.eval_seeds}
     report |= {"base_eval": base_eval, "base_shape_rates": base_shapes, "concepts": {}}

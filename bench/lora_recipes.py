@@ -12,6 +12,8 @@ bench/results/lora-recipe-NAME.json, says which recipe). What each one changes:
 - decoder-lr:  Stage B at lr 1e-3 (the demo's default is 2e-3);
 - no-prior:    no prior adapters (lr 0 keeps peft's zero-initialised up weights at zero), only Stage B's and the
                text encoder's: the prior's add nothing to the cross on their own.
+- decoder-attn: Stage B adapted in its attention and text mappers only (Stability's recipe adapts attention alone),
+               not its feed-forward layers: what it draws everywhere, a square's corners among it.
 (Preservation's loss weighted up, run here as kept-x3 and kept-x10 on 2026-12-07, is now a setting of its own:
 bench/lora_concepts.py --preserve-weight 3.)
 """
@@ -41,16 +43,30 @@ def scenes_only_prompts(engine, n: int, seed: int) -> list[str]:
     return [sample_scene(rng).prompt() for _ in range(n)]
 
 
+def decoder_targets(pattern: str):
+    """add_adapter with `pattern` in place of lora.TARGETS for Stage B (the model with an EfficientNet mapper)."""
+    add = lora.add_adapter
+
+    def add_adapter(model, rank: int, alpha: float):
+        if not hasattr(model, "effnet_mapper"):
+            return add(model, rank, alpha)
+        with _patched({"TARGETS": pattern}):
+            return add(model, rank, alpha)
+
+    return add_adapter
+
+
 def _patches(name: str) -> dict:
     lr_of = lora._lr_of
     return {
         "scenes-only": {"domain_prompts": scenes_only_prompts},
         "decoder-lr": {"_lr_of": lambda cfg, role: 1e-3 if role == "decoder" else lr_of(cfg, role)},
         "no-prior": {"_lr_of": lambda cfg, role: 0.0 if role == "prior" else lr_of(cfg, role)},
+        "decoder-attn": {"add_adapter": decoder_targets(r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|kv_mapper\.1)")},
     }[name]
 
 
-RECIPES = ("scenes-only", "decoder-lr", "no-prior")
+RECIPES = ("scenes-only", "decoder-lr", "no-prior", "decoder-attn")
 
 
 @contextmanager

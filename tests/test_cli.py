@@ -115,6 +115,10 @@ def test_train_lora_refuses_a_setting_out_of_range_naming_it(tiny_model_dir, cap
     assert main([*args, "--model", str(tiny_model_dir)]) == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "cascade-studio: error: preserve_weight: must be above 0 and at most 100 (got 0.0)"
+    args[-2:] = ["--trigger-embedding", "--rank", "4"]
+    assert main([*args, "--model", str(tiny_model_dir)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("cascade-studio: error: trigger_embedding: must be off without a trigger word")
 
 
 def test_missing_weights_offline_explain_the_download(tmp_path):

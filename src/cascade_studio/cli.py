@@ -277,6 +277,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         decoder=args.decoder,
         text_encoder=args.text_encoder,
         text_encoder_lr=args.text_encoder_lr,
+        trigger_embedding=args.trigger_embedding,
         preserve=args.preserve,
         preserve_prompts=_prompt_lines(args.preserve_prompts),
         preserve_weight=args.preserve_weight,
@@ -858,6 +859,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also adapt the text encoder (kohya's TE LoRA), so a new word is learnt where words are read (default: "
         "yes for the demo model, no for the official ones)",
+    )
+    lt.add_argument(
+        "--trigger-embedding",
+        dest="trigger_embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also learn the trigger word's own token embeddings (textual inversion beside the LoRA, as Stability's "
+        "recipe trains its tokens; bundled in the file): prompts without the word read exactly as before "
+        "(needs --trigger; default: no)",
     )
     lt.add_argument(
         "--text-encoder-lr",

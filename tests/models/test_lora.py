@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine, RequestError
@@ -161,6 +161,52 @@ def test_stabilitys_format_splits_in_proj_into_q_k_v(lora_engine):
     a, b = run(lora_engine, [{"name": "stab"}]), run(lora_engine, [{"name": "stab-as-kohya"}])
     assert np.abs(pixels(a) - pixels(b)).max() <= 1
     assert not np.array_equal(pixels(a), pixels(run(lora_engine)))
+
+
+def test_a_bundled_embedding_changes_only_prompts_with_its_word(lora_engine):
+    """`bundle_emb.<word>.clip_g` (what train-lora --trigger-embedding writes): while the LoRA is loaded, the word's
+    own tokens read as the file's vectors, at the LoRA's weight; a prompt without the word makes the same pixels as
+    the LoRA without the bundle; unloading puts the tokens back."""
+    tokenizer = lora_engine.pipelines.prior.tokenizer
+    embedding = lora_engine.loras.models["text_encoder"].get_input_embeddings().weight
+    ids = tokenizer("xyz", add_special_tokens=False).input_ids
+    before = embedding.detach().clone()
+    vectors = torch.randn(len(ids), embedding.shape[1], generator=torch.Generator().manual_seed(3))
+    folder = lora_engine.lora_library.folder
+    name = write(lora_engine, "plain", seed=1)
+    pairs = load_file(str(folder / f"{name}.safetensors"))
+    save_file(pairs | {"bundle_emb.xyz.clip_g": vectors}, str(folder / "xyz.safetensors"))
+    weights = read_lora(folder / "xyz.safetensors", lora_engine.loras.models, tokenizer)
+    assert (
+        sorted(weights.token_values) == sorted(ids)
+        and "the word 'xyz'" in lora_info(folder / "xyz.safetensors")["adapts"]
+    )
+
+    without = {"prompt": "a red circle on a blue background"}
+    assert np.array_equal(
+        pixels(run(lora_engine, [{"name": "xyz"}], **without)),
+        pixels(run(lora_engine, [{"name": "plain"}], **without)),
+    )
+    with_word = {"prompt": "a red xyz on a blue background"}
+    assert not np.array_equal(
+        pixels(run(lora_engine, [{"name": "xyz"}], **with_word)),
+        pixels(run(lora_engine, [{"name": "plain"}], **with_word)),
+    )
+    with lora_engine.layers_lock:
+        lora_engine.loras.activate([(weights, 0.5)])
+        assert torch.allclose(embedding[ids], before[ids] + 0.5 * (vectors - before[ids]), atol=1e-6)
+        lora_engine.loras.activate([])
+    assert torch.equal(embedding, before)
+
+    save_file(pairs | {"bundle_emb.xyz.clip_g": vectors[:1].repeat(len(ids) + 1, 1)}, str(folder / "count.safetensors"))
+    skipped = read_lora(folder / "count.safetensors", lora_engine.loras.models, tokenizer)
+    assert not skipped.token_values and "'xyz'" in skipped.notes[0] and "skipped" in skipped.notes[0]
+    save_file(
+        pairs | {"bundle_emb.xyz.clip_g": torch.zeros(len(ids), 2 * embedding.shape[1])},
+        str(folder / "wide.safetensors"),
+    )
+    with pytest.raises(ModelConfigError, match="does not fit this model.*wide"):
+        read_lora(folder / "wide.safetensors", lora_engine.loras.models, tokenizer)
 
 
 # --- weight 0, unloading, stacking -----------------------------------------------------------------------------------

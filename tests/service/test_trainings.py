@@ -80,6 +80,10 @@ def test_bad_trainings_are_refused_by_field(tmp_path, demo_engine):
         assert late == ["decoder_min_t: must be from 0 up to (not including) 1 (got 1)"]
         heavy = refused({"name": "x", "images": good, "preserve_weight": 101})
         assert heavy == ["preserve_weight: must be above 0 and at most 100 (got 101)"]
+        untriggered = refused({"name": "x", "images": good, "trigger_embedding": True})
+        assert untriggered == [
+            "trigger_embedding: must be off without a trigger word, whose own tokens it learns (got True)"
+        ]
         assert refused({"name": "x"}) == ["images: give at least one picture (or a folder on the server)"]
         no_caption = [{"image": good[0]["image"]}]
         assert refused({"name": "x", "images": no_caption}) == [

@@ -277,6 +277,48 @@ def test_a_text_encoder_lora_learns_there_and_leaves_the_encoder_as_it_was(tmp_p
     assert again.tobytes() == base.tobytes()  # off again: the text cache does not keep the LoRA's embeddings
 
 
+def test_the_trigger_word_learns_its_own_tokens_and_prompts_without_it_read_as_before(tmp_path, demo_engine):
+    """--trigger-embedding: the trigger's own token rows learn (textual inversion beside the LoRA), bundled in the
+    file as bundle_emb.<word>.clip_g; loaded, a prompt without the word is read exactly as by the base model, one
+    with it is not; the text encoder is as it was after training and after unloading."""
+    from cascade_studio.train.lora import encode_text
+
+    data = write_concept("cross", tmp_path / "cross", n=4)
+    text_encoder = demo_engine.pipelines.prior.text_encoder
+    before = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+    prompts = ["a red square on a white background", "a red cross on a white background"]
+    with torch.no_grad():
+        base = encode_text(demo_engine, prompts)
+    out, lines = tmp_path / "cross.safetensors", []
+    cfg = LoraTrainConfig(
+        images=data, out=out, trigger="cross", steps=6, batch=2, preserve=0, text_encoder=False, trigger_embedding=True
+    )
+    train_lora(demo_engine, cfg, log=lines.append)
+    after = text_encoder.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert any(line.startswith("trigger embedding: 'cross' is read as 5 token(s) (c r o s s</w>)") for line in lines)
+    keys, meta = header(out)
+    assert "bundle_emb.cross.clip_g" in keys and not any(k.startswith("lora_prior_te_") for k in keys)
+    assert meta["cascade_studio.trigger_embedding"] == "true"
+    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet"
+
+    weights = demo_engine.read_lora(out)
+    assert len(weights.token_values) == 5
+    try:
+        with demo_engine.layers_lock, torch.no_grad():
+            demo_engine.loras.activate([(weights, 1.0)])
+            hidden, pooled = encode_text(demo_engine, prompts)
+    finally:
+        demo_engine.remove_loras()
+    assert torch.equal(hidden[0], base[0][0]) and torch.equal(pooled[0], base[1][0])
+    assert not torch.equal(hidden[1], base[0][1])
+    after = text_encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    with pytest.raises(TrainingError, match=r"trigger_embedding: must be off without a trigger word"):
+        train_lora(demo_engine, LoraTrainConfig(images=data, out=out, trigger_embedding=True), log=lambda _: None)
+
+
 def test_adapters_off_gives_the_base_model_and_switches_back(demo_engine):
     """The teacher of preservation: inside `adapters_off` the adapted prior predicts exactly what the base prior
     does; outside, the trained adapter acts again and still learns."""

@@ -299,7 +299,7 @@ class CascadeEngine:
         weights = self._lora_files.get(key)
         if weights is None:
             with self.layers_lock:
-                weights = read_lora(path, self.loras.models)
+                weights = read_lora(path, self.loras.models, self.pipelines.prior.tokenizer)
             self._lora_files.put(key, weights)
         return weights
 

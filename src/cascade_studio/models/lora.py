@@ -12,6 +12,10 @@ Formats read (`../shared/notes/peers-and-clients.md`):
 - Stability's own (`train_c_lora.py`): `weights.N.lora_down` / `.lora_up`, the N-th LoRA of the model in module order
   over its attention (`in_proj_weight` split into q, k, v; `out_proj`), scale 1/rank, and `embeddings.*` deltas for
   trained tokens (applied for tokens the vocabulary has; new tokens are skipped with a note).
+- Embeddings bundled in any of these (A1111's and OneTrainer's `bundle_emb.<word>.clip_g`, which `train-lora
+  --trigger-embedding` writes): the vectors the word's own tokens are read as while the LoRA is loaded, so a prompt
+  without the word reads exactly as before. One with another number of vectors than the word has tokens here is
+  skipped with a note.
 
 A file whose keys match no module, or whose shapes fit another model, is refused with what did not match.
 Applying never touches the base weights: peft adds the low-rank paths beside them, and unloading puts the very
@@ -95,6 +99,7 @@ class LoraWeights:
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
     token_deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # Stability's trained tokens
+    token_values: dict[int, torch.Tensor] = field(default_factory=dict)  # bundled embeddings: what a token reads as
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -106,9 +111,10 @@ class LoraWeights:
         return short_hash(self.path)
 
 
-def read_lora(path: Path, models: dict[str, nn.Module]) -> LoraWeights:
+def read_lora(path: Path, models: dict[str, nn.Module], tokenizer=None) -> LoraWeights:
     """Read a LoRA file in any format above and map it onto `models` (role -> the loaded module), checking every
-    module it names exists there with the shapes it needs."""
+    module it names exists there with the shapes it needs. `tokenizer` (the text encoder's) reads the words of
+    bundled embeddings; without it they are skipped with a note."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelConfigError(f"lora: {path.name} is not a .safetensors file (pickled files are never loaded)")
@@ -131,8 +137,27 @@ def read_lora(path: Path, models: dict[str, nn.Module]) -> LoraWeights:
             f"{', '.join(keys[:3])}); expected kohya/ComfyUI, peft/diffusers or Stability's format"
         )
     weights.metadata = metadata
+    _read_bundled(weights, tensors, tokenizer)
     _check_shapes(weights, models)
     return weights
+
+
+def _read_bundled(weights: LoraWeights, tensors: dict[str, torch.Tensor], tokenizer) -> None:
+    """`bundle_emb.<word>.clip_g` (one vector per token the word is read as) into token_values."""
+    for key, vectors in tensors.items():
+        match = re.fullmatch(r"bundle_emb\.(.+)\.(\w+)", key)
+        if not match:
+            continue
+        word, encoder = match.groups()
+        ids = tokenizer(word, add_special_tokens=False).input_ids if tokenizer is not None else []
+        if encoder != "clip_g" or vectors.dim() != 2 or len(ids) != vectors.shape[0]:
+            weights.notes.append(
+                f"the embedding bundled for {word!r} ({key}, {list(vectors.shape)}) is skipped: Stable Cascade's "
+                f"text encoder reads {word!r} as {len(ids) or 'an unknown number of'} token(s), each needing one "
+                "clip_g vector"
+            )
+            continue
+        weights.token_values.update(zip(ids, vectors))
 
 
 def _read_kohya(path: Path, tensors: dict[str, torch.Tensor], models: dict[str, nn.Module]) -> LoraWeights:
@@ -240,6 +265,13 @@ def _check_shapes(weights: LoraWeights, models: dict[str, nn.Module]) -> None:
                 wrong.append(
                     f"{name} (LoRA {list(part.up.shape[:1])}x{list(part.down.shape[1:2])}, layer {list(w.shape[:2])})"
                 )
+    if weights.token_values:
+        width = models["text_encoder"].get_input_embeddings().weight.shape[1]
+        wrong += [
+            f"token {i} ({v.shape[0]} wide, the text encoder's {width})"
+            for i, v in weights.token_values.items()
+            if v.shape[0] != width
+        ][:1]
     if wrong:
         raise ModelConfigError(
             f"lora: {weights.path.name} does not fit this model: {len(wrong)} layer(s) of another "
@@ -256,6 +288,8 @@ def lora_info(path: Path) -> dict:
         keys, metadata = list(f.keys()), dict(f.metadata() or {})
     roles = sorted({role for role, prefix in KOHYA_PREFIX.items() if any(k.startswith(prefix) for k in keys)})
     kind = "kohya" if roles else "stability" if any(k.startswith("weights.") for k in keys) else "peft"
+    words = sorted({k.split(".")[1] for k in keys if k.startswith("bundle_emb.")})
+    roles += [f"the word {w!r}" for w in words]
     trigger = metadata.get("cascade_studio.trigger_words", "")
     if not trigger and "ss_tag_frequency" in metadata:
         try:
@@ -300,7 +334,8 @@ class LoraStack:
         self.unload()
         for i, (weights, strength) in enumerate(loras):
             self._apply(weights, strength, f"lora{i}")
-            self.roles |= set(weights.parts) | ({"text_encoder"} if weights.token_deltas else set())
+            tokens = weights.token_deltas or weights.token_values
+            self.roles |= set(weights.parts) | ({"text_encoder"} if tokens else set())
         self.active = wanted
         return True
 
@@ -329,11 +364,14 @@ class LoraStack:
                 if isinstance(module, BaseTunerLayer):
                     module.set_adapter(sorted(module.lora_A.keys()))
             model.requires_grad_(False)
-        if weights.token_deltas:
+        if weights.token_deltas or weights.token_values:
             embedding = self.models["text_encoder"].get_input_embeddings().weight
             for index, delta in weights.token_deltas.items():
                 self._token_base.setdefault(index, embedding.data[index].clone())
                 embedding.data[index] += strength * delta.to(embedding.dtype)
+            for index, value in weights.token_values.items():  # the base value's way to the file's, by the weight
+                base = self._token_base.setdefault(index, embedding.data[index].clone())
+                embedding.data[index] += strength * (value.to(embedding.device, embedding.dtype) - base)
         for note in weights.notes:
             log.info("lora %s: %s", weights.name, note)
 

@@ -55,6 +55,7 @@ class TrainingSpec(BaseModel):
     decoder: bool | None = None
     text_encoder: bool | None = None
     text_encoder_lr: Annotated[float, Field(gt=0, le=0.1)] | None = None
+    trigger_embedding: bool | None = Field(None, description="also learn the trigger word's own tokens (needs trigger)")
     preserve: Annotated[int, Field(ge=0, le=1000)] | None = None
     preserve_weight: Annotated[float, Field(gt=0, le=100)] | None = None
     decoder_min_t: Annotated[float, Field(ge=0, lt=1)] | None = None
@@ -102,6 +103,8 @@ class TrainLora:
 
     def prepare(self) -> Path:
         """The pictures as files with their captions (refused here, at submission, if one is not a picture)."""
+        if self.spec.trigger_embedding and not self.spec.trigger:
+            raise RequestError([f"trigger_embedding: must be {ALLOWED['trigger_embedding']} (got True)"])
         if self.spec.folder:
             folder = Path(self.spec.folder).expanduser()
             if not folder.is_dir():

@@ -8,7 +8,10 @@ the size its aspect ratio is nearest to among the sizes the model makes, and its
 the model's image encoder (Stability's EfficientNet for the official models, the demo's own) to Stage C latents,
 so a training step runs only the prior. peft adds the LoRA to the prior's attention (q, k, v, out and the
 conditioning's kv_mapper) and feed-forward linears; `decoder=True` adapts Stage B too, on Stage A latents of the
-same pictures. The loss is the model's own target: v for the demo model, the noise for the official ones.
+same pictures. `trigger_embedding=True` also learns the trigger word's own token embeddings (textual inversion
+beside the LoRA, as Stability's recipe trains its tokens), bundled in the file as `bundle_emb.<word>.clip_g`: a
+prompt without the word reads exactly as before. The loss is the model's own target: v for the demo model, the
+noise for the official ones.
 
 Every `sample_every` steps a picture is made with a fixed seed; every `save_every` steps, and on Ctrl-C or a
 cancelled job, a checkpoint is written with what resuming needs (`resume=`). At the end the LoRA file (with its
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, TrainableTokensConfig, inject_adapter_in_model
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageOps
 from safetensors import safe_open
@@ -65,6 +69,7 @@ ALLOWED = {
     "preserve_weight": "above 0 and at most 100",
     "decoder_min_t": "from 0 up to (not including) 1",
     "optimizer": "adamw or adamw8bit",
+    "trigger_embedding": "off without a trigger word, whose own tokens it learns",
 }
 
 
@@ -90,6 +95,7 @@ class LoraTrainConfig:
     decoder: bool | None = None  # default: the model's (the demo: yes, it must learn to draw what is new)
     text_encoder: bool | None = None  # also adapt the text encoder (kohya's TE LoRA); default: the model's
     text_encoder_lr: float | None = None  # default: the model's (the demo: 2e-3), else a tenth of lr
+    trigger_embedding: bool | None = None  # also learn the trigger word's own tokens (at lr); default: the model's
     preserve: int | None = None  # pictures the base model draws to train beside yours (0: none); see preservation
     preserve_prompts: list[str] | None = None  # what it draws them from (default: see preservation)
     preserve_weight: float | None = None  # preservation's loss against your pictures' (kohya's prior_loss_weight)
@@ -115,6 +121,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
             decoder=True,
             text_encoder=True,
             text_encoder_lr=2e-3,
+            trigger_embedding=False,
             preserve=40,
             preserve_weight=1.0,
             decoder_min_t=0.3,
@@ -127,6 +134,7 @@ def defaults_for(engine: CascadeEngine) -> dict:
         decoder=False,
         text_encoder=False,
         text_encoder_lr=None,
+        trigger_embedding=False,
         preserve=0,
         preserve_weight=1.0,
         decoder_min_t=0.0,
@@ -136,6 +144,8 @@ def defaults_for(engine: CascadeEngine) -> dict:
 def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
     d = defaults_for(engine)
     values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else d[k]) for k in d}
+    if cfg.trigger_embedding is None and not cfg.trigger:
+        values["trigger_embedding"] = False  # a model's default that needs a trigger word stays off without one
     cfg = LoraTrainConfig(**(asdict(cfg) | values))
     if cfg.alpha is None:
         cfg.alpha = float(cfg.rank)
@@ -151,6 +161,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ("preserve_weight", 0 < cfg.preserve_weight <= 100),
         ("decoder_min_t", 0 <= cfg.decoder_min_t < 1),
         ("optimizer", cfg.optimizer in ("adamw", "adamw8bit")),
+        ("trigger_embedding", not cfg.trigger_embedding or bool(cfg.trigger)),
     ]
     bad = [f"{name}: must be {ALLOWED[name]} (got {getattr(cfg, name)})" for name, ok in checks if not ok]
     if bad:
@@ -333,11 +344,59 @@ def add_adapter(model: torch.nn.Module, rank: int, alpha: float) -> list[torch.n
     return params
 
 
-def adapter_state(models: dict[str, torch.nn.Module], alpha: float) -> dict[str, torch.Tensor]:
-    """The training adapter as kohya/ComfyUI keys."""
+def add_adapters(cfg: LoraTrainConfig, models: dict[str, torch.nn.Module], tokenizer) -> list[dict]:
+    """Every training adapter `cfg` asks for, as optimizer groups with their rates: a LoRA on each model (the text
+    encoder's only with `text_encoder`), and the trigger word's tokens with `trigger_embedding`."""
+    groups = [
+        {"params": add_adapter(model, cfg.rank, cfg.alpha), "lr": _lr_of(cfg, role)}
+        for role, model in models.items()
+        if role != "text_encoder" or cfg.text_encoder
+    ]
+    if cfg.trigger_embedding:
+        groups.append({"params": add_trigger_tokens(models["text_encoder"], tokenizer, cfg.trigger), "lr": cfg.lr})
+    return groups
+
+
+def add_trigger_tokens(text_encoder: torch.nn.Module, tokenizer, word: str) -> list[torch.nn.Parameter]:
+    """peft's trainable tokens on the rows `word` is read as, starting from their values (the rest stay frozen)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    embedding = next(n for n, m in text_encoder.named_modules() if m is text_encoder.get_input_embeddings())
+    config = TrainableTokensConfig(target_modules=[embedding], token_indices=ids)
+    vars(text_encoder).pop("peft_config", None)  # peft's record of the LoRA, if any: the layers know their adapters
+    inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
+    vars(text_encoder).pop("peft_config", None)  # and of this one
+    layer = text_encoder.get_input_embeddings()
+    param = layer.trainable_tokens_delta[ADAPTER]  # peft's name; it holds the rows' values, not a difference
+    param.data = param.data.float()
+    param.requires_grad_(True)
+    return [param]
+
+
+def trigger_tokens_note(tokenizer, trigger: str, captions: list[str]) -> str:
+    """What learning the trigger's own tokens touches: the tokens, and the captions' other words that share one
+    (a prompt with such a word reads differently while the LoRA is loaded)."""
+    ids = tokenizer(trigger, add_special_tokens=False).input_ids
+    words = {w.strip(",.").lower() for c in captions for w in c.split()} - {trigger.lower(), ""}
+    shared = sorted(w for w in words if set(tokenizer(w, add_special_tokens=False).input_ids) & set(ids))
+    note = (
+        f"trigger embedding: {trigger!r} is read as {len(ids)} token(s) "
+        f"({' '.join(tokenizer.convert_ids_to_tokens(ids))}), learnt here; prompts without them read as before"
+    )
+    if shared:
+        note += (
+            f". Other words in the captions share some of them ({', '.join(shared[:5])}), so prompts with those "
+            "words change too: a trigger read as pieces of its own avoids this"
+        )
+    return note
+
+
+def adapter_state(models: dict[str, torch.nn.Module], alpha: float, trigger: str | None = None) -> dict:
+    """The training adapter as kohya/ComfyUI keys, and the trigger word's tokens as `bundle_emb.<word>.clip_g`."""
     out = {}
     for role, model in models.items():
         for name, module in model.named_modules():
+            if isinstance(module, TrainableTokensLayer) and ADAPTER in module.trainable_tokens_delta:
+                out[f"bundle_emb.{trigger}.clip_g"] = module.trainable_tokens_delta[ADAPTER].detach().float().cpu()
             if hasattr(module, "lora_A") and ADAPTER in module.lora_A:
                 key = kohya_name(name, role)
                 out[f"{key}.lora_down.weight"] = module.lora_A[ADAPTER].weight.detach().float().cpu().contiguous()
@@ -349,6 +408,9 @@ def adapter_state(models: dict[str, torch.nn.Module], alpha: float) -> dict[str,
 def load_adapter_state(models: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
     for role, model in models.items():
         for name, module in model.named_modules():
+            if isinstance(module, TrainableTokensLayer) and ADAPTER in module.trainable_tokens_delta:
+                values = next(v for k, v in state.items() if k.startswith("bundle_emb."))
+                module.trainable_tokens_delta[ADAPTER].data.copy_(values)
             if hasattr(module, "lora_A") and ADAPTER in module.lora_A:
                 key = kohya_name(name, role)
                 module.lora_A[ADAPTER].weight.data.copy_(state[f"{key}.lora_down.weight"])
@@ -396,10 +458,9 @@ def train_lora(
     try:
         with torch.random.fork_rng(devices=[]), engine.layers_lock:  # starting values from the seed: runs repeat
             torch.manual_seed(cfg.seed)
-            groups = [
-                {"params": add_adapter(model, cfg.rank, cfg.alpha), "lr": _lr_of(cfg, role)}
-                for role, model in models.items()
-            ]
+            groups = add_adapters(cfg, models, p.prior.tokenizer)
+        if cfg.trigger_embedding:
+            log(trigger_tokens_note(p.prior.tokenizer, cfg.trigger, [e.caption for e in examples + kept]))
         return _loop(engine, cfg, models, groups, data, keep, examples, out, log, progress, cancel)
     finally:
         with engine.layers_lock:
@@ -483,7 +544,7 @@ def _loop(engine, cfg, models, groups, data, keep, examples, out, log, progress,
         )
         raise
     seconds = time.perf_counter() - t0
-    write_lora(out, adapter_state(models, cfg.alpha), _metadata(cfg, engine, examples, cfg.steps))
+    write_lora(out, adapter_state(models, cfg.alpha, cfg.trigger), _metadata(cfg, engine, examples, cfg.steps))
     plot_losses(losses, out.with_suffix(".loss.png"))
     sample = _sample(engine, cfg, examples, out, cfg.steps)
     log(
@@ -649,8 +710,9 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
         "cascade_studio.preservation_weight": str(cfg.preserve_weight),
         "cascade_studio.decoder_min_t": str(cfg.decoder_min_t),  # Stage B learnt your pictures at t >= this
         "cascade_studio.adapts": ",".join(  # the key prefixes of the parts trained, not every part a LoRA may have
-            KOHYA_PREFIX[role].removesuffix("_") for role in _roles(cfg)
+            KOHYA_PREFIX[role].removesuffix("_") for role in _roles(cfg) if role != "text_encoder" or cfg.text_encoder
         ),
+        "cascade_studio.trigger_embedding": str(bool(cfg.trigger_embedding)).lower(),
         "ss_network_dim": str(cfg.rank),  # kohya's names for the same, which other tools show
         "ss_network_alpha": str(cfg.alpha),
         "ss_prior_loss_weight": str(cfg.preserve_weight),
@@ -658,7 +720,10 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
 
 
 def _roles(cfg: LoraTrainConfig) -> list[str]:
-    return ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * bool(cfg.text_encoder)
+    """The models that learn: the prior, Stage B with `decoder`, the text encoder with either of its adapters."""
+    return (
+        ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * bool(cfg.text_encoder or cfg.trigger_embedding)
+    )
 
 
 def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -673,7 +738,7 @@ def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, s
 def _checkpoint(cfg, models, optimizer, step: int, losses, out: Path, engine, examples, log) -> Path:
     """The LoRA at `step` (a usable file), and beside it what resuming needs: optimizer moments and the losses."""
     path = out.with_name(f"{out.stem}-step{step}.safetensors")
-    write_lora(path, adapter_state(models, cfg.alpha), _metadata(cfg, engine, examples, step))
+    write_lora(path, adapter_state(models, cfg.alpha, cfg.trigger), _metadata(cfg, engine, examples, step))
     moments = {}
     for i, param in enumerate(p for g in optimizer.param_groups for p in g["params"]):
         state = optimizer.state.get(param, {})

@@ -225,6 +225,11 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                     value=d["text_encoder"], label="Adapt the text encoder too", info="the new word is learnt there too"
                 ),
                 "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: the model's default"),
+                "trigger_embedding": gr.Checkbox(
+                    value=d["trigger_embedding"],
+                    label="Learn the trigger word itself",
+                    info="its own tokens; prompts without it read as before",
+                ),
             }
     for key, box in boxes.items():
         box.elem_id = f"train-{key.replace('_', '-')}"

@@ -225,6 +225,9 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                     value=d["text_encoder"], label="Adapt the text encoder too", info="the new word is learnt there too"
                 ),
                 "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: the model's default"),
+            }
+        with gr.Row():  # its own row: three in one are unreadable on a phone
+            boxes |= {
                 "trigger_embedding": gr.Checkbox(
                     value=d["trigger_embedding"],
                     label="Learn the trigger word itself",

@@ -144,8 +144,6 @@ def defaults_for(engine: CascadeEngine) -> dict:
 def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
     d = defaults_for(engine)
     values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else d[k]) for k in d}
-    if cfg.trigger_embedding is None and not cfg.trigger:
-        values["trigger_embedding"] = False  # a model's default that needs a trigger word stays off without one
     cfg = LoraTrainConfig(**(asdict(cfg) | values))
     if cfg.alpha is None:
         cfg.alpha = float(cfg.rank)
@@ -348,9 +346,7 @@ def add_adapters(cfg: LoraTrainConfig, models: dict[str, torch.nn.Module], token
     """Every training adapter `cfg` asks for, as optimizer groups with their rates: a LoRA on each model (the text
     encoder's only with `text_encoder`), and the trigger word's tokens with `trigger_embedding`."""
     groups = [
-        {"params": add_adapter(model, cfg.rank, cfg.alpha), "lr": _lr_of(cfg, role)}
-        for role, model in models.items()
-        if role != "text_encoder" or cfg.text_encoder
+        {"params": add_adapter(models[role], cfg.rank, cfg.alpha), "lr": _lr_of(cfg, role)} for role in _lora_roles(cfg)
     ]
     if cfg.trigger_embedding:
         groups.append({"params": add_trigger_tokens(models["text_encoder"], tokenizer, cfg.trigger), "lr": cfg.lr})
@@ -710,7 +706,7 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
         "cascade_studio.preservation_weight": str(cfg.preserve_weight),
         "cascade_studio.decoder_min_t": str(cfg.decoder_min_t),  # Stage B learnt your pictures at t >= this
         "cascade_studio.adapts": ",".join(  # the key prefixes of the parts trained, not every part a LoRA may have
-            KOHYA_PREFIX[role].removesuffix("_") for role in _roles(cfg) if role != "text_encoder" or cfg.text_encoder
+            KOHYA_PREFIX[role].removesuffix("_") for role in _lora_roles(cfg)
         ),
         "cascade_studio.trigger_embedding": str(bool(cfg.trigger_embedding)).lower(),
         "ss_network_dim": str(cfg.rank),  # kohya's names for the same, which other tools show
@@ -719,11 +715,14 @@ def _metadata(cfg: LoraTrainConfig, engine: CascadeEngine, examples: list[Exampl
     }
 
 
+def _lora_roles(cfg: LoraTrainConfig) -> list[str]:
+    """The models a LoRA adapts: the prior, Stage B with `decoder`, the text encoder with `text_encoder`."""
+    return ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * bool(cfg.text_encoder)
+
+
 def _roles(cfg: LoraTrainConfig) -> list[str]:
-    """The models that learn: the prior, Stage B with `decoder`, the text encoder with either of its adapters."""
-    return (
-        ["prior"] + ["decoder"] * bool(cfg.decoder) + ["text_encoder"] * bool(cfg.text_encoder or cfg.trigger_embedding)
-    )
+    """The models that learn: those a LoRA adapts, and the text encoder when the trigger word's tokens learn."""
+    return _lora_roles(cfg) + ["text_encoder"] * bool(cfg.trigger_embedding and not cfg.text_encoder)
 
 
 def write_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

@@ -59,6 +59,10 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     resumed = tmp_path / "loras" / "teal-more.safetensors"
     more = ["train-lora", str(data), "--steps", "8", "--batch", "2", "--rank", "4", "--preserve", "0", *model]
     more += ["--out", str(resumed)]
+    assert main([*more, "--rank", "8", "--resume", str(checkpoint)]) == 2  # set up otherwise: refused, by its settings
+    assert "resume: teal-step4.safetensors was trained with other settings (rank 4, trigger (none)" in (
+        capsys.readouterr().err
+    )
     assert main([*more, "--resume", str(checkpoint)]) == 0
     assert "resuming from step 4" in capsys.readouterr().err and header(resumed)[1]["cascade_studio.steps"] == "8"
 

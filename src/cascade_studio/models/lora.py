@@ -142,6 +142,11 @@ def read_lora(path: Path, models: dict[str, nn.Module], tokenizer=None) -> LoraW
     return weights
 
 
+def word_tokens(tokenizer, word: str) -> list[int]:
+    """The token ids a word is read as, with no start or end token: the rows an embedding bundled for it sets."""
+    return tokenizer(word, add_special_tokens=False).input_ids
+
+
 def _read_bundled(weights: LoraWeights, tensors: dict[str, torch.Tensor], tokenizer) -> None:
     """`bundle_emb.<word>.clip_g` (one vector per token the word is read as) into token_values."""
     for key, vectors in tensors.items():
@@ -149,7 +154,7 @@ def _read_bundled(weights: LoraWeights, tensors: dict[str, torch.Tensor], tokeni
         if not match:
             continue
         word, encoder = match.groups()
-        ids = tokenizer(word, add_special_tokens=False).input_ids if tokenizer is not None else []
+        ids = word_tokens(tokenizer, word) if tokenizer is not None else []
         if encoder != "clip_g" or vectors.dim() != 2 or len(ids) != vectors.shape[0]:
             weights.notes.append(
                 f"the embedding bundled for {word!r} ({key}, {list(vectors.shape)}) is skipped: Stable Cascade's "

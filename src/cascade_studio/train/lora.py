@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..engine import CancelToken, CascadeEngine, GenerationCancelled, make_request
 from ..models.image_encoder import encode
-from ..models.lora import KOHYA_PREFIX, LoraStack, kohya_name
+from ..models.lora import KOHYA_PREFIX, LoraStack, kohya_name, word_tokens
 from ..models.schedulers import VPredictionWuerstchenScheduler
 from .stages import alpha_cumprod, sample_t
 
@@ -355,7 +355,7 @@ def add_adapters(cfg: LoraTrainConfig, models: dict[str, torch.nn.Module], token
 
 def add_trigger_tokens(text_encoder: torch.nn.Module, tokenizer, word: str) -> list[torch.nn.Parameter]:
     """peft's trainable tokens on the rows `word` is read as, starting from their values (the rest stay frozen)."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
+    ids = word_tokens(tokenizer, word)
     embedding = next(n for n, m in text_encoder.named_modules() if m is text_encoder.get_input_embeddings())
     config = TrainableTokensConfig(target_modules=[embedding], token_indices=ids)
     vars(text_encoder).pop("peft_config", None)  # peft's record of the LoRA, if any: the layers know their adapters
@@ -371,9 +371,9 @@ def add_trigger_tokens(text_encoder: torch.nn.Module, tokenizer, word: str) -> l
 def trigger_tokens_note(tokenizer, trigger: str, captions: list[str]) -> str:
     """What learning the trigger's own tokens touches: the tokens, and the captions' other words that share one
     (a prompt with such a word reads differently while the LoRA is loaded)."""
-    ids = tokenizer(trigger, add_special_tokens=False).input_ids
+    ids = word_tokens(tokenizer, trigger)
     words = {w.strip(",.").lower() for c in captions for w in c.split()} - {trigger.lower(), ""}
-    shared = sorted(w for w in words if set(tokenizer(w, add_special_tokens=False).input_ids) & set(ids))
+    shared = sorted(w for w in words if set(word_tokens(tokenizer, w)) & set(ids))
     note = (
         f"trigger embedding: {trigger!r} is read as {len(ids)} token(s) "
         f"({' '.join(tokenizer.convert_ids_to_tokens(ids))}), learnt here; prompts without them read as before"
@@ -482,7 +482,7 @@ def _loop(engine, cfg, models, groups, data, keep, examples, out, log, progress,
     rates = [group["lr"] for group in groups]
     start_step, losses = 0, []
     if cfg.resume:
-        start_step, losses = _resume(cfg.resume, models, optimizer, log)
+        start_step, losses = _resume(cfg, models, optimizer, log)
     generator = torch.Generator().manual_seed(cfg.seed + start_step)
     rng = random.Random(cfg.seed + start_step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nothing()
@@ -750,13 +750,16 @@ def _checkpoint(cfg, models, optimizer, step: int, losses, out: Path, engine, ex
     return path
 
 
-def _resume(path: Path, models, optimizer, log) -> tuple[int, list[float]]:
-    path = Path(path)
+def _resume(cfg: LoraTrainConfig, models, optimizer, log) -> tuple[int, list[float]]:
+    path = Path(cfg.resume)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "step" not in meta:
         raise TrainingError(f"resume: {path.name} is not a checkpoint's .resume.safetensors file")
-    load_adapter_state(models, load_file(str(path.with_name(meta["lora"]))))
+    lora = path.with_name(meta["lora"])
+    state = load_file(str(lora))
+    _check_resumable(cfg, models, state, lora)
+    load_adapter_state(models, state)
     moments = load_file(str(path))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, param in enumerate(params):
@@ -768,6 +771,31 @@ def _resume(path: Path, models, optimizer, log) -> tuple[int, list[float]]:
             }
     log(f"resuming from step {meta['step']} ({path.name})")
     return int(meta["step"]), json.loads(meta["losses"])
+
+
+def _check_resumable(cfg: LoraTrainConfig, models, state: dict[str, torch.Tensor], lora: Path) -> None:
+    """A checkpoint resumes only a training set up as it was: the same tensors, of the same shapes. Otherwise say
+    which settings it was trained with, rather than fail on the first tensor that does not fit."""
+    want = {k: tuple(v.shape) for k, v in adapter_state(models, cfg.alpha, cfg.trigger).items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want == got:
+        return
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata() or {}
+    theirs = ", ".join(
+        f"{name or key} {meta.get('cascade_studio.' + key) or '(none)'}"
+        for name, key in [
+            ("rank", "rank"),
+            ("trigger", "trigger_words"),
+            ("parts", "adapts"),
+            ("", "trigger_embedding"),
+        ]
+    )
+    misfits = len(want.keys() ^ got.keys()) + sum(want[k] != got[k] for k in want.keys() & got.keys())
+    raise TrainingError(
+        f"resume: {lora.name} was trained with other settings ({theirs}): resume with those "
+        f"({misfits} tensors differ between it and this run's LoRA)"
+    )
 
 
 def _sample(engine: CascadeEngine, cfg: LoraTrainConfig, examples: list[Example], out: Path, step: int) -> Path:

@@ -17,8 +17,8 @@ demo model's defaults (the time is measured), then
    pixel, 0-255).
 
 `--weights` scores each LoRA at several weights (what a user turns down when a LoRA changes too much); `--parts`
-scores the prior's, Stage B's and the text encoder's adapters alone (which part shows the concept, which moves
-eval-demo).
+scores the prior's, Stage B's and the text encoder's adapters alone, each with the trigger word's own tokens where
+the file bundles them (which part shows the concept, which moves eval-demo).
 """
 
 from __future__ import annotations
@@ -148,13 +148,15 @@ def scores(engine, concept: str, lora: str, weight: float, base: dict, args) -> 
 
 def split_by_part(lora: Path) -> dict[str, Path]:
     """One file per part the LoRA adapts (prior, decoder, text encoder), beside it: scored alone, each says how much
-    of the concept and of the change is that part's."""
+    of the concept and of the change is that part's. The trigger word's own tokens, where the file bundles them, go
+    with every part: they are how the word reaches each."""
     tensors, parts = load_file(lora), {}
+    word = {k: v for k, v in tensors.items() if k.startswith("bundle_emb.")}
     for role, prefix in KOHYA_PREFIX.items():
         keys = [k for k in tensors if k.startswith(prefix)]
         if keys:
             parts[role] = lora.with_name(f"{lora.stem}-{role.replace('_', '-')}-only.safetensors")
-            save_file({k: tensors[k] for k in keys}, parts[role])
+            save_file({k: tensors[k] for k in keys} | word, parts[role])
     return parts
 
 

@@ -256,8 +256,8 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert row["weight"] == 1 and at_half["weight"] == 0.5
     assert row["by_weight"]["1.0"]["eval_with_lora"] == row["eval_with_lora"]
     assert set(at_half["eval_with_lora"]) == set(row["eval_with_lora"]) and "cross at weight 0.5: " in proc.stdout
-    assert set(row["by_part"]) == {"prior", "decoder", "text_encoder"}  # the demo's defaults adapt all three
-    assert row["by_part"]["text_encoder"]["weight"] == 1 and "cross at its text encoder alone: " in proc.stdout
+    assert set(row["by_part"]) == {"prior", "decoder"}  # the demo's defaults: these two, and the word's own tokens
+    assert row["by_part"]["decoder"]["weight"] == 1 and "cross at its decoder alone: " in proc.stdout
 
 
 def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):

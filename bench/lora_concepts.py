@@ -43,7 +43,7 @@ from cascade_studio.models.lora import KOHYA_PREFIX
 from cascade_studio.train.analyze import ATTRIBUTES
 from cascade_studio.train.concepts import CONCEPTS, sample, shows_concept, write_concept
 from cascade_studio.train.evaluate import all_asked, evaluate
-from cascade_studio.train.lora import LoraTrainConfig, train_lora
+from cascade_studio.train.lora import LoraTrainConfig, defaults_for, resolve, train_lora
 from cascade_studio.train.scenes import sample_scene
 
 RESULTS = Path(__file__).parent / "results"
@@ -202,6 +202,8 @@ def main() -> None:
     settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
     settings |= {} if args.trigger_embedding is None else {"trigger_embedding": args.trigger_embedding}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
+    resolved = resolve(LoraTrainConfig(images=Path("."), out=Path("x"), trigger="x", **settings), engine)
+    report |= {"settings_used": {k: getattr(resolved, k) for k in defaults_for(engine)}}  # the defaults change
     report |= {"eval_prompts_per_split": args.eval_n * args.eval_seeds}
     report |= {"base_eval": base_eval, "base_shape_rates": base_shapes, "concepts": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -238,6 +238,8 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"] == {"steps": 2, "preserve": 1} and report["eval_prompts_per_split"] == 4
+    used = report["settings_used"]  # the defaults as they were, beside what was asked
+    assert (used["steps"], used["preserve"], used["text_encoder"], used["preserve_weight"]) == (2, 1, True, 1.0)
     row = report["concepts"]["cross"]
     assert row["steps"] == 2 and row["train_seconds"] > 0
     assert row["held_out_with_lora"] in (0, 1 / 3, 2 / 3, 1) and row["eval_max_change_points"] >= 0
@@ -256,8 +258,8 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     assert row["weight"] == 1 and at_half["weight"] == 0.5
     assert row["by_weight"]["1.0"]["eval_with_lora"] == row["eval_with_lora"]
     assert set(at_half["eval_with_lora"]) == set(row["eval_with_lora"]) and "cross at weight 0.5: " in proc.stdout
-    assert set(row["by_part"]) == {"prior", "decoder"}  # the demo's defaults: these two, and the word's own tokens
-    assert row["by_part"]["decoder"]["weight"] == 1 and "cross at its decoder alone: " in proc.stdout
+    assert set(row["by_part"]) == {"prior", "decoder", "text_encoder"}  # the demo's defaults adapt all three
+    assert row["by_part"]["text_encoder"]["weight"] == 1 and "cross at its text encoder alone: " in proc.stdout
 
 
 def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):

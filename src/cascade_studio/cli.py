@@ -857,8 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="text_encoder",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also adapt the text encoder (kohya's TE LoRA), so a new word is learnt where words are read; it changes "
-        "how every prompt is read (default: no)",
+        help="also adapt the text encoder (kohya's TE LoRA), so a new word is learnt where words are read (default: "
+        "yes for the demo model, no for the official ones)",
     )
     lt.add_argument(
         "--trigger-embedding",
@@ -867,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also learn the trigger word's own token embeddings (textual inversion beside the LoRA, as Stability's "
         "recipe trains its tokens; bundled in the file): prompts without the word read exactly as before "
-        "(needs --trigger; default: yes for the demo model when --trigger is given, no for the official ones)",
+        "(needs --trigger; default: no)",
     )
     lt.add_argument(
         "--text-encoder-lr",
@@ -899,8 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="W",
         help="how much holding to the base model counts against learning your pictures (above 0 and at most 100; "
-        "default: 3 for the demo model, 1 for the official ones; kohya's --prior_loss_weight): higher changes the "
-        "rest of the model less, and may show your concept less",
+        "default 1; kohya's --prior_loss_weight): higher changes the rest of the model less, and may show your "
+        "concept less",
     )
     lt.add_argument(
         "--optimizer",

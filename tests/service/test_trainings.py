@@ -50,7 +50,7 @@ def test_train_a_lora_over_the_api_and_generate_with_it(tmp_path, demo_engine):
 
         listed = http.get("/v1/loras").json()["data"]
         assert [(e["name"], e["sha256"], e["adapts"]) for e in listed] == [
-            ("api-teal", result["sha256"], "decoder, prior")  # no trigger word: no tokens of its own
+            ("api-teal", result["sha256"], "decoder, prior, text_encoder")
         ]
         body = {"prompt": "a large teal circle in the centre on a white background", "seed": 3}
         generated = http.post("/v1/generations", json=body | {"loras": [{"name": "api-teal", "weight": 0.8}]}).json()

@@ -23,7 +23,7 @@ from cascade_studio.models.image_encoder import EfficientNetEncoder
 from cascade_studio.models.lora import KOHYA_PREFIX, LoraLibrary, LoraStack
 from cascade_studio.models.source import EFFNET_FILE
 from cascade_studio.train.concepts import write_concept
-from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, resolve, train_lora
+from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, train_lora
 
 
 def header(path) -> tuple[list[str], dict]:
@@ -36,23 +36,19 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     out = tmp_path / "loras" / "teal.safetensors"
     model = ["--model", "demo", "--threads", "2"]
     common = [*model, "--out", str(tmp_path / "outputs")]
-    train = ["train-lora", str(data), "--trigger", "teal", "--steps", "6", "--batch", "2", "--rank", "4", *model]
-    train += ["--preserve", "2"]
+    train = ["train-lora", str(data), "--steps", "6", "--batch", "2", "--rank", "4", "--preserve", "2", *model]
     assert main([*train, "--out", str(out), "--sample-every", "3", "--save-every", "4"]) == 0
     keys, meta = header(out)
-    lora_keys = [k for k in keys if k != "bundle_emb.teal.clip_g"]  # the trigger word's own tokens, bundled
-    assert len(lora_keys) == len(keys) - 1 and all(
-        re.fullmatch(r"lora_(prior_unet|unet)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in lora_keys
+    assert keys and all(
+        re.fullmatch(r"lora_(prior_unet|unet|prior_te)_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in keys
     )
-    # The demo model's defaults adapt the prior and Stage B (its Stage B reads shape from words), and the trigger
-    # word learns its own tokens: the text encoder reads every other prompt as before.
+    # The demo model's defaults adapt the prior, Stage B and the text encoder (its Stage B reads shape from words).
     adapted = {role for role, prefix in KOHYA_PREFIX.items() if any(k.startswith(prefix) for k in keys)}
-    assert adapted == {"prior", "decoder"} and meta["cascade_studio.trigger_embedding"] == "true"
+    assert adapted == {"prior", "decoder", "text_encoder"}
     assert meta["cascade_studio.base_model"] == "cascade-studio-demo" and meta["cascade_studio.rank"] == "4"
     assert meta["cascade_studio.steps"] == "6" and len(meta["cascade_studio.dataset_hash"]) == 12
     assert json.loads(meta["cascade_studio.base_identity"])["preset"] == "demo"
-    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet"  # the LoRA's parts
-    assert meta["cascade_studio.preservation_weight"] == "3.0"
+    assert meta["cascade_studio.adapts"] == "lora_prior_unet,lora_unet,lora_prior_te"  # what was trained
     assert meta["cascade_studio.decoder_min_t"] == "0.3"  # the demo's: Stage B learnt where shape is decided
     assert out.with_suffix(".loss.png").is_file() and (tmp_path / "loras" / "teal.sample-3.png").is_file()
     checkpoint = tmp_path / "loras" / "teal-step4.resume.safetensors"
@@ -61,11 +57,10 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     assert "dataset: 6 pictures" in log and "already the right size" in log
 
     resumed = tmp_path / "loras" / "teal-more.safetensors"
-    more = ["train-lora", str(data), "--trigger", "teal", "--steps", "8", "--batch", "2", "--rank", "4", *model]
-    more += ["--preserve", "0"]
+    more = ["train-lora", str(data), "--steps", "8", "--batch", "2", "--rank", "4", "--preserve", "0", *model]
     more += ["--out", str(resumed)]
     assert main([*more, "--rank", "8", "--resume", str(checkpoint)]) == 2  # set up otherwise: refused, by its settings
-    assert "resume: teal-step4.safetensors was trained with other settings (rank 4, trigger teal, parts" in (
+    assert "resume: teal-step4.safetensors was trained with other settings (rank 4, trigger (none)" in (
         capsys.readouterr().err
     )
     assert main([*more, "--resume", str(checkpoint)]) == 0
@@ -75,7 +70,7 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
     shutil.copy(out, tmp_path / "outputs" / "loras")  # into the LoRA folder: by name from now on
     assert main(["loras", "--out", str(tmp_path / "outputs")]) == 0
     assert re.search(
-        r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior, the word 'teal'", capsys.readouterr().out
+        r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior, text_encoder", capsys.readouterr().out
     )
     gen = ["generate", "a large teal circle in the centre on a white background", "--seed", "1", *common]
     assert main([*gen, "--lora", "teal:0.8", "--lora", f"{resumed}:0.5"]) == 0
@@ -326,9 +321,6 @@ def test_the_trigger_word_learns_its_own_tokens_and_prompts_without_it_read_as_b
 
     with pytest.raises(TrainingError, match=r"trigger_embedding: must be off without a trigger word"):
         train_lora(demo_engine, LoraTrainConfig(images=data, out=out, trigger_embedding=True), log=lambda _: None)
-    # The demo's default: on with a trigger word (nothing to learn without one), the text encoder's LoRA off.
-    with_word, without = (resolve(LoraTrainConfig(images=data, out=out, trigger=t), demo_engine) for t in ("x", None))
-    assert (with_word.trigger_embedding, with_word.text_encoder, without.trigger_embedding) == (True, False, False)
 
 
 def test_adapters_off_gives_the_base_model_and_switches_back(demo_engine):

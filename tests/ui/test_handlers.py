@@ -349,8 +349,6 @@ def test_the_train_tab_reads_captions_and_names_what_is_missing(tmp_path):
     assert spec.decoder_min_t == 0.0  # a real value here (Stage B learns at every step), not "the default"
     assert training_spec(paths, rows, name="mine", preserve_weight=3.0).preserve_weight == 3.0
     assert training_spec(paths, rows, name="mine", trigger="sks", trigger_embedding=True).trigger_embedding is True
-    # Ticked by default on the demo model; without a trigger word there is nothing for it to learn, so no refusal.
-    assert training_spec(paths, rows, name="mine", trigger="", trigger_embedding=True).trigger_embedding is None
     assert (spec.alpha, spec.decoder, spec.text_encoder, spec.text_encoder_lr) == (None, False, True, None)
     with pytest.raises(StudioError, match=r"decoder_min_t: must be from 0 up to \(not including\) 1 \(got 1.0\)"):
         training_spec(paths, rows, name="mine", decoder_min_t=1.0)

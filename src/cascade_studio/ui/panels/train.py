@@ -55,8 +55,6 @@ def training_spec(paths: list[str] | None, rows, **settings) -> TrainingSpec:
         for name, path in sorted(pictures.items())
     ]
     given = {k: v for k, v in settings.items() if v not in (None, "") and not (k in ZERO_IS_DEFAULT and v == 0)}
-    if not str(settings.get("trigger") or "").strip():
-        given.pop("trigger_embedding", None)  # the box is ticked by default where the model learns its trigger word
     for key in WHOLE_NUMBERS:
         if isinstance(given.get(key), float) and given[key] == int(given[key]):
             given[key] = int(given[key])
@@ -224,9 +222,7 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
         with gr.Row():
             boxes |= {
                 "text_encoder": gr.Checkbox(
-                    value=d["text_encoder"],
-                    label="Adapt the text encoder too",
-                    info="a LoRA where words are read: every prompt moves",
+                    value=d["text_encoder"], label="Adapt the text encoder too", info="the new word is learnt there too"
                 ),
                 "text_encoder_lr": gr.Number(label="Text encoder rate", value=0, info="0: the model's default"),
             }
@@ -235,7 +231,7 @@ def build_settings(d: dict) -> dict[str, gr.components.Component]:
                 "trigger_embedding": gr.Checkbox(
                     value=d["trigger_embedding"],
                     label="Learn the trigger word itself",
-                    info="with a trigger word: its own tokens; prompts without it read as before",
+                    info="its own tokens; prompts without it read as before",
                 ),
             }
     for key, box in boxes.items():

@@ -203,7 +203,8 @@ def main() -> None:
     settings |= {} if args.trigger_embedding is None else {"trigger_embedding": args.trigger_embedding}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
     resolved = resolve(LoraTrainConfig(images=Path("."), out=Path("x"), trigger="x", **settings), engine)
-    report |= {"settings_used": {k: getattr(resolved, k) for k in defaults_for(engine)}}  # the defaults change
+    # What the run trained with, the model's defaults filled in: a report stays readable after the defaults change.
+    report |= {"settings_used": {k: getattr(resolved, k) for k in defaults_for(engine)}}
     report |= {"eval_prompts_per_split": args.eval_n * args.eval_seeds}
     report |= {"base_eval": base_eval, "base_shape_rates": base_shapes, "concepts": {}}
     with tempfile.TemporaryDirectory() as tmp:

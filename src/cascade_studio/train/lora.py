@@ -784,15 +784,8 @@ def _check_resumable(cfg: LoraTrainConfig, models, state: dict[str, torch.Tensor
         return
     with safe_open(str(lora), framework="pt") as f:
         meta = f.metadata() or {}
-    theirs = ", ".join(
-        f"{name or key} {meta.get('cascade_studio.' + key) or '(none)'}"
-        for name, key in [
-            ("rank", "rank"),
-            ("trigger", "trigger_words"),
-            ("parts", "adapts"),
-            ("", "trigger_embedding"),
-        ]
-    )
+    said = {"rank": "rank", "trigger": "trigger_words", "parts": "adapts", "trigger_embedding": "trigger_embedding"}
+    theirs = ", ".join(f"{name} {meta.get('cascade_studio.' + key) or '(none)'}" for name, key in said.items())
     misfits = len(want.keys() ^ got.keys()) + sum(want[k] != got[k] for k in want.keys() & got.keys())
     raise TrainingError(
         f"resume: {lora.name} was trained with other settings ({theirs}): resume with those "

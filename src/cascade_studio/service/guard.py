@@ -11,8 +11,9 @@ and limits enforced on the byte stream rather than on what a request claims.
 - **Cross-site requests.** State-changing API calls with an `Origin` of another site are refused, and their bodies
   must be JSON (or multipart where a route takes files), so no web page can queue jobs through a visitor's browser.
 - **Limits on the stream.** A body is counted as it arrives, chunked or not, and cut off with 413 past the route's
-  limit; a body that stalls for `BODY_TIMEOUT` seconds gets 408; headers past `MAX_HEADER_BYTES` get 431. Headers
-  that arrive too slowly, or too large to parse, are the HTTP protocol's to refuse (server.py).
+  limit; a body that stalls for `BODY_TIMEOUT` seconds gets 408; either answer closes the connection, so the rest
+  of that body is never read. Headers past `MAX_HEADER_BYTES` get 431. Headers that arrive too slowly, or too
+  large to parse, are the HTTP protocol's to refuse (server.py).
 - **Files.** Gradio's file routes serve images only; the history database is never among them.
 """
 
@@ -159,7 +160,8 @@ class Guard:
             return await _respond(send, *refusal)
         if method == "POST" and path.rstrip("/") == "/login":  # Gradio's login form: count its failures too
             send = self._watch_login(send, address)
-        await self.app(scope, self._limited(receive, path), send)
+        receive, send = self._limited(receive, send, path)
+        await self.app(scope, receive, send)
 
     def _refusal(self, path: str, method: str, address: str, headers: dict[str, str], scope) -> tuple | None:
         """Why this request is refused before it runs, or None."""
@@ -174,7 +176,7 @@ class Guard:
             )
         declared, limit = headers.get("content-length"), body_limit(path)
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return problem(413, f"request body: at most {limit} bytes")
+            return problem(413, f"request body: at most {limit} bytes", {"Connection": "close"})  # never read
         if path.startswith(("/gradio_api/file=", "/gradio_api/file/", "/file=")):
             if not unquote(path).lower().endswith(IMAGE_SUFFIXES):
                 return problem(404, "file: only images are served here")
@@ -199,27 +201,36 @@ class Guard:
             return _cross_site(path, headers)
         return None
 
-    def _limited(self, receive, path: str):
-        """receive() that counts the body as it arrives and gives up on a stalled one. It raises HTTPException,
-        which the app answering the request (the API or Gradio) turns into its own JSON error."""
-        limit, seen, done = body_limit(path), 0, False
+    def _limited(self, receive, send, path: str):
+        """receive() that counts the body as it arrives and gives up on a stalled one, and send() that then closes
+        the connection: the body's rest is never read (keep-alive would read, and drop, whatever a client streams).
+        receive() raises HTTPException, which the app answering the request (the API or Gradio) turns into its own
+        JSON error."""
+        limit, seen, done, cut = body_limit(path), 0, False, False
 
         async def guarded():
-            nonlocal seen, done
+            nonlocal seen, done, cut
             if done:
                 return await receive()  # after the body: disconnect notices, which may take as long as they like
             try:
                 message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
             except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on; 3.10 too
+                cut = True
                 raise HTTPException(408, [f"request body: nothing arrived for {BODY_TIMEOUT:.0f} s"]) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    cut = True
                     raise HTTPException(413, [f"request body: at most {limit} bytes"])
                 done = not message.get("more_body", False)
             return message
 
-        return guarded
+        async def closing(message):
+            if cut and message["type"] == "http.response.start":
+                message = message | {"headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return guarded, closing
 
     def _watch_login(self, send, address: str):
         async def watched(message):

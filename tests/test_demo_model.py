@@ -23,7 +23,7 @@ from cascade_studio.engine.inputs import from_image
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
 from cascade_studio.train.analyze import foreground as analyser_foreground
-from cascade_studio.train.evaluate import decoded_image, evaluate_vqgan, json_ready
+from cascade_studio.train.evaluate import decoded_image, evaluate, evaluate_vqgan, json_ready, table
 from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, position_phrase, render, sample_scene
 from tests.test_cli import CLI
 
@@ -285,6 +285,17 @@ def test_eval_demo_pools_prompt_seeds(tmp_path, demo):
         runs = [alone[seed]["splits"][split] for seed in (0, 1)]
         assert data["samples"] == runs[0]["samples"] + runs[1]["samples"]
         assert data["seed_rates"] == {"0": runs[0]["rates"], "1": runs[1]["rates"]}
+
+
+def test_eval_demo_with_few_prompts_leaves_out_what_no_prompt_asked_for(demo):
+    """Seed 1's one partial prompt names no place ("purple background, three black triangles"): its rates leave the
+    place out rather than fail, the pooled rate counts seed 0's prompt alone, and a table of seed 1 alone says "-"."""
+    pooled = evaluate(demo, n=1, seeds=[0, 1])["splits"]["partial"]
+    assert "position" in pooled["seed_rates"][0] and "position" not in pooled["seed_rates"][1]
+    assert pooled["rates"]["position"] == pooled["seed_rates"][0]["position"]
+    alone = table(evaluate(demo, n=1, seeds=[1]))
+    partial_row = next(line for line in alone.splitlines() if line.startswith("partial "))
+    assert partial_row.split()[3] == "-" and len(partial_row.split()) == 7
 
 
 def test_stage_a_draws_colours_no_scene_uses(demo):

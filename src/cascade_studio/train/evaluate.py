@@ -213,9 +213,10 @@ def shape_rates(rows: list[dict], scenes: list[Scene], groups: dict[str, Callabl
 
 
 def hit_rates(rows: list[dict]) -> dict[str, float]:
-    """Per attribute, the share of rows that showed it, over the rows that asked for it (a hit of None: not asked)."""
-    rates = {a: mean(r["hits"][a] for r in rows if r["hits"][a] is not None) for a in ATTRIBUTES}
-    return rates | {"all": mean(all_asked(r["hits"]) for r in rows)}
+    """Per attribute, the share of rows that showed it, over the rows that asked for it (a hit of None: not asked);
+    an attribute no row asked for is left out (a few partial prompts may all name no place)."""
+    asked = {a: [r["hits"][a] for r in rows if r["hits"][a] is not None] for a in ATTRIBUTES}
+    return {a: mean(hits) for a, hits in asked.items() if hits} | {"all": mean(all_asked(r["hits"]) for r in rows)}
 
 
 def all_asked(hits: dict[str, bool | None]) -> bool:
@@ -280,7 +281,8 @@ def table(report: dict) -> str:
     ]
     digits = 0 if len(seeds) == 1 else 1
     for split, data in report["splits"].items():
-        lines.append(f"{split:<10}" + "".join(f"{data['rates'][a]:>10.{digits}%} " for a in (*ATTRIBUTES, "all")))
+        rates = [data["rates"].get(a) for a in (*ATTRIBUTES, "all")]  # None: no prompt of the split asked for it
+        lines.append(f"{split:<10}" + "".join(f"{'-':>10} " if r is None else f"{r:>10.{digits}%} " for r in rates))
     if len(seeds) > 1:
         for split, data in report["splits"].items():
             shape = [r["shape"] for r in data["seed_rates"].values()]

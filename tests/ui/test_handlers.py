@@ -72,7 +72,7 @@ def test_token_counter_names_whole_cut_words_and_unknown_words(studio):
     assert "cut: <i>blue blue" in long and long.count("blue") < 20  # a long cut is shortened, not printed whole
 
 
-def test_demo_model_marks_words_it_does_not_know(tmp_path):
+def test_demo_model_marks_words_it_does_not_know(tmp_path, studio):
     from cascade_studio.config import Settings
     from cascade_studio.engine import CascadeEngine
 
@@ -84,6 +84,9 @@ def test_demo_model_marks_words_it_does_not_know(tmp_path):
         assert "This model knows only its training words: it draws 1-3 circles" in text
         assert "<mark>" not in h.token_info(demo, "a red circle on a white background")
         assert "22 tokens" in text  # the demo's own window, not CLIP's 75
+        first = h.token_info(demo, demo.first_prompt)  # what a first visit finds under the prompt it holds
+        assert demo.first_prompt == "a red circle on a white background" and "<mark>" not in first
+        assert "This model knows only its training words" in first and studio.first_prompt == ""  # a real model: none
     finally:
         demo.queue.close()
 

@@ -41,6 +41,7 @@ SIZE_PRESETS = [
     ("5:12", 640, 1536),
 ]
 CUSTOM = "Custom"
+DEMO_EXAMPLE = "a red circle on a white background"  # a scene the demo model draws well
 SWEEP_FIELDS = {
     "seed": int,
     "prior_guidance": float,
@@ -69,6 +70,12 @@ class Studio:
         """The model's own size is small (the demo model's 128²): show its images enlarged, pixels kept sharp."""
         return self.engine.pipelines.defaults.get("width", 1024) <= 256
 
+    @property
+    def first_prompt(self) -> str:
+        """What the prompt box holds on a first visit: for the demo model a scene it draws, so that Generate straight
+        away shows what it can do (an empty prompt gives a murky picture); for a real model nothing."""
+        return DEMO_EXAMPLE if self.engine.pipelines.identity.preset == "demo" else ""
+
     def model_banner(self) -> str:
         p = self.engine.pipelines
         ident = p.identity
@@ -77,7 +84,7 @@ class Studio:
         if ident.preset == "demo":
             line += (
                 "  \n**Demo model:** a tiny model shipped with cascade-studio; it draws simple shapes on plain "
-                "backgrounds (try *a red circle on a white background*). For real images: "
+                f"backgrounds (try *{DEMO_EXAMPLE}*). For real images: "
                 "`cascade-studio download full`, then restart."
             )
         return line
@@ -192,7 +199,7 @@ def token_info(studio: Studio, prompt: str, loras: tuple[str, ...] = ()) -> str:
         marked = " ".join(f"<mark>{html.escape(w)}</mark>" for w in report.unknown)
         parts.append(f"unknown to this model: {marked}")
     line = " · ".join(parts)
-    if report.hint and (report.unknown or not prompt):
+    if report.hint:  # a closed vocabulary: what the model draws, always in view
         line += (
             f"<br><span class='cs-hint'>This model knows only its training words: {html.escape(report.hint)}.</span>"
         )

@@ -119,14 +119,15 @@ def range_of(field: str) -> str:
 def build_prompt_bar(studio: Studio) -> dict:
     """Prompt, its token and vocabulary help, Generate and Cancel. Enter (or Ctrl+Enter) generates."""
     prompt = gr.Textbox(
+        studio.first_prompt,
         label="Prompt",
         lines=1,
         max_lines=6,
         elem_id="prompt",
         autofocus=True,
-        placeholder="a red circle on a white background   (Enter to generate)",
+        placeholder="describe the picture   (Enter to generate)",
     )
-    tokens = gr.HTML(h.token_info(studio, ""), elem_id="tokens")
+    tokens = gr.HTML(h.token_info(studio, studio.first_prompt), elem_id="tokens")
     with gr.Row(elem_id="actions"):
         run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
         stop = gr.Button("Cancel", variant="secondary", elem_id="cancel", interactive=False, scale=1)

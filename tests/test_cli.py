@@ -70,7 +70,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
         ),
         (["generate", "x", "-n", "9"], "num_images: must be a whole number from 1 to 8 (got 9)"),
         (["generate", "x", "--dtype", "fp16", "--model", "MODEL"], "dtype: fp16 is not supported"),
-        (["generate", "x", "--threads", "0"], "torch_threads: Input should be greater than or equal to 1"),
+        (["generate", "x", "--threads", "0"], "torch_threads: must be a whole number of at least 1 (got 0)"),
+        (["--port", "0"], "port: must be a whole number from 1 to 65535 (got 0)"),
         (
             ["generate", "x", "--speedup", "graphs", "--device", "cpu", "--model", "MODEL"],
             "speedup: 'graphs' needs a CUDA device; on this device choose off or compile",

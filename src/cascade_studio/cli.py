@@ -55,7 +55,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise UsageError("; ".join(_setting_error(e) for e in exc.errors())) from None
+
+
+def _setting_error(error: dict) -> str:
+    """A bad setting worded as a bad request field is: the field, its allowed range, what was given."""
+    field = ".".join(map(str, error["loc"]))
+    meta = Settings.model_fields[field].metadata if field in Settings.model_fields else []
+    low, high = (next((getattr(m, b) for m in meta if hasattr(m, b)), None) for b in ("ge", "le"))
+    if low is None or not isinstance(error["input"], (int, str)):
+        return f"{field}: {error['msg']}"
+    allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    return f"{field}: must be a whole number {allowed} (got {error['input']})"
 
 
 def _load_engine(settings: Settings):

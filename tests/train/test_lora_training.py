@@ -23,7 +23,7 @@ from cascade_studio.models.image_encoder import EfficientNetEncoder
 from cascade_studio.models.lora import KOHYA_PREFIX, LoraLibrary, LoraStack
 from cascade_studio.models.source import EFFNET_FILE
 from cascade_studio.train.concepts import write_concept
-from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, train_lora
+from cascade_studio.train.lora import LoraTrainConfig, TrainingError, load_dataset, resolve, train_lora
 
 
 def header(path) -> tuple[list[str], dict]:
@@ -205,7 +205,7 @@ def test_stage_b_learns_your_pictures_where_shape_is_decided_and_is_kept_at_ever
     phrasings."""
     import random
 
-    from cascade_studio.train.lora import _batch_loss, domain_prompts, encode_dataset, kept_loss, resolve
+    from cascade_studio.train.lora import _batch_loss, domain_prompts, encode_dataset, kept_loss
 
     prompts = domain_prompts(demo_engine, 20, 0)
     assert all(p.endswith("background") for p in prompts[::2]) and sum(p.endswith("background") for p in prompts) < 20
@@ -227,6 +227,16 @@ def test_stage_b_learns_your_pictures_where_shape_is_decided_and_is_kept_at_ever
     assert torch.cat(seen[1:]).min() < 0.3  # preservation's, every step
     with pytest.raises(TrainingError, match=r"decoder_min_t: must be from 0 up to \(not including\) 1 \(got 1.0\)"):
         resolve(LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", decoder_min_t=1.0), demo_engine)
+
+
+def test_a_bad_rank_is_said_once_as_the_rank(tmp_path, demo_engine):
+    """alpha left to the rank's (scale 1) is not a second error of the user's; an alpha they gave is checked."""
+    data = write_concept("teal", tmp_path / "teal", n=2)
+    with pytest.raises(TrainingError) as refused:
+        resolve(LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", rank=0), demo_engine)
+    assert str(refused.value) == "rank: must be a whole number from 1 to 256 (got 0)"
+    with pytest.raises(TrainingError, match=r"^rank: .*; alpha: must be above 0 and at most 1024 \(got 0.0\)$"):
+        resolve(LoraTrainConfig(images=data, out=tmp_path / "o.safetensors", rank=0, alpha=0.0), demo_engine)
 
 
 def test_8bit_adam_off_cuda_is_refused_saying_why(tmp_path, demo_engine):

@@ -147,7 +147,8 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
     d = defaults_for(engine)
     values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else d[k]) for k in d}
     cfg = LoraTrainConfig(**(asdict(cfg) | values))
-    if cfg.alpha is None:
+    alpha_given = cfg.alpha is not None  # else the rank's: a bad rank is said once, as the rank
+    if not alpha_given:
         cfg.alpha = float(cfg.rank)
     checks = [
         ("rank", 1 <= cfg.rank <= 256),
@@ -156,7 +157,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ("text_encoder_lr", cfg.text_encoder_lr is None or 0 < cfg.text_encoder_lr <= 0.1),
         ("batch", 1 <= cfg.batch <= 256),
         ("resolution", cfg.resolution % 128 == 0 and 128 <= cfg.resolution <= 2048),
-        ("alpha", 0 < cfg.alpha <= 1024),
+        ("alpha", 0 < cfg.alpha <= 1024 or not alpha_given),
         ("preserve", 0 <= cfg.preserve <= 1000),
         ("preserve_weight", 0 < cfg.preserve_weight <= 100),
         ("decoder_min_t", 0 <= cfg.decoder_min_t < 1),

@@ -18,7 +18,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from pydantic import ValidationError  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import Settings  # noqa: E402
+from .config import SETTING_ALLOWED, Settings, bad_field, field_error, whole_number  # noqa: E402
 from .engine.request import (  # noqa: E402
     ALLOWED,
     FITS,
@@ -55,18 +55,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise UsageError("; ".join(_setting_error(e) for e in exc.errors())) from None
-
-
-def _setting_error(error: dict) -> str:
-    """A bad setting worded as a bad request field is: the field, its allowed range, what was given."""
-    field = ".".join(map(str, error["loc"]))
-    meta = Settings.model_fields[field].metadata if field in Settings.model_fields else []
-    low, high = (next((getattr(m, b) for m in meta if hasattr(m, b)), None) for b in ("ge", "le"))
-    if low is None or not isinstance(error["input"], (int, str)):
-        return f"{field}: {error['msg']}"
-    allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
-    return f"{field}: must be a whole number {allowed} (got {error['input']})"
+        raise UsageError("; ".join(field_error(e, SETTING_ALLOWED) for e in exc.errors())) from None
 
 
 def _load_engine(settings: Settings):
@@ -549,9 +538,9 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     from .train.stages import ImageEncoder
 
     if not 1 <= args.n <= 1000:
-        raise UsageError(f"n: must be a whole number from 1 to 1000 (got {args.n})")
+        raise UsageError(bad_field("n", whole_number(1, 1000), args.n))
     if not 1 <= args.seeds <= 100:
-        raise UsageError(f"seeds: must be a whole number from 1 to 100 (got {args.seeds})")
+        raise UsageError(bad_field("seeds", whole_number(1, 100), args.seeds))
     seeds = range(args.seed, args.seed + args.seeds)
     settings = {
         k: getattr(args, k)

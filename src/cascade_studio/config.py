@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def shown(value: Any) -> str:
+    """A given value as an error message quotes it: short, and 'nothing' for no value."""
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def bad_field(field: str, allowed: str, got: Any) -> str:
+    """The one wording of a bad value, in the CLI, the studio and every API: the field, what it may be, what it got."""
+    return f"{field}: must be {allowed} (got {shown(got)})"
+
+
+def whole_number(low: int, high: int | None = None) -> str:
+    return f"a whole number from {low} to {high}" if high is not None else f"a whole number of at least {low}"
+
+
+def field_error(error: Mapping[str, Any], allowed: Mapping[str, str]) -> str:
+    """One of pydantic's errors in that wording. `allowed` is keyed by field path without list indices
+    (`loras.weight` for `loras.0.weight`); a field it does not name keeps pydantic's own message."""
+    if not error["loc"]:  # a rule across fields; its message names the fields itself
+        return error["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in error["loc"])
+    kind = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+    if error["type"] == "missing":
+        return f"{field}: required ({allowed.get(kind, 'a value')})"
+    if kind in allowed:
+        return bad_field(field, allowed[kind], error.get("input"))
+    return f"{field}: {error['msg']}"
 
 
 class Settings(BaseSettings):
@@ -61,3 +93,15 @@ class Settings(BaseSettings):
     def lora_folder(self) -> Path:
         """Where LoRAs are found by name and trained LoRAs land: lora_dir, else <output_dir>/loras."""
         return Path(self.lora_dir or self.output_dir / "loras").expanduser()
+
+
+def _allowed_setting(metadata: list) -> str | None:
+    low = next((m.ge for m in metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in metadata if hasattr(m, "le")), None)
+    return whole_number(low, high) if low is not None else None
+
+
+# The settings with bounds, worded as a bad field is (the CLI reports a bad --port or CASCADE_PORT this way).
+SETTING_ALLOWED = {
+    name: allowed for name, info in Settings.model_fields.items() if (allowed := _allowed_setting(info.metadata))
+}

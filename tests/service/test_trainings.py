@@ -75,6 +75,9 @@ def test_bad_trainings_are_refused_by_field(tmp_path, demo_engine):
 
         good = pictures(tmp_path, n=1)
         assert any(m.startswith("name:") for m in refused({"name": "../x", "images": good}))
+        named = "a name of 1 to 120 letters, digits, '.', '-' or '_' (the LoRA file's stem)"
+        assert refused({"images": good}) == [f"name: required ({named})"]  # as /v1/generations says it
+        assert refused({"name": "x" * 500, "images": good}) == [f"name: must be {named} (got '{'x' * 36}...)"]
         assert any(m.startswith("rank:") and "256" in m for m in refused({"name": "x", "images": good, "rank": 999}))
         late = refused({"name": "x", "images": good, "decoder_min_t": 1})
         assert late == ["decoder_min_t: must be from 0 up to (not including) 1 (got 1)"]

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..config import field_error
+
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 128, 128, 2048
@@ -171,20 +173,11 @@ class RequestError(ValueError):
 
 
 def _describe(error: dict[str, Any]) -> str:
-    if not error["loc"]:  # a cross-field rule; its message names the field itself
-        return error["msg"].removeprefix("Value error, ")
+    if error["type"] != "extra_forbidden":
+        return field_error(error, ALLOWED)
     field = ".".join(str(p) for p in error["loc"])
-    kind = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))  # loras.0.weight -> loras.weight
-    if error["type"] == "extra_forbidden":
-        model = {"loras": LoraSpec, "image_prompts": ImagePrompt}.get(kind.split(".")[0], GenerationRequest)
-        return f"{field}: unknown field (known fields: {', '.join(model.model_fields)})"
-    if error["type"] == "missing":
-        return f"{field}: required ({ALLOWED.get(kind, 'a value')})"
-    if kind in ALLOWED:
-        got = repr(error.get("input"))
-        got = got if len(got) <= 40 else got[:37] + "..."
-        return f"{field}: must be {ALLOWED[kind]} (got {got})"
-    return f"{field}: {error['msg']}"
+    model = {"loras": LoraSpec, "image_prompts": ImagePrompt}.get(str(error["loc"][0]), GenerationRequest)
+    return f"{field}: unknown field (known fields: {', '.join(model.model_fields)})"
 
 
 def make_request(**fields: Any) -> GenerationRequest:

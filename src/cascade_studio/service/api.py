@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..config import field_error, whole_number
 from ..engine import RequestError
 from ..store import JobRecord, TaskRecord
 from ..store.sqlite import StoreError
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 ID = re.compile(r"[0-9a-f]{32}")
 SHORT_ID = re.compile(r"[0-9a-f]{8,31}")  # the first characters of an id, as the studio shows it
 PAGING = {"limit": (1, 100), "offset": (0, 10**9)}  # /v1/history's query parameters: allowed ranges
+PAGING_ALLOWED = {name: whole_number(*bounds) for name, bounds in PAGING.items()}
 RETRY_AFTER = 10  # seconds a refused client is told to wait (the queue moves at least this fast)
 MAX_STREAMS = 8  # open event streams per client
 ERRORS = {status: {"model": Problem} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)}
@@ -184,12 +186,9 @@ def create_api(queue: JobQueue) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
-        def message(e: dict) -> str:
-            field = ".".join(str(p) for p in e["loc"][1:]) or "body"
-            if e["loc"][0] == "query" and field in PAGING:  # pydantic's text names only the bound that was missed
-                low, high = PAGING[field]
-                return f"{field}: must be a whole number from {low} to {high} (got {e['input']!r})"
-            return f"{field}: {e['msg']}"
+        def message(e: dict) -> str:  # paging's range in words: pydantic's text names only the bound missed
+            loc = e["loc"][1:] or ("body",)  # pydantic's loc starts with where the field was: query, body
+            return field_error(e | {"loc": loc}, PAGING_ALLOWED if e["loc"][0] == "query" else {})
 
         return problem(422, [message(e) for e in exc.errors()])
 

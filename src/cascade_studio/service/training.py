@@ -17,6 +17,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..config import bad_field, field_error
 from ..engine import CancelToken, RequestError
 from ..engine.inputs import decode
 from ..store.sqlite import new_id
@@ -74,17 +75,8 @@ ALLOWED = TRAINING_ALLOWED | {
 
 
 def spec_errors(exc: ValidationError) -> list[str]:
-    """pydantic's errors as `field: must be <allowed> (got <value>)`, the way every other endpoint words them."""
-    out = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "body"
-        allowed = ALLOWED.get(str(e["loc"][0])) if e["loc"] and len(e["loc"]) == 1 else None
-        if allowed and e["type"] != "missing":
-            got = repr(e["input"]) if not isinstance(e["input"], str) or len(e["input"]) < 60 else "a long text"
-            out.append(f"{where}: must be {allowed} (got {got})")
-        else:
-            out.append(f"{where}: {e['msg']}")
-    return out
+    """pydantic's errors in the words every other endpoint uses: `field: must be <allowed> (got <value>)`."""
+    return [field_error(e, ALLOWED) for e in exc.errors()]
 
 
 @dataclass
@@ -104,7 +96,7 @@ class TrainLora:
     def prepare(self) -> Path:
         """The pictures as files with their captions (refused here, at submission, if one is not a picture)."""
         if self.spec.trigger_embedding and not self.spec.trigger:
-            raise RequestError([f"trigger_embedding: must be {ALLOWED['trigger_embedding']} (got True)"])
+            raise RequestError([bad_field("trigger_embedding", ALLOWED["trigger_embedding"], True)])
         if self.spec.folder:
             folder = Path(self.spec.folder).expanduser()
             if not folder.is_dir():

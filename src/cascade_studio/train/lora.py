@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..config import bad_field
 from ..engine import CancelToken, CascadeEngine, GenerationCancelled, make_request
 from ..models.image_encoder import encode
 from ..models.lora import KOHYA_PREFIX, LoraStack, kohya_name, word_tokens
@@ -164,7 +165,7 @@ def resolve(cfg: LoraTrainConfig, engine: CascadeEngine) -> LoraTrainConfig:
         ("optimizer", cfg.optimizer in ("adamw", "adamw8bit")),
         ("trigger_embedding", not cfg.trigger_embedding or bool(cfg.trigger)),
     ]
-    bad = [f"{name}: must be {ALLOWED[name]} (got {getattr(cfg, name)})" for name, ok in checks if not ok]
+    bad = [bad_field(name, ALLOWED[name], getattr(cfg, name)) for name, ok in checks if not ok]
     if bad:
         raise TrainingError("; ".join(bad))
     return cfg

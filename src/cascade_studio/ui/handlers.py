@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 
+from ..config import bad_field
 from ..engine import ALLOWED, GenerationRequest, RequestError
 from ..engine.inputs import from_image, outpaint
 from ..engine.request import MAX_SIZE, nearest_size
@@ -218,16 +219,16 @@ def build_request(
 
     def whole(name: str, value: float | None) -> int | float | None:
         if value is None:
-            problems.append(f"{name}: must be {ALLOWED[name]} (got nothing)")
+            problems.append(bad_field(name, ALLOWED[name], None))
             return None
         if float(value) != int(value):
-            problems.append(f"{name}: must be {ALLOWED[name]} (got {value:g})")
+            problems.append(bad_field(name, ALLOWED[name], float(value)))
             return None
         return int(value)
 
     def number(name: str, value: float | None) -> float | None:
         if value is None:
-            problems.append(f"{name}: must be {ALLOWED[name]} (got nothing)")
+            problems.append(bad_field(name, ALLOWED[name], None))
         return None if value is None else float(value)
 
     values = {
@@ -306,7 +307,7 @@ def _seed(value: str | float | None, problems: list[str]) -> int | None:
             return int(number)
     except (ValueError, OverflowError):
         pass
-    problems.append(f"seed: must be {ALLOWED['seed']} (got {text[:20]!r})")
+    problems.append(bad_field("seed", ALLOWED["seed"], text))
     return None
 
 

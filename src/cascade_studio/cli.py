@@ -315,7 +315,8 @@ def cmd_loras(args: argparse.Namespace) -> int:
         info = lora_info(path)
         trigger = f", trigger: {info['trigger_words']}" if info["trigger_words"] else ""
         base = f", made for {info['base_model']}" if info["base_model"] else ""
-        print(f"  {name}  sha256:{info['sha256']}  {info['format']}, adapts {info['adapts']}{trigger}{base}")
+        weight = f", preferred weight {info['preferred_weight']:g}" if info["preferred_weight"] else ""
+        print(f"  {name}  sha256:{info['sha256']}  {info['format']}, adapts {info['adapts']}{trigger}{base}{weight}")
     return 0
 
 

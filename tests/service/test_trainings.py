@@ -4,6 +4,7 @@ progress events, its samples served, the LoRA listed and used by name; bad uploa
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 from cascade_studio.train.concepts import write_concept
@@ -49,9 +50,13 @@ def test_train_a_lora_over_the_api_and_generate_with_it(tmp_path, demo_engine):
         assert http.get(f"/v1/trainings/{job['id']}/files/..%2Fapi-teal.safetensors").status_code == 404
 
         listed = http.get("/v1/loras").json()["data"]
-        assert [(e["name"], e["sha256"], e["adapts"]) for e in listed] == [
-            ("api-teal", result["sha256"], "decoder, prior, text_encoder")
+        assert [(e["name"], e["sha256"], e["adapts"], e["preferred_weight"]) for e in listed] == [
+            ("api-teal", result["sha256"], "decoder, prior, text_encoder", None)
         ]
+        sidecar = {"activation text": "teal, flat colour", "preferred weight": 0.6}  # A1111's, beside the file
+        (queue.engine.lora_library.folder / "api-teal.json").write_text(json.dumps(sidecar))
+        (entry,) = http.get("/v1/loras").json()["data"]
+        assert (entry["trigger_words"], entry["preferred_weight"]) == ("teal, flat colour", 0.6)
         body = {"prompt": "a large teal circle in the centre on a white background", "seed": 3}
         generated = http.post("/v1/generations", json=body | {"loras": [{"name": "api-teal", "weight": 0.8}]}).json()
         final = wait_done(http, generated["id"])

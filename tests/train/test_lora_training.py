@@ -68,9 +68,11 @@ def test_cli_trains_resumes_and_the_lora_generates(tmp_path, capsys):
 
     (tmp_path / "outputs" / "loras").mkdir(parents=True)
     shutil.copy(out, tmp_path / "outputs" / "loras")  # into the LoRA folder: by name from now on
+    (tmp_path / "outputs" / "loras" / "teal.json").write_text('{"preferred weight": 0.75}')  # A1111's, beside it
     assert main(["loras", "--out", str(tmp_path / "outputs")]) == 0
     assert re.search(
-        r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior, text_encoder", capsys.readouterr().out
+        r"teal\s+sha256:[0-9a-f]{12}\s+kohya, adapts decoder, prior, text_encoder.*, preferred weight 0.75\n",
+        capsys.readouterr().out,
     )
     gen = ["generate", "a large teal circle in the centre on a white background", "--seed", "1", *common]
     assert main([*gen, "--lora", "teal:0.8", "--lora", f"{resumed}:0.5"]) == 0

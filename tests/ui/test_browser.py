@@ -443,17 +443,20 @@ def test_train_a_lora_in_the_browser_then_generate_with_it(page, tmp_path, studi
     )
     assert meta["cascade_studio.decoder_min_t"] == "0.5"
 
+    # Its user's preferred weight, as A1111's Lora card editor writes it beside the file: picking it sets the row's.
+    (studio_out / "loras" / "browser-teal.json").write_text('{"preferred weight": 0.8}')
     page.get_by_role("tab", name="Generate").click()
     if not page.locator("#lora-1").is_visible():
         page.locator("#loras").get_by_text("LoRAs").first.click()
     page.locator("#lora-1 input").click()
     page.get_by_role("option", name="browser-teal").click()
     page.wait_for_function("document.querySelector('#lora-words').innerText.includes('browser-teal: teal')")
+    page.wait_for_function("document.querySelector('#lora-1-weight input').value === '0.8'")
     page.locator("#prompt textarea").fill("a circle on a white background")
     page.locator("#lora-insert").click()
     page.wait_for_function("document.querySelector('#prompt textarea').value.startsWith('teal, a circle')")
     generate(page)
-    page.wait_for_function("document.querySelector('#details').innerText.includes('browser-teal × 1')")
+    page.wait_for_function("document.querySelector('#details').innerText.includes('browser-teal × 0.8')")
     shot(page, "10-lora")
 
 

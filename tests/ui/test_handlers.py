@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image, PngImagePlugin
 
@@ -320,6 +322,22 @@ def test_trigger_words_are_shown_inserted_once_and_not_marked_unknown(demo_studi
     assert studio.with_trigger_words("", ["style"]) == "tealish"
     assert "<mark>tealish</mark>" in h.token_info(studio, "a tealish circle")
     assert "tealish" not in h.token_info(studio, "a tealish circle", ("style",))
+
+
+def test_a_picked_lora_takes_the_weight_and_words_its_user_gave_it(demo_studio):
+    """A1111's user metadata beside the file (its Lora card editor and Civitai Helper write it)."""
+    studio = demo_studio
+    sidecar = studio.engine.lora_library.find("style").with_suffix(".json")
+    assert studio.lora_weight("style", 1.0) == 1.0  # no sidecar: the row keeps its weight
+    sidecar.write_text(json.dumps({"activation text": "tealish, flat", "preferred weight": 0.7, "notes": "mine"}))
+    assert studio.lora_weight("style", 1.0) == 0.7 and studio.lora_weight(h.NO_LORA, 0.4) == 0.4
+    assert studio.lora_words_text(["style"]) == "**style**: tealish, flat"
+    assert studio.with_trigger_words("a red circle", ["style"]) == "tealish, flat, a red circle"
+    for odd in ({"preferred weight": 9}, {"preferred weight": 0}, {"preferred weight": "0.5"}, [0.5]):
+        sidecar.write_text(json.dumps(odd))  # out of range, A1111's 'none', a string, not an object
+        assert studio.lora_weight("style", 1.0) == 1.0 and studio.lora_words("style") == "tealish"
+    sidecar.write_text("{not json")
+    assert studio.lora_weight("style", 0.5) == 0.5 and studio.lora_words("style") == "tealish"
 
 
 def test_the_train_tab_reads_captions_and_names_what_is_missing(tmp_path):

@@ -24,7 +24,9 @@ same layers back, so a generation after unloading is bit-identical to one before
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,35 +288,59 @@ def _check_shapes(weights: LoraWeights, models: dict[str, nn.Module]) -> None:
 
 def lora_info(path: Path) -> dict:
     """What a LoRA file says about itself, from its header alone: format, what it adapts, trigger words, the
-    model it was made for (ours and kohya's metadata keys)."""
-    import json
-
+    model it was made for (ours and kohya's metadata keys); and what its user said of it beside the file
+    (`user_metadata`): their activation text stands in for the trigger words, and their preferred weight."""
     with safe_open(str(path), framework="pt") as f:
         keys, metadata = list(f.keys()), dict(f.metadata() or {})
     roles = sorted({role for role, prefix in KOHYA_PREFIX.items() if any(k.startswith(prefix) for k in keys)})
     kind = "kohya" if roles else "stability" if any(k.startswith("weights.") for k in keys) else "peft"
     words = sorted({k.split(".")[1] for k in keys if k.startswith("bundle_emb.")})
     roles += [f"the word {w!r}" for w in words]
-    trigger = metadata.get("cascade_studio.trigger_words", "")
-    if not trigger and "ss_tag_frequency" in metadata:
-        try:
-            counts: dict[str, int] = {}
-            for tags in json.loads(metadata["ss_tag_frequency"]).values():
-                for tag, n in tags.items():
-                    counts[tag] = counts.get(tag, 0) + n
-            trigger = ", ".join(sorted(counts, key=counts.get, reverse=True)[:3])
-        except (ValueError, AttributeError):
-            trigger = ""
+    user = user_metadata(path)
     return {
         "name": path.stem,
         "file": str(path),
         "sha256": short_hash(path),
         "format": kind,
         "adapts": ", ".join(roles) or ("prior" if kind != "kohya" else "?"),
-        "trigger_words": trigger,
+        "trigger_words": user.get("activation text") or _header_trigger_words(metadata),
+        "preferred_weight": user.get("preferred weight"),
         "base_model": metadata.get("cascade_studio.base_model") or metadata.get("ss_base_model_version", ""),
         "rank": metadata.get("cascade_studio.rank") or metadata.get("ss_network_dim", ""),
     }
+
+
+def _header_trigger_words(metadata: dict[str, str]) -> str:
+    """Ours, else kohya's three most frequent caption tags."""
+    if metadata.get("cascade_studio.trigger_words") or "ss_tag_frequency" not in metadata:
+        return metadata.get("cascade_studio.trigger_words", "")
+    try:
+        counts: dict[str, int] = {}
+        for tags in json.loads(metadata["ss_tag_frequency"]).values():
+            for tag, n in tags.items():
+                counts[tag] = counts.get(tag, 0) + n
+        return ", ".join(sorted(counts, key=counts.get, reverse=True)[:3])
+    except (ValueError, AttributeError):
+        return ""
+
+
+def user_metadata(path: Path) -> dict:
+    """A1111's user metadata for a network, `<name>.json` beside the file (its Lora card's editor and Civitai
+    Helper write it): 'activation text', the words its user puts in the prompt with it, and 'preferred weight'
+    (0 for none). A file that is missing, unreadable or holds other types counts as saying nothing."""
+    try:
+        data = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    text, weight = data.get("activation text"), data.get("preferred weight")
+    out = {}
+    if isinstance(text, str) and text.strip():
+        out["activation text"] = text.strip()
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight != 0:
+        out["preferred weight"] = float(weight)
+    return out
 
 
 class LoraStack:

@@ -121,7 +121,11 @@ class LoraEntry(BaseModel):
     sha256: str = Field(description="the first 12 hex digits of the file's SHA-256 (A1111's short hash)")
     format: str = Field(description="kohya, peft or stability")
     adapts: str = Field(description="the parts of the model it changes: prior, decoder, text_encoder")
-    trigger_words: str
+    trigger_words: str = Field(description="from its header, or its user's activation text (A1111's <name>.json)")
+    preferred_weight: float | None = Field(
+        description="the weight its user prefers, from A1111's <name>.json beside the file; the studio's picker "
+        "starts there (a request without a weight still gets 1)"
+    )
     base_model: str
     rank: str
 

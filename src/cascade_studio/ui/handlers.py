@@ -18,7 +18,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont, PngImagePlugin
 from ..config import bad_field
 from ..engine import ALLOWED, GenerationRequest, RequestError
 from ..engine.inputs import from_image, outpaint
-from ..engine.request import MAX_SIZE, nearest_size
+from ..engine.request import MAX_LORA_WEIGHT, MAX_SIZE, nearest_size
 from ..metadata import PARAMETERS_KEY, parse_parameters, read_png
 from ..models.lora import lora_info
 from ..service import ClientLimitReached, Job, JobQueue, QueueFull
@@ -101,14 +101,23 @@ class Studio:
         return sorted(self.engine.lora_library.files())
 
     def lora_words(self, name: str) -> str:
-        """A LoRA's trigger words, from its file's header ("" for none, or for a file gone since it was listed)."""
+        """A LoRA's trigger words, from its file's header or its user's activation text ("" for none)."""
+        return self._lora_info(name).get("trigger_words", "")
+
+    def lora_weight(self, name: str, weight: float | None) -> float | None:
+        """The weight a LoRA row takes when a LoRA is picked: its user's preferred weight (A1111's, from the
+        .json beside the file) where it has one in the allowed range, else the row's weight as it was."""
+        preferred = self._lora_info(name).get("preferred_weight")
+        return preferred if preferred is not None and abs(preferred) <= MAX_LORA_WEIGHT else weight
+
+    def _lora_info(self, name: str) -> dict:
         path = self.engine.lora_library.files().get(name)
-        if path is None:
-            return ""
+        if path is None:  # no LoRA, or a file gone since it was listed
+            return {}
         try:
-            return lora_info(path)["trigger_words"]
+            return lora_info(path)
         except (OSError, ValueError):
-            return ""
+            return {}
 
     def lora_words_text(self, names) -> str:
         lines = [f"**{n}**: {self.lora_words(n) or 'no trigger words recorded'}" for n in names if n != NO_LORA]

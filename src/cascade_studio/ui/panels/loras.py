@@ -1,6 +1,8 @@
 """The LoRA picker in the settings: three rows of a LoRA and its weight, the chosen ones' trigger words with a
 button that puts them in the prompt, and a refresh for files added to the LoRA folder since the page loaded.
-(A1111's `<lora:name:weight>` in the prompt works too; it adds to what is picked here.)"""
+A LoRA picked in a row sets the row's weight to its preferred weight where its user gave one (A1111's .json
+beside the file), as A1111's Lora cards do. (A1111's `<lora:name:weight>` in the prompt works too; it adds to
+what is picked here.)"""
 
 from dataclasses import dataclass
 
@@ -54,6 +56,8 @@ def wire_lora_picker(studio: Studio, picker: LoraPicker, prompt: gr.Textbox) -> 
 
     for name in picker.names:
         name.change(on_change, inputs=picker.names, outputs=picker.words, queue=False, api_visibility="private")
+    for name, weight in zip(picker.names, picker.weights):  # the user's pick only, not a refresh of the list
+        name.input(studio.lora_weight, inputs=[name, weight], outputs=weight, queue=False, api_visibility="private")
 
     def on_insert(text, *names):
         return studio.with_trigger_words(text or "", names)

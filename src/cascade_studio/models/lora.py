@@ -287,8 +287,8 @@ def _check_shapes(weights: LoraWeights, models: dict[str, nn.Module]) -> None:
 
 
 def lora_info(path: Path) -> dict:
-    """What a LoRA file says about itself, from its header alone: format, what it adapts, trigger words, the
-    model it was made for (ours and kohya's metadata keys); and what its user said of it beside the file
+    """What a LoRA file says about itself, from its header (no tensor is read): format, what it adapts, trigger
+    words, the model it was made for (ours and kohya's metadata keys); and what its user said of it beside the file
     (`user_metadata`): their activation text stands in for the trigger words, and their preferred weight."""
     with safe_open(str(path), framework="pt") as f:
         keys, metadata = list(f.keys()), dict(f.metadata() or {})
@@ -312,8 +312,9 @@ def lora_info(path: Path) -> dict:
 
 def _header_trigger_words(metadata: dict[str, str]) -> str:
     """Ours, else kohya's three most frequent caption tags."""
-    if metadata.get("cascade_studio.trigger_words") or "ss_tag_frequency" not in metadata:
-        return metadata.get("cascade_studio.trigger_words", "")
+    ours = metadata.get("cascade_studio.trigger_words", "")
+    if ours or "ss_tag_frequency" not in metadata:
+        return ours
     try:
         counts: dict[str, int] = {}
         for tags in json.loads(metadata["ss_tag_frequency"]).values():

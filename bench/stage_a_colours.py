@@ -24,9 +24,9 @@ import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 
 from cascade_studio.models.source import DEMO_DIR
+from cascade_studio.train.checkpoint import load_model
 from cascade_studio.train.concepts import TEAL, ConceptScene, render
 from cascade_studio.train.evaluate import decoded_image
-from cascade_studio.train.run import _load
 from cascade_studio.train.stages import scene_images
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "stage_a_colours.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    vqgan = _load(PaellaVQModel, args.vqgan).eval()
+    vqgan = load_model(PaellaVQModel, args.vqgan).eval()
     palette, _ = scene_images(random.Random(123), args.n, 128)
     recoloured, _ = scene_images(random.Random(123), args.n, 128, any_colour=1.0)
     teal = render(ConceptScene("teal", "red", "teal", "square", "centre"), 128)

@@ -97,6 +97,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
         (["train-demo", "--out", "x", "--text-lr", "0"], "text-lr: must be above 0 and at most 0.01 (got 0.0)"),
         (["train-demo", "--out", "x", "--stage", "a-decoder"], "stage: only with --from"),
         (["train-demo", "--from", "MODEL", "--out", "x", "--quick"], "quick: only for a fresh run"),
+        (["train-demo", "--out", "x", "--resume", "--quick"], "resume: goes on with a stopped fresh run as it was"),
     ],
 )
 def test_bad_arguments_table(args, message, tiny_model_dir, capsys):

@@ -507,6 +507,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .models.device import resolve_device
+    from .train.checkpoint import saved_config
     from .train.run import SHIPPED_RECIPE, TrainConfig, train_demo, train_on
 
     if args.scale <= 0 or args.threads < 1:
@@ -516,9 +517,19 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))  # a clear message when the device is not there
     _quiet_libraries()
     cfg = TrainConfig(seed=args.seed, scale=args.scale, threads=args.threads, device=device, lr_b_text=args.text_lr)
+    stopped = saved_config(Path(args.out))
+    if args.resume:
+        if args.from_model is not None or args.quick:
+            raise UsageError("resume: goes on with a stopped fresh run as it was started (no --from or --quick)")
+        if stopped is None:
+            raise UsageError(f"resume: {args.out} holds no stopped train-demo run (no checkpoint/progress.json)")
+        train_demo(Path(args.out), replace(TrainConfig(**stopped), threads=args.threads, device=device), resume=True)
+        return 0
     if args.from_model is None:
         if args.stage is not None:
             raise UsageError("stage: only with --from (a fresh run trains every stage)")
+        if stopped is not None:
+            raise UsageError(f"out: {args.out} holds a stopped run; --resume goes on with it, or give another folder")
         train_demo(Path(args.out), cfg if args.quick else replace(cfg, **SHIPPED_RECIPE))
         return 0
     if args.quick:
@@ -776,6 +787,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=3e-4,
         help="peak learning rate of the decoder's text stage, Stage B text (default %(default)s)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the run stopped in --out where it left off (it saves its state after each part in "
+        "checkpoint/): the settings it was started with, --threads and --device as given now",
     )
     t.add_argument(
         "--from",

@@ -18,11 +18,8 @@ from cascade_studio.models.source import DEMO_DIR
 from cascade_studio.train.run import SHIPPED_RECIPE, TrainConfig, train_demo
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "demo"
-    logs: list[str] = []
-    cfg = TrainConfig(
+def tiny_config() -> TrainConfig:
+    return TrainConfig(
         steps_a=2,
         steps_a_decoder=2,
         steps_b=2,
@@ -38,7 +35,13 @@ def trained(tmp_path_factory):
         image_scenes=16,
         low_noise_scenes=16,
     )
-    return out, train_demo(out, cfg, log=logs.append), logs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "demo"
+    logs: list[str] = []
+    return out, train_demo(out, tiny_config(), log=logs.append), logs
 
 
 def test_train_demo_writes_a_loadable_model(trained):
@@ -63,6 +66,40 @@ def test_train_demo_writes_a_loadable_model(trained):
     assert engine.pipelines.previewer is not None
     result = engine(engine.request(prompt="a red circle on a white background", seed=0, prior_steps=2, decoder_steps=2))
     assert result.images[0].size == (128, 128) and result.model.name == "cascade-studio-demo"
+
+
+class Stop(Exception):
+    """Stands for the run being killed (Ctrl-C, a reboot) partway through a part."""
+
+
+def test_a_stopped_run_resumes_where_it_left_off_to_the_same_weights(trained, tmp_path):
+    """The shipped recipe runs for hours: a run stopped in its second Stage B text round goes on from the
+    checkpoint the first round left, with the random numbers it would have drawn, and ends bit for bit where the
+    unstopped run (the fixture, same config) did."""
+    out, seen = tmp_path / "demo", []
+
+    def stop_in_the_second_round(line: str) -> None:
+        seen.append(line)
+        if sum(x.startswith("stage B text step") for x in seen) == 3:  # round 2, its first step
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_demo(out, tiny_config(), log=stop_in_the_second_round)
+    assert not (out / "decoder").exists() and (out / "checkpoint" / "decoder").is_dir()
+    assert main(["train-demo", "--out", str(out)]) == 2  # a fresh run would throw the stopped one away
+    assert main(["train-demo", "--out", str(tmp_path / "none"), "--resume"]) == 2
+
+    assert main(["train-demo", "--out", str(out), "--resume"]) == 0
+    assert not (out / "checkpoint").exists()  # a finished run keeps no checkpoint
+    shipped = sorted(p.relative_to(trained[0]) for p in trained[0].rglob("*.safetensors"))
+    assert shipped == sorted(p.relative_to(out) for p in out.rglob("*.safetensors")) and len(shipped) == 7
+    for path in shipped:
+        a, b = load_file(trained[0] / path), load_file(out / path)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    for path in trained[0].glob("*/config.json"):  # no checkpoint path recorded in a component's config
+        assert (out / path.relative_to(trained[0])).read_text() == path.read_text(), path
+    card, unstopped = (json.loads((d / "cascade_studio.json").read_text()) for d in (out, trained[0]))
+    assert card["losses"] == unstopped["losses"] and card["config"] == unstopped["config"]
 
 
 def test_a_fresh_run_trains_each_stage_for_the_steps_the_shipped_model_had():

@@ -3,6 +3,7 @@
     cascade-studio train-demo --out demo-model             # the shipped recipe (SHIPPED_RECIPE: hours)
     cascade-studio train-demo --out demo-model --quick     # the short recipe: its first Stage B text round alone
     cascade-studio train-demo --out smoke --quick --scale 0.05   # a smoke test in a couple of minutes
+    cascade-studio train-demo --out demo-model --resume    # go on with a stopped run (train/checkpoint.py)
 
 `--from DIR` trains one stage of a trained model on: the decoder with text (Stage B text, the default: it adds the
 stage to a model trained before the stage existed, or trains the decoder on from where it stopped; give another
@@ -40,7 +41,7 @@ from ..models.architectures import RES, RES_ATTN, extend_word_tokenizer, write_w
 from ..models.previewer import Previewer
 from ..models.schedulers import VPredictionWuerstchenScheduler
 from ..models.source import DEMO_TOWER
-from . import stages
+from . import checkpoint, stages
 from .scenes import caption, sample_scene
 
 # What the studio tells a person writing a prompt for this model (see models/source.py, prompt_help).
@@ -186,77 +187,105 @@ def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
     image.save(path)
 
 
-def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
+def train_demo(out: Path, cfg: TrainConfig, log=print, resume: bool = False) -> dict:
+    """Every stage from `cfg.seed` into `out`, in parts: after each, the run's state goes to `out/checkpoint/`, and
+    `resume` goes on from there (`cfg` should then be the config it was started with: checkpoint.saved_config)."""
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    start, seconds, losses = time.perf_counter(), {}, {}
+    if resume:
+        run = checkpoint.Progress.load(out, cfg.device)
+        log(f"resuming {out}: done {', '.join(run.done) or 'nothing'}")
+    else:
+        torch.manual_seed(cfg.seed)
+        run = checkpoint.Progress(random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), config=asdict(cfg))
+        write_word_tokenizer(out / "tokenizer", caption_words(run.rng), model_max_length=TEXT_LENGTH)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    rng, gen, m = run.rng, run.gen, run.models
 
-    tokenizer_dir = write_word_tokenizer(out / "tokenizer", caption_words(rng), model_max_length=TEXT_LENGTH)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    def part(name: str, train, stage: str | None = None) -> None:
+        """Run one part unless the checkpoint has it; its time and losses add to its stage's."""
+        if name in run.done:
+            return
+        t, stage = time.perf_counter(), stage or name
+        losses = train()
+        run.seconds[stage] = run.seconds.get(stage, 0.0) + time.perf_counter() - t
+        run.losses[stage] = run.losses.get(stage, []) + losses
+        run.done.append(name)
+        run.save(out)
 
-    t = time.perf_counter()
-    vqgan = PaellaVQModel(**DEMO_VQGAN).to(cfg.device)
-    losses["stage A"] = stages.train_stage_a(vqgan, cfg.steps(cfg.steps_a), rng, gen, log)
-    vqgan.eval().requires_grad_(False)
-    seconds["stage A"] = time.perf_counter() - t
+    def stage_a() -> list[float]:
+        m["vqgan"] = PaellaVQModel(**DEMO_VQGAN).to(cfg.device)
+        losses = stages.train_stage_a(m["vqgan"], cfg.steps(cfg.steps_a), rng, gen, log)
+        m["vqgan"].eval().requires_grad_(False)
+        return losses
 
-    t = time.perf_counter()
-    data_b = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log)
-    vqgan.register_to_config(scale_factor=data_b.scale)  # the pipeline multiplies latents by it before decoding
-    encoder, decoder = stages.ImageEncoder().to(cfg.device), StableCascadeUNet(**DEMO_DECODER).to(cfg.device)
-    losses["stage B"] = stages.train_stage_b(decoder, encoder, data_b, cfg.steps(cfg.steps_b), rng, gen, log)
-    seconds["stage B"] = time.perf_counter() - t
+    def stage_b() -> list[float]:
+        run.data_b = stages.decoder_dataset(m["vqgan"], cfg.steps(cfg.decoder_scenes), rng, log)
+        m["vqgan"].register_to_config(scale_factor=run.data_b.scale)  # the pipeline multiplies latents by it
+        m["image_encoder"] = stages.ImageEncoder().to(cfg.device)
+        m["decoder"] = StableCascadeUNet(**DEMO_DECODER).to(cfg.device)
+        return stages.train_stage_b(m["decoder"], m["image_encoder"], run.data_b, cfg.steps(cfg.steps_b), rng, gen, log)
 
-    t = time.perf_counter()
-    latents, scenes = stages.encode_dataset(encoder, cfg.steps(cfg.prior_scenes), rng, log)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **DEMO_TEXT)
-    prior = StableCascadeUNet(**DEMO_PRIOR).to(cfg.device)
-    text_encoder = CLIPTextModelWithProjection(text_config).to(cfg.device)
-    losses["stage C"], ema_prior, ema_text = stages.train_stage_c(
-        prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c
-    )
-    seconds["stage C"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    losses["stage B text"] = stages.train_decoder_text(
-        decoder, encoder, ema_text.model, tokenizer, data_b, cfg.steps(cfg.steps_b_text), cfg.lr_b_text, rng, gen, log
-    )
-    for steps in cfg.b_text_rounds:  # each with its own warm-up and cosine, as the shipped model's runs had
-        data = stages.decoder_dataset(vqgan, cfg.steps(4 * steps), rng, log, scale=data_b.scale)
-        losses["stage B text"] += stages.train_decoder_text(
-            decoder, encoder, ema_text.model, tokenizer, data, cfg.steps(steps), cfg.lr_b_text, rng, gen, log
+    def stage_c() -> list[float]:
+        latents, scenes = stages.encode_dataset(m["image_encoder"], cfg.steps(cfg.prior_scenes), rng, log)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **DEMO_TEXT
         )
-    seconds["stage B text"] = time.perf_counter() - t
+        prior = StableCascadeUNet(**DEMO_PRIOR).to(cfg.device)
+        text_encoder = CLIPTextModelWithProjection(text_config).to(cfg.device)
+        losses, ema_prior, ema_text = stages.train_stage_c(
+            prior, text_encoder, tokenizer, latents, scenes, cfg.steps(cfg.steps_c), rng, gen, log, batch=cfg.batch_c
+        )
+        m["prior"], m["text_encoder"] = ema_prior.model, ema_text.model
+        return losses
 
-    t = time.perf_counter()
-    previewer = Previewer(in_channels=16, hidden_channels=32, upsamples=4).to(cfg.device)
-    losses["previewer"] = stages.train_previewer(previewer, encoder, cfg.steps(cfg.steps_previewer), rng, log)
-    seconds["previewer"] = time.perf_counter() - t
+    def stage_b_text(steps: int) -> list[float]:
+        """One round of Stage B text: the first on Stage B's scenes, each later one on fresh scenes (4 a step), each
+        with its own warm-up and cosine, as the shipped model's runs had."""
+        data = run.data_b
+        if data is None:
+            scale = m["vqgan"].config.scale_factor
+            data = stages.decoder_dataset(m["vqgan"], cfg.steps(4 * steps), rng, log, scale=scale)
+        run.data_b = None  # no later part reads Stage B's scenes: the checkpoints after this one leave them out
+        return stages.train_decoder_text(
+            m["decoder"],
+            m["image_encoder"],
+            m["text_encoder"],
+            tokenizer,
+            data,
+            cfg.steps(steps),
+            cfg.lr_b_text,
+            rng,
+            gen,
+            log,
+        )
 
-    # Last, so that it draws no random numbers before the other stages: they are as they were without it.
-    t = time.perf_counter()
-    losses["stage A decoder"] = []
-    if cfg.steps_a_decoder_plain:
-        plain = cfg.steps(cfg.steps_a_decoder_plain)
-        losses["stage A decoder"] = stages.train_stage_a(vqgan, plain, rng, gen, log, decoder_only=True)
-    losses["stage A decoder"] += stages.train_stage_a(
-        vqgan, cfg.steps(cfg.steps_a_decoder), rng, gen, log, decoder_only=True, any_colour=cfg.a_any_colour
-    )
-    seconds["stage A decoder"] = time.perf_counter() - t
+    def previewer() -> list[float]:
+        m["previewer"] = Previewer(in_channels=16, hidden_channels=32, upsamples=4).to(cfg.device)
+        return stages.train_previewer(m["previewer"], m["image_encoder"], cfg.steps(cfg.steps_previewer), rng, log)
 
-    for name, model in [
-        ("prior", ema_prior.model),
-        ("decoder", decoder),
-        ("vqgan", vqgan),
-        ("text_encoder", ema_text.model),
-        ("previewer", previewer),
-        ("image_encoder", encoder),
-    ]:
+    def stage_a_decoder() -> list[float]:
+        """Last of the parts, so that it draws no random numbers before the others: they are as they were without it."""
+        losses = []
+        if cfg.steps_a_decoder_plain:
+            plain = cfg.steps(cfg.steps_a_decoder_plain)
+            losses = stages.train_stage_a(m["vqgan"], plain, rng, gen, log, decoder_only=True)
+        return losses + stages.train_stage_a(
+            m["vqgan"], cfg.steps(cfg.steps_a_decoder), rng, gen, log, decoder_only=True, any_colour=cfg.a_any_colour
+        )
+
+    part("stage A", stage_a)
+    part("stage B", stage_b)
+    part("stage C", stage_c)
+    for k, steps in enumerate((cfg.steps_b_text, *cfg.b_text_rounds)):
+        part(f"stage B text round {k + 1}", lambda steps=steps: stage_b_text(steps), stage="stage B text")
+    part("previewer", previewer)
+    part("stage A decoder", stage_a_decoder)
+    for name, model in m.items():
         model.eval().cpu().save_pretrained(out / name)
     VPredictionWuerstchenScheduler().save_pretrained(out / "scheduler")
+    seconds, losses = run.seconds, run.losses
 
     t = time.perf_counter()  # after the others, on the saved prior: they draw the random numbers they drew before
     losses["image tower"], _ = train_image_prompts(out, cfg, rng, gen, log)
@@ -268,18 +297,8 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
     seconds["stage C low noise"] = time.perf_counter() - t
 
     plot_losses(losses, out / "loss.png")
-    seconds["total"] = time.perf_counter() - start
-    params = {
-        n: sum(p.numel() for p in m.parameters())
-        for n, m in [
-            ("prior", prior),
-            ("decoder", decoder),
-            ("vqgan", vqgan),
-            ("text_encoder", text_encoder),
-            ("previewer", previewer),
-            ("image_encoder", encoder),
-        ]
-    }
+    seconds["total"] = sum(seconds.values())  # the parts' times: a resumed run's pause is not training
+    params = {name: sum(p.numel() for p in model.parameters()) for name, model in m.items()}
     params["image_tower"] = sum(
         t.numel() for t in load_file(out / DEMO_TOWER / "image_encoder" / "model.safetensors").values()
     )
@@ -292,7 +311,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
         "final_losses": {k: v[-1] for k, v in losses.items()},
         "losses": losses,
         "parameters": params,
-        "latent_scale": data_b.scale,
+        "latent_scale": m["vqgan"].config.scale_factor,
         "device": cfg.device,
         "threads": cfg.threads,
         "torch": torch.__version__,
@@ -300,6 +319,7 @@ def train_demo(out: Path, cfg: TrainConfig, log=print) -> dict:
         "cascade_studio": __version__,
     }
     (out / "cascade_studio.json").write_text(json.dumps(report, indent=1))
+    checkpoint.remove(out)
     log(f"trained in {seconds['total'] / 60:.1f} min; {sum(params.values()) / 1e6:.2f} M parameters -> {out}")
     return report
 
@@ -338,7 +358,7 @@ def train_image_prompts(folder: Path, cfg: TrainConfig, rng: random.Random, gen,
     learns too), written beside the prior as image_tower/. On a folder that has one, the tower trains on."""
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").to(cfg.device).eval()
-    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
+    prior = checkpoint.load_model(StableCascadeUNet, folder / "prior").to(cfg.device)
     encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
     processor = tower_processor()
     if (folder / DEMO_TOWER / "image_encoder").is_dir():
@@ -394,18 +414,11 @@ def train_words(folder: Path, cfg: TrainConfig, rng: random.Random, gen, log) ->
 def _prior_and_scenes(folder: Path, cfg: TrainConfig, n: int, rng: random.Random, log):
     """The prior in `folder` and n fresh scenes encoded by its image encoder: what a stage that trains the prior
     alone starts from (stages._train_prior_alone)."""
-    prior = _load(StableCascadeUNet, folder / "prior").to(cfg.device)
+    prior = checkpoint.load_model(StableCascadeUNet, folder / "prior").to(cfg.device)
     encoder = stages.ImageEncoder.from_pretrained(folder / "image_encoder").to(cfg.device)
     with torch.no_grad():
         latents, scenes = stages.encode_dataset(encoder, n, rng, log)
     return prior, latents, scenes
-
-
-def _load(cls, folder: Path):
-    """A component from its config and weights: from_pretrained would record this machine's path in the config."""
-    model = cls.from_config(cls.load_config(folder))
-    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
-    return model
 
 
 def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=print) -> dict:
@@ -423,7 +436,7 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
     card = json.loads((src / "cascade_studio.json").read_text())
     shutil.copytree(src, out)
     t = time.perf_counter()
-    vqgan = _load(PaellaVQModel, out / "vqgan").to(cfg.device)
+    vqgan = checkpoint.load_model(PaellaVQModel, out / "vqgan").to(cfg.device)
     if stage == "a-decoder":
         steps, run = cfg.steps(cfg.steps_a_decoder), {"any_colour": cfg.a_any_colour}
         losses = stages.train_stage_a(vqgan, steps, rng, gen, log, decoder_only=True, any_colour=cfg.a_any_colour)
@@ -439,7 +452,7 @@ def train_on(src: Path, out: Path, cfg: TrainConfig, stage: str = "b-text", log=
         losses, run = train_words(out, cfg, rng, gen, log)
     else:
         tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-        decoder = _load(StableCascadeUNet, out / "decoder").to(cfg.device)
+        decoder = checkpoint.load_model(StableCascadeUNet, out / "decoder").to(cfg.device)
         encoder = stages.ImageEncoder.from_pretrained(out / "image_encoder").to(cfg.device)
         text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(cfg.device)
         data = stages.decoder_dataset(vqgan, cfg.steps(cfg.decoder_scenes), rng, log, scale=vqgan.config.scale_factor)

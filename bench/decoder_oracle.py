@@ -6,6 +6,7 @@ scored by `eval-demo`'s analyser. The code hides nothing, so what this decoder m
 
     python bench/decoder_oracle.py --steps 4000                   # every shape; about 14 min on 1 thread
     python bench/decoder_oracle.py --shapes square --steps 8000   # squares only
+    python bench/decoder_oracle.py --shapes square --channels 128 256   # a wider decoder
 
 Prints the rates and writes bench/results/decoder_oracle-<shapes>-<steps>.json (or --out).
 """
@@ -62,6 +63,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="scenes scored (training colour-shape pairs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--channels", type=int, nargs=2, metavar=("C0", "C1"), help="the decoder's widths (the demo's: 64 128)"
+    )
+    parser.add_argument("--patch-size", type=int, help="the decoder's patch size (the demo's: 2)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +79,9 @@ def main() -> None:
     data = stages.decoder_dataset(pipe.vqgan, args.scenes, rng, print, scale=pipe.vqgan.config.scale_factor)
     keep = [i for i, s in enumerate(data.scenes) if s.shape in args.shapes]
     codes = torch.stack([oracle_code(s) for s in data.scenes])
-    decoder = StableCascadeUNet(**DEMO_DECODER)
+    architecture = DEMO_DECODER | ({"block_out_channels": args.channels} if args.channels else {})
+    architecture |= {"patch_size": args.patch_size} if args.patch_size else {}
+    decoder = StableCascadeUNet(**architecture)
     mapper = stages.text_blind(decoder)  # as in stage B
     params = [p for p in decoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
@@ -98,7 +105,7 @@ def main() -> None:
     while len(scenes) < args.n:
         if (scene := sample_scene(eval_rng)).shape in args.shapes:
             scenes.append(scene)
-    hits = []
+    hits, started = [], time.perf_counter()
     with torch.no_grad():
         for i, scene in enumerate(scenes):
             image = pipe(
@@ -110,6 +117,7 @@ def main() -> None:
                 output_type="pil",
             ).images[0]
             hits.append(score(scene, analyze(image)))
+    seconds_per_image = (time.perf_counter() - started) / len(scenes)  # the decoder's steps and Stage A
     rates = {a: mean(h[a] for h in hits) for a in ATTRIBUTES}
     by_kind = shape_rates([{"hits": h} for h in hits], scenes, BY_SIZE)
     print(
@@ -121,6 +129,9 @@ def main() -> None:
         "model": engine.identity.name,
         "shapes": args.shapes,
         "steps": args.steps,
+        "decoder": {k: architecture[k] for k in ("block_out_channels", "patch_size")},
+        "decoder_parameters": sum(p.numel() for p in decoder.parameters()),
+        "seconds_per_image": seconds_per_image,
         "scenes": args.scenes,
         "n": args.n,
         "seed": args.seed,
@@ -131,7 +142,10 @@ def main() -> None:
         "shape_right": by_kind,
         "sampling": {"decoder_steps": defaults.decoder_steps, "decoder_guidance": defaults.decoder_guidance},
     }
-    out = args.out or Path(__file__).parent / "results" / f"decoder_oracle-{'-'.join(args.shapes)}-{args.steps}.json"
+    wide = f"-c{'-'.join(map(str, args.channels))}" if args.channels else ""
+    patch = f"-p{args.patch_size}" if args.patch_size else ""
+    name = f"decoder_oracle-{'-'.join(args.shapes)}-{args.steps}{wide}{patch}.json"
+    out = args.out or Path(__file__).parent / "results" / name
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
 

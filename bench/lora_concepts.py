@@ -169,6 +169,13 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, default=4, help="eval-demo prompt seeds pooled (0 to N-1)")
     parser.add_argument("--pixel-prompts", type=int, default=20, help="scene prompts for 'scene pixels moved'")
     parser.add_argument("--threads", type=int, default=2)
+    for stage in ("prior", "decoder"):
+        parser.add_argument(
+            f"--{stage}-steps",
+            type=int,
+            help=f"{stage} steps for every picture the bench makes (default: the model's; fewer make a quick check "
+            "of the script, not figures to report)",
+        )
     parser.add_argument(
         "--weights",
         nargs="+",
@@ -196,12 +203,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=args.threads))
+    sampling = {f"{k}_steps": getattr(args, f"{k}_steps") for k in ("prior", "decoder")}
+    engine.pipelines.defaults |= {k: v for k, v in sampling.items() if v is not None}
     base_eval, base_shapes, base_hits = eval_rates(engine, args.eval_n, args.eval_seeds, None)
     base = {"shapes": base_shapes, "hits": base_hits, "pictures": scene_pictures(engine, args.pixel_prompts, [])}
     settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
     settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
     settings |= {} if args.trigger_embedding is None else {"trigger_embedding": args.trigger_embedding}
     report = {"model": engine.identity.name, "threads": args.threads, "settings": settings or "defaults"}
+    report |= {"sampling": {k: engine.pipelines.defaults[k] for k in sampling}}
     resolved = resolve(LoraTrainConfig(images=Path("."), out=Path("x"), trigger="x", **settings), engine)
     # What the run trained with, the model's defaults filled in: a report stays readable after the defaults change.
     report |= {"settings_used": {k: getattr(resolved, k) for k in defaults_for(engine)}}

@@ -15,6 +15,7 @@ from diffusers import StableCascadeUNet
 from diffusers.models.unets.unet_stable_cascade import SDCascadeResBlock
 
 from cascade_studio.models.architectures import ARCHITECTURES, random_components
+from tests import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # Parameter counts of the released weights (shared/reference/anchor_h200_2026-11-26.json).
@@ -168,23 +169,7 @@ def test_tiny_block_benchmark_reports_each_level(tmp_path):
 def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):
     """The diagnostic the model card cites runs on the shipped demo model and reports every t0 asked for."""
     out = tmp_path / "denoise.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "decoder_denoise.py"),
-            "--n",
-            "4",
-            "--t0",
-            "0.05",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-    )
+    proc = in_process.script(ROOT / "bench" / "decoder_denoise.py", ["--n", "4", "--t0", "0.05", "1", "--out", out])
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert set(report["t0"]) == {"0.05", "1.0"}
@@ -198,29 +183,13 @@ def test_decoder_denoise_scores_each_noise_level_and_split(tmp_path):
 def test_decoder_oracle_trains_and_scores_the_asked_shapes(tmp_path):
     """The oracle-code diagnostic the model card cites trains a decoder and scores only the shapes it was asked for."""
     out = tmp_path / "oracle.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "decoder_oracle.py"),
-            "--shapes",
-            "square",
-            "--steps",
-            "3",
-            "--scenes",
-            "64",
-            "--n",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-    )
+    args = ["--shapes", "square", "--steps", "3", "--scenes", "64", "--n", "3", "--out", out]
+    args += ["--channels", "32", "64", "--patch-size", "1"]  # another decoder than the demo's
+    proc = in_process.script(ROOT / "bench" / "decoder_oracle.py", args)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["shapes"] == ["square"] and report["steps"] == 3 and len(report["losses"]) == 3
+    assert report["decoder"] == {"block_out_channels": [32, 64], "patch_size": 1} and report["seconds_per_image"] > 0
     assert report["shape_right"] and set(report["shape_right"]) <= {"small square", "large square"}
     assert set(report["rates"]) == {"background", "colour", "position", "count", "shape"}
     assert "shape right: " in proc.stdout
@@ -229,15 +198,13 @@ def test_decoder_oracle_trains_and_scores_the_asked_shapes(tmp_path):
 def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
     """The README's LoRA figures come from this script: in a few steps it trains a concept and scores both sides."""
     out = tmp_path / "lora.json"
-    command = [sys.executable, str(ROOT / "bench" / "lora_concepts.py"), "--concepts", "cross", "--images", "4"]
-    command += ["--n", "3", "--eval-n", "1", "--eval-seeds", "2", "--steps", "2", "--preserve", "1", "--out", str(out)]
-    command += ["--weights", "1", "0.5", "--parts", "--pixel-prompts", "2"]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
-    )
+    args = ["--concepts", "cross", "--images", "4", "--n", "3", "--eval-n", "1", "--eval-seeds", "2", "--steps", "2"]
+    args += ["--preserve", "1", "--weights", "1", "0.5", "--parts", "--pixel-prompts", "2", "--out", out]
+    proc = in_process.script(ROOT / "bench" / "lora_concepts.py", [*args, "--prior-steps", "4", "--decoder-steps", "2"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"] == {"steps": 2, "preserve": 1} and report["eval_prompts_per_split"] == 2
+    assert report["sampling"] == {"prior_steps": 4, "decoder_steps": 2}
     used = report["settings_used"]  # the defaults as they were, beside what was asked
     assert (used["steps"], used["preserve"], used["text_encoder"], used["preserve_weight"]) == (2, 1, True, 1.0)
     row = report["concepts"]["cross"]
@@ -265,8 +232,7 @@ def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):
 def test_stage_a_colours_bench_reports_each_set_for_the_stage_a_it_is_given(tmp_path):
     """The docs' Stage A colour figures come from this script; the shipped Stage A gives teal back as teal."""
     out = tmp_path / "stage_a.json"
-    command = [sys.executable, str(ROOT / "bench" / "stage_a_colours.py"), "--n", "4", "--out", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    proc = in_process.script(ROOT / "bench" / "stage_a_colours.py", ["--n", "4", "--out", out])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["scenes"] == 4 and report["palette_scenes_mean_error"] < report["random_colour_scenes_mean_error"]
@@ -277,8 +243,8 @@ def test_demo_sizes_bench_scores_each_size_both_ways(tmp_path):
     """The README's figures for the demo at other sizes come from this script; drawn at 128x128, a 256x256 picture
     is the 128x128 one enlarged, so it scores the same."""
     out = tmp_path / "sizes.json"
-    command = [sys.executable, str(ROOT / "bench" / "demo_sizes.py"), "--n", "2", "--sizes", "128x128,256x256,256x128"]
-    proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    args = ["--n", "2", "--sizes", "128x128,256x256,256x128", "--out", out]
+    proc = in_process.script(ROOT / "bench" / "demo_sizes.py", args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sizes = json.loads(out.read_text())["sizes"]
     assert set(sizes) == {"128x128", "256x256", "256x128"}
@@ -291,8 +257,7 @@ def test_demo_sizes_bench_scores_each_size_both_ways(tmp_path):
 def test_lora_gpu_bench_times_each_row_on_a_tiny_prior(tmp_path):
     """The script a GPU session runs for the LoRA step's time and memory: every row, with and without checkpointing."""
     out = tmp_path / "lora_gpu.json"
-    command = [sys.executable, str(ROOT / "bench" / "lora_gpu.py"), "--tiny", "--steps", "1", "--out", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = in_process.script(ROOT / "bench" / "lora_gpu.py", ["--tiny", "--steps", "1", "--out", out])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["rank"] == 16 and 0 < report["adapter_parameters"] < report["prior_parameters"]

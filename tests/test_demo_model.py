@@ -25,6 +25,7 @@ from cascade_studio.train.analyze import analyze
 from cascade_studio.train.analyze import foreground as analyser_foreground
 from cascade_studio.train.evaluate import decoded_image, evaluate, evaluate_vqgan, json_ready, table
 from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, position_phrase, render, sample_scene
+from tests import in_process
 from tests.test_cli import CLI
 
 PROMPTS = [  # (prompt, background): a training and a held-out colour-shape pair
@@ -229,13 +230,7 @@ def test_cli_defaults_to_the_demo_model_offline(tmp_path):
 def eval_demo(tmp_path: Path, stage: str, n: int, *more: str) -> tuple[str, dict]:
     """Run `cascade-studio eval-demo --stage STAGE` on the shipped model: its printed table and its JSON report."""
     out = tmp_path / f"{stage}.json"
-    proc = subprocess.run(
-        [CLI, "eval-demo", "--stage", stage, "--n", str(n), "--json", str(out), *more],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-    )
+    proc = in_process.cli(["eval-demo", "--stage", stage, "--n", str(n), "--json", str(out), *more])
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["stage"] == stage and set(report["splits"]) == {"held-out", "training"}

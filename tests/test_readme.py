@@ -16,9 +16,7 @@ Hub); those are listed with the reason, and the test fails when the README gains
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import os
 import re
 import shlex
@@ -29,8 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests import in_process
 from tests.ui.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,24 +70,11 @@ def in_bash(command: str, cwd: Path, timeout: float = 180) -> subprocess.Complet
 
 
 def run_in_process(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`cascade-studio ARGS` as bash would run it, through `cascade_studio.cli.main`, in `cwd` with the README
-    tests' thread count; an error the CLI does not catch fails the test with its traceback."""
-    from cascade_studio.cli import main
-
+    """`cascade-studio ARGS` as bash would run it, in the test process (tests/in_process.py), in `cwd` with the
+    README tests' thread count."""
     words = [found for word in shlex.split(command)[1:] for found in globbed(word, cwd)]
-    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    saved = os.environ.get("CASCADE_TORCH_THREADS")
-    os.environ["CASCADE_TORCH_THREADS"] = ENV["CASCADE_TORCH_THREADS"]
-    try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(words)
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            del os.environ["CASCADE_TORCH_THREADS"]
-        else:
-            os.environ["CASCADE_TORCH_THREADS"] = saved
-    return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
+    proc = in_process.cli(words, cwd, {"CASCADE_TORCH_THREADS": ENV["CASCADE_TORCH_THREADS"]})
+    return subprocess.CompletedProcess(command, proc.returncode, proc.stdout, proc.stderr)
 
 
 def globbed(word: str, cwd: Path) -> list[str]:

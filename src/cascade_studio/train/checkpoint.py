@@ -64,7 +64,7 @@ class Progress:
     def save(self, out: Path) -> None:
         """Write the checkpoint next to the last one, then put it in its place: a run killed while saving keeps the
         previous checkpoint whole."""
-        tmp, folder = out / f"{FOLDER}.tmp", out / FOLDER
+        tmp, folder, old = out / f"{FOLDER}.tmp", out / FOLDER, out / f"{FOLDER}.old"
         shutil.rmtree(tmp, ignore_errors=True)
         for name, model in self.models.items():
             model.save_pretrained(tmp / name)
@@ -85,12 +85,15 @@ class Progress:
             "scale_b": self.data_b.scale if self.data_b is not None else None,
         }
         (tmp / "progress.json").write_text(json.dumps(state))
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir():  # moved aside, not deleted, until the new one is in place (see _saved)
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
         tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(cls, out: Path, device: str) -> Progress:
-        folder = out / FOLDER
+        folder = _saved(out)
         state = json.loads((folder / "progress.json").read_text())
         tensors = load_file(folder / "state.safetensors")
         rng = random.Random()
@@ -105,7 +108,10 @@ class Progress:
         }
         for name, model in models.items():  # as the parts left them: the decoder training, the rest frozen
             model.to(device)
-            model.train() if name == "decoder" else model.eval().requires_grad_(False)
+            if name == "decoder":
+                model.train()
+            else:
+                model.eval().requires_grad_(False)
         torch.set_rng_state(tensors["torch"])  # after building the models, whose first weights drew from it
         data_b = None
         if "latents" in tensors:
@@ -118,10 +124,20 @@ class Progress:
 
 def saved_config(out: Path) -> dict | None:
     """The config of the stopped run in `out` (a TrainConfig's fields), or None where there is none."""
-    path = Path(out) / FOLDER / "progress.json"
-    return json.loads(path.read_text())["config"] if path.is_file() else None
+    folder = _saved(Path(out))
+    return None if folder is None else json.loads((folder / "progress.json").read_text())["config"]
+
+
+def _saved(out: Path) -> Path | None:
+    """The last checkpoint saved whole: `checkpoint/`, or, for a run killed between the two renames of a save,
+    the previous one, still moved aside as `checkpoint.old/`."""
+    for folder in (out / FOLDER, out / f"{FOLDER}.old"):
+        if (folder / "progress.json").is_file():
+            return folder
+    return None
 
 
 def remove(out: Path) -> None:
     """A finished run needs no checkpoint: it would only take up the disk (the decoder's dataset is hundreds of MB)."""
-    shutil.rmtree(Path(out) / FOLDER, ignore_errors=True)
+    for name in (FOLDER, f"{FOLDER}.old", f"{FOLDER}.tmp"):
+        shutil.rmtree(Path(out) / name, ignore_errors=True)

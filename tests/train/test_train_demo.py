@@ -102,6 +102,11 @@ def test_a_stopped_run_resumes_where_it_left_off_to_the_same_weights(trained, tm
         assert (out / path.relative_to(trained[0])).read_text() == path.read_text(), path
     card, unstopped = (json.loads((d / "cascade_studio.json").read_text()) for d in (out, trained[0]))
     assert card["losses"] == unstopped["losses"] and card["config"] == unstopped["config"]
+    # The card says the run was resumed, after which part and on what (its times are the parts' own).
+    assert "resumed" not in unstopped
+    assert [{k: r[k] for k in ("after", "device", "threads")} for r in card["resumed"]] == [
+        {"after": "stage B text round 1", "device": "cpu", "threads": unstopped["threads"]}
+    ]
 
 
 def test_a_fresh_run_trains_each_stage_for_the_steps_the_shipped_model_had():

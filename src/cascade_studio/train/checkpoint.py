@@ -60,6 +60,7 @@ class Progress:
     seconds: dict[str, float] = field(default_factory=dict)
     losses: dict[str, list[float]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    resumed: list[dict] = field(default_factory=list)  # each resume: the part it went on after, when, where
 
     def save(self, out: Path) -> None:
         """Write the checkpoint next to the last one, then put it in its place: a run killed while saving keeps the
@@ -80,6 +81,7 @@ class Progress:
             "seconds": self.seconds,
             "losses": self.losses,
             "config": self.config,
+            "resumed": self.resumed,
             "rng": [version, list(internal), gauss],
             "scenes_b": scenes,
             "scale_b": self.data_b.scale if self.data_b is not None else None,
@@ -119,7 +121,8 @@ class Progress:
             data_b = stages.DecoderData(
                 tensors["latents"], tensors["small"], tensors["masks"], scenes, state["scale_b"]
             )
-        return cls(rng, gen, models, data_b, state["done"], state["seconds"], state["losses"], state["config"])
+        done, seconds, losses, config = (state[k] for k in ("done", "seconds", "losses", "config"))
+        return cls(rng, gen, models, data_b, done, seconds, losses, config, state.get("resumed", []))
 
 
 def saved_config(out: Path) -> dict | None:

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -196,6 +197,10 @@ def train_demo(out: Path, cfg: TrainConfig, log=print, resume: bool = False) -> 
     if resume:
         run = checkpoint.Progress.load(out, cfg.device)
         log(f"resuming {out}: done {', '.join(run.done) or 'nothing'}")
+        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        run.resumed.append(
+            {"after": run.done[-1] if run.done else None, "at": at, "device": cfg.device, "threads": cfg.threads}
+        )
     else:
         torch.manual_seed(cfg.seed)
         run = checkpoint.Progress(random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), config=asdict(cfg))
@@ -318,6 +323,8 @@ def train_demo(out: Path, cfg: TrainConfig, log=print, resume: bool = False) -> 
         "machine": platform.machine(),
         "cascade_studio": __version__,
     }
+    if run.resumed:  # the times above are the parts' own: the pauses between are not in them
+        report["resumed"] = run.resumed
     (out / "cascade_studio.json").write_text(json.dumps(report, indent=1))
     checkpoint.remove(out)
     log(f"trained in {seconds['total'] / 60:.1f} min; {sum(params.values()) / 1e6:.2f} M parameters -> {out}")

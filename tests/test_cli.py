@@ -94,6 +94,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir):
             "stage: Stage A alone (vqgan) takes no sampling settings",
         ),
         (["eval-demo", "--seeds", "0", "--model", "MODEL"], "seeds: must be a whole number from 1 to 100 (got 0)"),
+        (["eval-demo", "--against", "/no/such.json", "--model", "MODEL"], "against: /no/such.json is not a file"),
         (["train-demo", "--out", "x", "--text-lr", "0"], "text-lr: must be above 0 and at most 0.01 (got 0.0)"),
         (["train-demo", "--out", "x", "--stage", "a-decoder"], "stage: only with --from"),
         (["train-demo", "--from", "MODEL", "--out", "x", "--quick"], "quick: only for a fresh run"),

@@ -7,6 +7,7 @@ regions that differ from it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -23,11 +24,19 @@ from cascade_studio.engine.inputs import from_image
 from cascade_studio.models.source import DEMO_DIR, resolve_model
 from cascade_studio.train.analyze import analyze
 from cascade_studio.train.analyze import foreground as analyser_foreground
-from cascade_studio.train.evaluate import decoded_image, evaluate, evaluate_vqgan, json_ready, table
+from cascade_studio.train.evaluate import (
+    decoded_image,
+    evaluate,
+    evaluate_vqgan,
+    json_ready,
+    paired_differences,
+    table,
+)
 from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, position_phrase, render, sample_scene
 from tests import in_process
 from tests.test_cli import CLI
 
+RESULTS = Path(__file__).parents[1] / "bench" / "results"
 PROMPTS = [  # (prompt, background): a training and a held-out colour-shape pair
     ("a red circle on a white background", "white"),
     ("a large yellow square on a blue background", "blue"),
@@ -291,6 +300,45 @@ def test_eval_demo_with_few_prompts_leaves_out_what_no_prompt_asked_for(demo):
     alone = table(evaluate(demo, n=1, seeds=[1]))
     partial_row = next(line for line in alone.splitlines() if line.startswith("partial "))
     assert partial_row.split()[3] == "-" and len(partial_row.split()) == 7
+
+
+def test_eval_demo_against_an_earlier_report_pairs_the_prompts(tmp_path):
+    """`--against OLD.json` prints how far the model scores above the earlier report, prompt by prompt: against a
+    report of itself every difference is zero; a report on other prompts, or of another stage, is refused by name."""
+    _, first = eval_demo(tmp_path, "vqgan", 3)
+    old = tmp_path / "old.json"
+    (tmp_path / "vqgan.json").rename(old)
+    printed, again = eval_demo(tmp_path, "vqgan", 3, "--against", str(old))
+    assert f"against {old}" in printed
+    for split in ("held-out", "training"):
+        row = next(line for line in printed.splitlines() if line.startswith(f"{split} ") and "±" in line)
+        assert row.split()[1:] == ["+0.0", "±", "0.0"] * 6, row
+        assert again["against"]["differences"][split]["shape"] == {"difference": 0, "standard_error": 0, "pairs": 3}
+    assert first["splits"] == again["splits"]
+    for args, message in (
+        (["--stage", "vqgan", "--seed", "5"], "scored none of these prompts (use its --n, --seed and --seeds)"),
+        (["--stage", "decoder"], "scored --stage vqgan, this run --stage decoder"),
+    ):
+        proc = in_process.cli(["eval-demo", *args, "--n", "3", "--against", str(old)])
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_paired_differences_of_two_shipped_runs():
+    """Runs 16 and 17 on the same 720 prompts a split: the paired difference is the difference of their pooled
+    rates, and, since both miss many of the same prompts, its error is well under the two pooled errors together."""
+    new, old = (json.loads((RESULTS / f"eval-demo-12-seeds-run{k}.json").read_text()) for k in (17, 16))
+    differences = paired_differences(new, old)
+    assert set(differences) == {"held-out", "training", "partial"}
+    for split, rows in differences.items():
+        for attribute, row in rows.items():
+            rates = (new["splits"][split]["rates"][attribute], old["splits"][split]["rates"][attribute])
+            assert row["difference"] == pytest.approx(rates[0] - rates[1]), (split, attribute)
+    shape, errors = differences["held-out"]["shape"], [r["splits"]["held-out"]["standard_errors"] for r in (new, old)]
+    assert shape["pairs"] == 720
+    assert 0 < shape["standard_error"] < 0.5 * math.hypot(errors[0]["shape"], errors[1]["shape"])
+    some = {"splits": {"held-out": {"samples": old["splits"]["held-out"]["samples"][:100]}}}
+    assert set(paired_differences(new, some)) == {"held-out"}
+    assert paired_differences(new, some)["held-out"]["shape"]["pairs"] == 100
 
 
 def test_stage_a_draws_colours_no_scene_uses(demo):

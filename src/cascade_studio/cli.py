@@ -546,7 +546,16 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     import json
 
     from .models.source import source_for
-    from .train.evaluate import evaluate, evaluate_decoder, evaluate_vqgan, grid, json_ready, table
+    from .train.evaluate import (
+        difference_table,
+        evaluate,
+        evaluate_decoder,
+        evaluate_vqgan,
+        grid,
+        json_ready,
+        paired_differences,
+        table,
+    )
     from .train.stages import ImageEncoder
 
     if not 1 <= args.n <= 1000:
@@ -559,6 +568,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance")
         if getattr(args, k) is not None
     }
+    baseline = _eval_report(args.against, args.stage) if args.against else None
     files = {}
     if args.lora:
         if args.stage != "all":
@@ -590,11 +600,32 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
             engine.lora_library.add(path)
         report = evaluate(engine, n=args.n, seeds=seeds, **settings)
     print(table(report))
+    if baseline is not None:
+        differences = paired_differences(json_ready(report), baseline)
+        if not differences:
+            raise UsageError(f"against: {args.against} scored none of these prompts (use its --n, --seed and --seeds)")
+        print(difference_table(differences, args.against))
+        report["against"] = {"report": args.against, "differences": differences}
     if args.json:
         Path(args.json).write_text(json.dumps(json_ready(report), indent=1))
     if args.grid:
         grid(report).save(args.grid)
     return 0
+
+
+def _eval_report(path: str, stage: str) -> dict:
+    """An `eval-demo --json` report of the same stage, to compare against."""
+    import json
+
+    try:
+        report = json.loads(_existing(path, "against").read_text())
+    except ValueError as exc:
+        raise UsageError(f"against: {path} is not an eval-demo --json report ({exc})") from exc
+    if not isinstance(report, dict) or "splits" not in report:
+        raise UsageError(f"against: {path} is not an eval-demo --json report (it has no splits)")
+    if report.get("stage", "all") != stage:
+        raise UsageError(f"against: {path} scored --stage {report.get('stage')}, this run --stage {stage}")
+    return report
 
 
 def _existing(path: str, field: str = "image") -> Path:
@@ -827,6 +858,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--grid", help="write a contact sheet of held-out samples here")
+    e.add_argument(
+        "--against",
+        metavar="OLD.json",
+        help="an earlier --json report on the same prompts (same --n, --seed, --seeds): print how far this model "
+        "scores above or below it, prompt by prompt, with the standard error of each difference",
+    )
     e.add_argument(
         "--stage",
         choices=("all", "decoder", "vqgan"),

@@ -6,6 +6,8 @@ cascade-studio eval-demo --model DIR --n 100 --json eval.json --grid samples.png
 cascade-studio eval-demo --stage decoder   # the decoder alone, on the true latents of the same scenes,
                                            # and a linear probe: how well that latent tells the shapes apart
 cascade-studio eval-demo --stage vqgan     # Stage A alone: the same scenes encoded and decoded
+cascade-studio eval-demo --model DIR --seeds 12 --against bench/results/eval-demo-12-seeds-run17.json
+                                           # paired, prompt by prompt, with the shipped model's report
 """
 
 from __future__ import annotations
@@ -305,6 +307,46 @@ def table(report: dict) -> str:
             "a linear probe reads the shape off the Stage C latent for "
             + ", ".join(f"{rate:.0%} of {split} scenes" for split, rate in report["shape_probe"].items())
             + f" (fitted on {' and '.join(FREE_COLOURS)} shapes only; chance 33%)"
+        )
+    return "\n".join(lines)
+
+
+def paired_differences(report: dict, baseline: dict) -> dict:
+    """Per split and attribute, how much `report` scores above `baseline` on the very prompts and image seeds both
+    drew (rows paired by prompt and seed), with the standard error of that mean difference. Two models on the same
+    prompts miss many of the same ones, so this error is smaller than the two pooled errors together, and a change
+    of a point or two can be told from noise (`eval-demo --against OLD.json`)."""
+    out = {}
+    for split, data in report["splits"].items():
+        old = {(s["prompt"], s["seed"]): s["hits"] for s in baseline["splits"].get(split, {}).get("samples", [])}
+        pairs = [(s["hits"], old[key]) for s in data["samples"] if (key := (s["prompt"], s["seed"])) in old]
+        if not pairs:
+            continue
+        rows = {}
+        for attribute in (*ATTRIBUTES, "all"):
+            hits = [(new.get(attribute), was.get(attribute)) for new, was in pairs]
+            if attribute == "all":
+                hits = [(all_asked(new), all_asked(was)) for new, was in pairs]
+            diffs = [float(a) - float(b) for a, b in hits if a is not None and b is not None]
+            if diffs:
+                error = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+                rows[attribute] = {"difference": mean(diffs), "standard_error": error, "pairs": len(diffs)}
+        out[split] = rows
+    return out
+
+
+def difference_table(differences: dict, baseline: str) -> str:
+    """The paired differences as points, each with its standard error."""
+    lines = [f"against {baseline} (the same prompts and seeds; difference in points ± its standard error):"]
+    lines.append(f"{'prompts':<10}" + "".join(f"{a:>15}" for a in (*ATTRIBUTES, "all")))
+    for split, rows in differences.items():
+        cells = [rows.get(a) for a in (*ATTRIBUTES, "all")]
+        lines.append(
+            f"{split:<10}"
+            + "".join(
+                f"{'-':>15}" if c is None else f"{100 * c['difference']:>+9.1f} ±{100 * c['standard_error']:>4.1f}"
+                for c in cells
+            )
         )
     return "\n".join(lines)
 

@@ -40,9 +40,8 @@ from safetensors.torch import load_file, save_file
 from cascade_studio.config import Settings
 from cascade_studio.engine import CascadeEngine
 from cascade_studio.models.lora import KOHYA_PREFIX
-from cascade_studio.train.analyze import ATTRIBUTES
 from cascade_studio.train.concepts import CONCEPTS, sample, shows_concept, write_concept
-from cascade_studio.train.evaluate import all_asked, evaluate
+from cascade_studio.train.evaluate import evaluate, json_ready, paired_changes
 from cascade_studio.train.lora import LoraTrainConfig, defaults_for, resolve, train_lora
 from cascade_studio.train.scenes import sample_scene
 
@@ -87,35 +86,21 @@ def pixels_moved(base: list[np.ndarray], with_lora: list[np.ndarray]) -> float:
 def eval_rates(
     engine: CascadeEngine, n: int, seeds: int, lora: str | None, weight: float = 1.0
 ) -> tuple[dict, dict, dict]:
-    """eval-demo's rates per split, its shape rates per asked-for shape (where a LoRA's change lands), and each
-    prompt's hits (to pair with the base model's: the same prompts and seeds)."""
+    """eval-demo's rates per split, its shape rates per asked-for shape (where a LoRA's change lands), and the report
+    (to pair with the base model's: the same prompts and seeds)."""
     settings = {"loras": [{"name": lora, "weight": weight}]} if lora else {}
-    report = evaluate(engine, n=n, seeds=range(seeds), **settings)
+    report = json_ready(evaluate(engine, n=n, seeds=range(seeds), **settings))
     splits = report["splits"].items()
-    hits = {split: [row["hits"] for row in data["samples"]] for split, data in splits}
-    return {s: d["rates"] for s, d in splits}, {s: d["shape_rates"] for s, d in splits}, hits
+    return {s: d["rates"] for s, d in splits}, {s: d["shape_rates"] for s, d in splits}, report
 
 
-def paired_changes(base: dict, with_lora: dict, draws: int = 2000) -> dict:
-    """Per split and attribute, the LoRA's change in points with a 95% interval: a bootstrap over the prompts, each
-    scored with and without the LoRA at the same seed. The interval says whether a change of a few points is the
-    LoRA's or the luck of which prompts were drawn (a split's rate alone is uncertain by several points)."""
-    rng, changes = np.random.default_rng(0), {}
-    for split in base:
-        for a in (*ATTRIBUTES, "all"):
-            pairs = [(_hit(b, a), _hit(w, a)) for b, w in zip(base[split], with_lora[split])]
-            d = np.array([w - b for b, w in pairs if b is not None], dtype=float) * 100
-            if not len(d):  # no prompt asked for it (a few partial prompts may name no place)
-                continue
-            boots = d[rng.integers(0, len(d), (draws, len(d)))].mean(axis=1)
-            low, high = np.percentile(boots, [2.5, 97.5])
-            changes[f"{split} {a}"] = [round(float(d.mean()), 1), round(float(low), 1), round(float(high), 1)]
-    return changes
-
-
-def _hit(hits: dict, attribute: str) -> bool | None:
-    """One prompt's hit for an attribute (None where the prompt did not ask), or for all it asked."""
-    return all_asked(hits) if attribute == "all" else hits[attribute]
+def points(changes: dict) -> dict:
+    """paired_changes as this report keeps them: [change, 95% interval low, high] by "split attribute"."""
+    return {
+        f"{split} {a}": [round(r["change"], 1), round(r["interval"][0], 1), round(r["interval"][1], 1)]
+        for split, rows in changes.items()
+        for a, r in rows.items()
+    }
 
 
 def largest_shape_change(base: dict, with_lora: dict) -> str:
@@ -128,8 +113,8 @@ def scores(engine, concept: str, lora: str, weight: float, base: dict, args) -> 
     """A trained LoRA's scores at one weight: how often it shows its concept, and eval-demo's changes against the
     base model's on the same prompts and seeds (`base`: its shape rates, hits and scene pictures, made once), each
     with its 95% interval."""
-    with_lora, shapes, hits = eval_rates(engine, args.eval_n, args.eval_seeds, lora, weight)
-    changes = paired_changes(base["hits"], hits)
+    with_lora, shapes, report = eval_rates(engine, args.eval_n, args.eval_seeds, lora, weight)
+    changes = points(paired_changes(report, base["report"]))
     pictures = scene_pictures(engine, args.pixel_prompts, [{"name": lora, "weight": weight}])
     largest = max(changes, key=lambda k: abs(changes[k][0]))
     return {
@@ -205,8 +190,8 @@ def main() -> None:
     engine = CascadeEngine.from_settings(Settings(model="demo", device="cpu", torch_threads=args.threads))
     sampling = {f"{k}_steps": getattr(args, f"{k}_steps") for k in ("prior", "decoder")}
     engine.pipelines.defaults |= {k: v for k, v in sampling.items() if v is not None}
-    base_eval, base_shapes, base_hits = eval_rates(engine, args.eval_n, args.eval_seeds, None)
-    base = {"shapes": base_shapes, "hits": base_hits, "pictures": scene_pictures(engine, args.pixel_prompts, [])}
+    base_eval, base_shapes, base_report = eval_rates(engine, args.eval_n, args.eval_seeds, None)
+    base = {"shapes": base_shapes, "report": base_report, "pictures": scene_pictures(engine, args.pixel_prompts, [])}
     settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
     settings |= {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
     settings |= {} if args.trigger_embedding is None else {"trigger_embedding": args.trigger_embedding}

@@ -29,7 +29,7 @@ from cascade_studio.train.evaluate import (
     evaluate,
     evaluate_vqgan,
     json_ready,
-    paired_differences,
+    paired_changes,
     table,
 )
 from cascade_studio.train.scenes import PALETTE, SHAPES, SIZES, position_phrase, render, sample_scene
@@ -304,17 +304,17 @@ def test_eval_demo_with_few_prompts_leaves_out_what_no_prompt_asked_for(demo):
 
 def test_eval_demo_against_an_earlier_report_pairs_the_prompts(tmp_path):
     """`--against OLD.json` prints how far the model scores above the earlier report, prompt by prompt: against a
-    report of itself every difference is zero; a report on other prompts, or of another stage, is refused by name."""
+    report of itself every change is zero; a report on other prompts, or of another stage, is refused by name."""
     _, first = eval_demo(tmp_path, "vqgan", 3)
     old = tmp_path / "old.json"
     (tmp_path / "vqgan.json").rename(old)
     printed, again = eval_demo(tmp_path, "vqgan", 3, "--against", str(old))
-    assert f"against {old}" in printed
+    assert f"against {old}, the same prompts and seeds" in printed and first["splits"] == again["splits"]
     for split in ("held-out", "training"):
-        row = next(line for line in printed.splitlines() if line.startswith(f"{split} ") and "±" in line)
-        assert row.split()[1:] == ["+0.0", "±", "0.0"] * 6, row
-        assert again["against"]["differences"][split]["shape"] == {"difference": 0, "standard_error": 0, "pairs": 3}
-    assert first["splits"] == again["splits"]
+        row = next(line for line in printed.splitlines() if line.startswith(f"{split} ") and " to " in line)
+        assert row.split()[1:] == ["+0.0", "(+0.0", "to", "+0.0)"] * 6, row
+        shape = again["against"]["changes_points"][split]["shape"]
+        assert shape == {"change": 0, "interval": [0, 0], "pairs": 3}
     for args, message in (
         (["--stage", "vqgan", "--seed", "5"], "scored none of these prompts (use its --n, --seed and --seeds)"),
         (["--stage", "decoder"], "scored --stage vqgan, this run --stage decoder"),
@@ -323,22 +323,23 @@ def test_eval_demo_against_an_earlier_report_pairs_the_prompts(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-def test_paired_differences_of_two_shipped_runs():
-    """Runs 16 and 17 on the same 720 prompts a split: the paired difference is the difference of their pooled
-    rates, and, since both miss many of the same prompts, its error is well under the two pooled errors together."""
+def test_paired_changes_of_two_shipped_runs():
+    """Runs 16 and 17 on the same 720 prompts a split: the paired change is the difference of their pooled rates,
+    and, since both miss many of the same prompts, its interval is far narrower than their own errors allow."""
     new, old = (json.loads((RESULTS / f"eval-demo-12-seeds-run{k}.json").read_text()) for k in (17, 16))
-    differences = paired_differences(new, old)
-    assert set(differences) == {"held-out", "training", "partial"}
-    for split, rows in differences.items():
+    changes = paired_changes(new, old)
+    assert set(changes) == {"held-out", "training", "partial"}
+    for split, rows in changes.items():
         for attribute, row in rows.items():
             rates = (new["splits"][split]["rates"][attribute], old["splits"][split]["rates"][attribute])
-            assert row["difference"] == pytest.approx(rates[0] - rates[1]), (split, attribute)
-    shape, errors = differences["held-out"]["shape"], [r["splits"]["held-out"]["standard_errors"] for r in (new, old)]
-    assert shape["pairs"] == 720
-    assert 0 < shape["standard_error"] < 0.5 * math.hypot(errors[0]["shape"], errors[1]["shape"])
+            assert row["change"] == pytest.approx(100 * (rates[0] - rates[1])), (split, attribute)
+            assert row["interval"][0] <= row["change"] <= row["interval"][1]
+    shape, errors = changes["held-out"]["shape"], [r["splits"]["held-out"]["standard_errors"] for r in (new, old)]
+    unpaired = 100 * 1.96 * math.hypot(errors[0]["shape"], errors[1]["shape"])  # half the interval, unpaired
+    assert shape["pairs"] == 720 and 0 < shape["interval"][1] - shape["interval"][0] < unpaired
     some = {"splits": {"held-out": {"samples": old["splits"]["held-out"]["samples"][:100]}}}
-    assert set(paired_differences(new, some)) == {"held-out"}
-    assert paired_differences(new, some)["held-out"]["shape"]["pairs"] == 100
+    assert list(paired_changes(new, some)) == ["held-out"]
+    assert paired_changes(new, some)["held-out"]["shape"]["pairs"] == 100
 
 
 def test_stage_a_draws_colours_no_scene_uses(demo):

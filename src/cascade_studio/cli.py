@@ -547,13 +547,13 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
 
     from .models.source import source_for
     from .train.evaluate import (
-        difference_table,
+        change_table,
         evaluate,
         evaluate_decoder,
         evaluate_vqgan,
         grid,
         json_ready,
-        paired_differences,
+        paired_changes,
         table,
     )
     from .train.stages import ImageEncoder
@@ -601,11 +601,11 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         report = evaluate(engine, n=args.n, seeds=seeds, **settings)
     print(table(report))
     if baseline is not None:
-        differences = paired_differences(json_ready(report), baseline)
-        if not differences:
+        changes = paired_changes(json_ready(report), baseline)
+        if not changes:
             raise UsageError(f"against: {args.against} scored none of these prompts (use its --n, --seed and --seeds)")
-        print(difference_table(differences, args.against))
-        report["against"] = {"report": args.against, "differences": differences}
+        print(change_table(changes, args.against))
+        report["against"] = {"report": args.against, "changes_points": changes}
     if args.json:
         Path(args.json).write_text(json.dumps(json_ready(report), indent=1))
     if args.grid:
@@ -862,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--against",
         metavar="OLD.json",
         help="an earlier --json report on the same prompts (same --n, --seed, --seeds): print how far this model "
-        "scores above or below it, prompt by prompt, with the standard error of each difference",
+        "scores above or below it, prompt by prompt, each change with its 95% interval",
     )
     e.add_argument(
         "--stage",

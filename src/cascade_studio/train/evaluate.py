@@ -7,7 +7,7 @@ cascade-studio eval-demo --stage decoder   # the decoder alone, on the true late
                                            # and a linear probe: how well that latent tells the shapes apart
 cascade-studio eval-demo --stage vqgan     # Stage A alone: the same scenes encoded and decoded
 cascade-studio eval-demo --model DIR --seeds 12 --against bench/results/eval-demo-12-seeds-run17.json
-                                           # paired, prompt by prompt, with the shipped model's report
+                                           # the change from the shipped model, prompt by prompt
 """
 
 from __future__ import annotations
@@ -311,40 +311,46 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def paired_differences(report: dict, baseline: dict) -> dict:
-    """Per split and attribute, how much `report` scores above `baseline` on the very prompts and image seeds both
-    drew (rows paired by prompt and seed), with the standard error of that mean difference. Two models on the same
-    prompts miss many of the same ones, so this error is smaller than the two pooled errors together, and a change
-    of a point or two can be told from noise (`eval-demo --against OLD.json`)."""
-    out = {}
+def paired_changes(report: dict, baseline: dict, draws: int = 2000) -> dict:
+    """Per split and attribute, how many points `report` scores above `baseline` on the prompts both scored (paired
+    by prompt and image seed), with a 95% interval: a bootstrap over those prompts. Two models, or a model with and
+    without a LoRA, miss many of the same prompts, so the interval is far narrower than the two rates' own errors
+    together, and it says whether a change of a point or two is the model's or the luck of which prompts were drawn.
+    Returns {split: {attribute: {"change", "interval": [low, high], "pairs"}}}, splits with no pair left out."""
+    rng, changes = np.random.default_rng(0), {}
     for split, data in report["splits"].items():
         old = {(s["prompt"], s["seed"]): s["hits"] for s in baseline["splits"].get(split, {}).get("samples", [])}
-        pairs = [(s["hits"], old[key]) for s in data["samples"] if (key := (s["prompt"], s["seed"])) in old]
-        if not pairs:
-            continue
+        pairs = [(old[key], s["hits"]) for s in data["samples"] if (key := (s["prompt"], s["seed"])) in old]
         rows = {}
         for attribute in (*ATTRIBUTES, "all"):
-            hits = [(new.get(attribute), was.get(attribute)) for new, was in pairs]
-            if attribute == "all":
-                hits = [(all_asked(new), all_asked(was)) for new, was in pairs]
-            diffs = [float(a) - float(b) for a, b in hits if a is not None and b is not None]
-            if diffs:
-                error = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
-                rows[attribute] = {"difference": mean(diffs), "standard_error": error, "pairs": len(diffs)}
-        out[split] = rows
-    return out
+            hits = [(_hit(was, attribute), _hit(now, attribute)) for was, now in pairs]
+            d = np.array([now - was for was, now in hits if was is not None and now is not None], dtype=float) * 100
+            if not len(d):  # no prompt asked for it (a few partial prompts may name no place)
+                continue
+            low, high = np.percentile(d[rng.integers(0, len(d), (draws, len(d)))].mean(axis=1), [2.5, 97.5])
+            rows[attribute] = {"change": float(d.mean()), "interval": [float(low), float(high)], "pairs": len(d)}
+        if rows:
+            changes[split] = rows
+    return changes
 
 
-def difference_table(differences: dict, baseline: str) -> str:
-    """The paired differences as points, each with its standard error."""
-    lines = [f"against {baseline} (the same prompts and seeds; difference in points ± its standard error):"]
-    lines.append(f"{'prompts':<10}" + "".join(f"{a:>15}" for a in (*ATTRIBUTES, "all")))
-    for split, rows in differences.items():
+def _hit(hits: dict, attribute: str) -> bool | None:
+    """One prompt's hit for an attribute (None where the prompt did not ask), or for all it asked."""
+    return all_asked(hits) if attribute == "all" else hits[attribute]
+
+
+def change_table(changes: dict, baseline: str) -> str:
+    """paired_changes as points, each with its 95% interval."""
+    lines = [f"against {baseline}, the same prompts and seeds: change in points (95% interval)"]
+    lines.append(f"{'prompts':<10}" + "".join(f"{a:>20}" for a in (*ATTRIBUTES, "all")))
+    for split, rows in changes.items():
         cells = [rows.get(a) for a in (*ATTRIBUTES, "all")]
         lines.append(
             f"{split:<10}"
             + "".join(
-                f"{'-':>15}" if c is None else f"{100 * c['difference']:>+9.1f} ±{100 * c['standard_error']:>4.1f}"
+                f"{'-':>20}"
+                if c is None
+                else f"{c['change']:>+7.1f} ({c['interval'][0]:+.1f} to {c['interval'][1]:+.1f})".rjust(20)
                 for c in cells
             )
         )

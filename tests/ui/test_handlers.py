@@ -120,6 +120,8 @@ def test_status_details_and_reuse(studio):
     assert h.status_text(studio, first).startswith("**Done** in ") and "seeds 7, 8" in h.status_text(studio, first)
     tuned = run(studio, seed=7, num_images=2, decoder_steps=4)
     assert "prior: cached" in h.status_text(studio, tuned)
+    long = run(studio, seed=7, prompt="a red circle " + "on a very plain white background " * 20)
+    assert long.warnings and h.status_text(studio, long).endswith(f"  \n**Note:** {long.warnings[-1]}")
     record = studio.store.get_job(first.id)
     assert "**Seed:** 8 (image 2 of 2" in h.image_details(record, 1)
     assert h.settings_of(record, 1) == record.request.model_dump() | {"seed": 8, "num_images": 1}

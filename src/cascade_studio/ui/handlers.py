@@ -346,8 +346,11 @@ def preview_image(preview: Image.Image | None) -> Image.Image | None:
 
 
 def status_text(studio: Studio, job: Job) -> str:
-    """One line on the job's state; it ends with the job's short id, which the history and the API take too."""
-    return f"{_state_text(studio, job)} · job {job.id[:8]}"
+    """One line on the job's state, ending with the job's short id (which the history and the API take too); under
+    it, for a finished job, its notes: what the run did that the request did not say (words cut, a size drawn
+    smaller and enlarged). Facts about the run, not faults, so they are notes, not warnings."""
+    notes = "".join(f"  \n**Note:** {w}" for w in job.warnings) if job.status == "done" else ""
+    return f"{_state_text(studio, job)} · job {job.id[:8]}{notes}"
 
 
 def ordinal(n: int) -> str:
@@ -374,9 +377,8 @@ def _state_text(studio: Studio, job: Job) -> str:
         t = job.timings
         prior = "prior: cached" if job.prior_cached else f"prior {t['prior']:.2f} s"
         seeds = ", ".join(str(s) for s in job.request.image_seeds)
-        warn = "".join(f"  \n**Warning:** {w}" for w in job.warnings)
         times = f"text {t['text']:.2f} s · {prior} · decoder {t['decoder']:.2f} s"
-        return f"**Done** in {t['total']:.2f} s · {times} · seeds {seeds}{warn}"
+        return f"**Done** in {t['total']:.2f} s · {times} · seeds {seeds}"
     if job.status == "cancelled":
         return "**Cancelled.**"
     return f"**Failed:** {job.error}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -193,6 +194,39 @@ def test_decoder_oracle_trains_and_scores_the_asked_shapes(tmp_path):
     assert report["shape_right"] and set(report["shape_right"]) <= {"small square", "large square"}
     assert set(report["rates"]) == {"background", "colour", "position", "count", "shape"}
     assert "shape right: " in proc.stdout
+
+
+def test_frozen_encoder_bench_teaches_an_encoder_and_scores_both_arms(tmp_path):
+    """The frozen-encoder experiment the model card cites: each arm trains a decoder and is scored from true latents;
+    the frozen arm's encoder is taught first and its own head is scored on palette scenes of both splits."""
+    out = tmp_path / "frozen.json"
+    args = ["--steps", "3", "--encoder-steps", "3", "--scenes", "64", "--n", "2", "--seeds", "1", "--out", out]
+    proc = in_process.script(ROOT / "bench" / "frozen_encoder.py", args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert list(report["arms"]) == ["joint", "frozen"] and report["steps"] == 3
+    for arm in report["arms"].values():
+        assert len(arm["losses"]) == 3 and set(arm["splits"]) == {"held-out", "training"}
+        assert set(arm["shape_probe"]) == {"held-out", "training"} and arm["minutes"] > 0
+    frozen = report["arms"]["frozen"]
+    assert len(frozen["encoder_losses"]) == 3 and set(frozen["head_shape_right"]) == {"held-out", "training"}
+    assert "frozen encoder's own head names the shape" in proc.stdout
+
+
+def test_random_colours_never_make_a_held_out_pair():
+    """The frozen arm's encoder sees no shape in a colour the analyser would name as a held-out pair with it."""
+    import importlib.util
+
+    from cascade_studio.train.analyze import nearest_colour
+    from cascade_studio.train.scenes import HELD_OUT
+
+    spec = importlib.util.spec_from_file_location("frozen_encoder", ROOT / "bench" / "frozen_encoder.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = random.Random(0)
+    for shape in ("circle", "square", "triangle"):
+        named = {nearest_colour(bench.random_colour(rng, shape) * 255) for _ in range(400)}
+        assert named.isdisjoint({c for c, s in HELD_OUT if s == shape}) and len(named) >= 5, (shape, named)
 
 
 def test_lora_concepts_bench_trains_scores_and_reports(tmp_path):

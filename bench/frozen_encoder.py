@@ -1,19 +1,22 @@
 """Would the demo decoder draw colour-shape pairs it never saw if its Stage C latent said the shape plainly, in any
 colour? The official Stage B decodes a frozen EfficientNet trained elsewhere on labels; the demo's image encoder
 learns jointly with its decoder, on the palette's scenes only, and a linear probe barely reads the shape off its
-latent (34% of held-out scenes, 44% of training ones; chance 33%). Two fresh decoders of the demo architecture learn
-Stage B's recipe for the same steps, on the same scenes and the shipped Stage A:
+latent (34% of held-out scenes, 44% of training ones; chance 33%). Fresh decoders of the demo architecture learn
+Stage B's recipe for the same steps, on the same scenes and the shipped Stage A, in three arms:
 
 - joint: with a fresh image encoder, as `train-demo` does;
 - frozen: on an image encoder first taught to say, at each of its 3x3 cells, whether a shape is there, which shape,
   how many, how large, where in the cell, and the colours (regressed as RGB) of the shapes and of the background,
   on scenes three quarters of which are drawn in random colours. No shape is ever drawn in a colour whose nearest
   palette colour makes a held-out pair with it, so the held-out pairs stay unseen by every part.
+- taught-joint: that taught encoder, then trained on jointly with its decoder as in `joint`, its head's loss on
+  fresh recoloured scenes added at every step (so its latent keeps saying the shape in any colour while it learns
+  what the decoder needs besides).
 
 Each is scored as `eval-demo --stage decoder` scores the shipped one: from each scene's true latent, on the held-out
 and training splits, with the analyser.
 
-    python bench/frozen_encoder.py --steps 6000 --threads 2     # both arms, about 45 min
+    python bench/frozen_encoder.py --steps 6000 --threads 2     # the three arms, about 75 min
     python bench/frozen_encoder.py --arms frozen --steps 300 --encoder-steps 100 --n 4   # a smoke run
 
 Prints each arm's rates and writes bench/results/frozen_encoder-<steps>.json (or --out).
@@ -90,6 +93,20 @@ def labelled_batch(rng: random.Random, n: int, any_colour: float) -> tuple[torch
     return batch, {k: torch.tensor(np.array(v)) for k, v in labels.items() if v}
 
 
+def head_loss(encoder, head: nn.Module, images: torch.Tensor, y: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How far the head's reading of the encoder's latent is from the scenes' labels (labelled_batch)."""
+    batch = len(images)
+    out = head(encoder(stages.encoder_view(images))).flatten(2)  # B x K x 9
+    sizes = [*CLASSES.values(), *REGRESSED.values()]
+    at = dict(zip([*CLASSES, *REGRESSED], out[torch.arange(batch), :, y["cell"]].split(sizes, dim=1)))  # shape cell
+    every = dict(zip([*CLASSES, *REGRESSED], out.split(sizes, dim=1)))
+    loss = sum(F.cross_entropy(at[k], y[k]) for k in CLASSES)
+    loss = loss + F.binary_cross_entropy_with_logits(every["occupied"][:, 0], F.one_hot(y["cell"], 9).float())
+    loss = loss + 10 * F.mse_loss(at["offset"], y["offset"].float())
+    loss = loss + 10 * F.mse_loss(at["colour"], y["colour"])
+    return loss + 10 * F.mse_loss(every["background"], y["background"][..., None].expand(-1, -1, 9))
+
+
 def teach_encoder(steps: int, rng: random.Random, log, any_colour: float = 0.75, batch: int = 32):
     """A fresh ImageEncoder with a 1x1 head taught to read the scene off its 3x3 latent (see the module doc)."""
     encoder = stages.ImageEncoder()
@@ -99,22 +116,35 @@ def teach_encoder(steps: int, rng: random.Random, log, any_colour: float = 0.75,
     sched = stages.schedule(opt, steps, 2e-3)
 
     def step(_: int) -> float:
-        images, y = labelled_batch(rng, batch, any_colour)
-        out = head(encoder(stages.encoder_view(images))).flatten(2)  # B x K x 9
-        at = out[torch.arange(batch), :, y["cell"]]  # the shapes' cell: B x K
-        parts = dict(zip([*CLASSES, *REGRESSED], at.split([*CLASSES.values(), *REGRESSED.values()], dim=1)))
-        every = dict(zip([*CLASSES, *REGRESSED], out.split([*CLASSES.values(), *REGRESSED.values()], dim=1)))
-        occupied = F.one_hot(y["cell"], 9).float()
-        loss = sum(F.cross_entropy(parts[k], y[k]) for k in CLASSES)
-        loss = loss + F.binary_cross_entropy_with_logits(every["occupied"][:, 0], occupied)
-        loss = loss + 10 * F.mse_loss(parts["offset"], y["offset"].float())
-        loss = loss + 10 * F.mse_loss(parts["colour"], y["colour"])
-        loss = loss + 10 * F.mse_loss(every["background"], y["background"][..., None].expand(-1, -1, 9))
+        loss = head_loss(encoder, head, *labelled_batch(rng, batch, any_colour))
         stages.optimise(opt, sched, loss, clip=params)
         return loss.item()
 
     losses = stages.run_steps("encoder", steps, step, log, every=max(1, steps // 10))
     return encoder.eval().requires_grad_(False), head.eval(), losses
+
+
+def train_on_with_heads(decoder, encoder, head, data, steps: int, rng: random.Random, gen, log, batch: int = 16):
+    """Stage B jointly (as train_stage_b: the decoder and the encoder, v-loss on the palette's scenes), the taught
+    encoder's head loss on recoloured scenes added each step, so the latent keeps saying the shape in any colour."""
+    encoder.train().requires_grad_(True)
+    head.train()
+    mapper = stages.text_blind(decoder)
+    params = [p for p in decoder.parameters() if p.requires_grad] + list(encoder.parameters())
+    params += list(head.parameters())
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    sched = stages.schedule(opt, steps, 1e-3)
+    no_text = torch.zeros(batch, 1, mapper.in_features)
+    labels_rng = random.Random(f"{rng.random()}-labels")
+
+    def step(_: int) -> float:
+        idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
+        effnet, _ = stages.noisy_effnet(encoder(data.small[idx].float() / 255), gen)
+        loss = stages.decoder_loss(decoder, data, idx, effnet, no_text, gen, foreground_weight=10.0)
+        stages.optimise(opt, sched, loss + head_loss(encoder, head, *labelled_batch(labels_rng, batch, 0.75)), params)
+        return loss.item()
+
+    return stages.run_steps("stage B with heads", steps, step, log, every=max(1, steps // 20))
 
 
 @torch.no_grad()
@@ -135,7 +165,9 @@ def head_shape_rates(encoder, head, rng: random.Random, n: int = 600) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", choices=("joint", "frozen"), default=["joint", "frozen"])
+    parser.add_argument(
+        "--arms", nargs="+", choices=("joint", "frozen", "taught-joint"), default=["joint", "frozen", "taught-joint"]
+    )
     parser.add_argument("--steps", type=int, default=6000, help="Stage B steps of each arm's decoder")
     parser.add_argument("--encoder-steps", type=int, default=3000, help="steps that teach the frozen arm's encoder")
     parser.add_argument("--scenes", type=int, default=10000, help="scenes encoded for the decoders (Stage B's)")
@@ -155,7 +187,7 @@ def main() -> None:
     report: dict = {"steps": args.steps, "scenes": args.scenes, "threads": args.threads, "arms": {}}
     for arm in args.arms:
         start, row = time.perf_counter(), {}
-        if arm == "frozen":
+        if arm in ("frozen", "taught-joint"):
             encoder, head, row["encoder_losses"] = teach_encoder(args.encoder_steps, random.Random(args.seed), print)
             row["encoder_minutes"] = (time.perf_counter() - start) / 60
             row["head_shape_right"] = head_shape_rates(encoder, head, random.Random(f"{args.seed}-head"))
@@ -164,7 +196,11 @@ def main() -> None:
             encoder = stages.ImageEncoder()
         decoder = StableCascadeUNet(**DEMO_DECODER)
         arm_rng, arm_gen = random.Random(f"{args.seed}-{arm}"), torch.Generator().manual_seed(args.seed + 1)
-        row["losses"] = stages.train_stage_b(decoder, encoder, data, args.steps, arm_rng, arm_gen, print)
+        if arm == "taught-joint":
+            row["losses"] = train_on_with_heads(decoder, encoder, head, data, args.steps, arm_rng, arm_gen, print)
+            row["head_shape_right_after"] = head_shape_rates(encoder.eval(), head.eval(), random.Random("after"))
+        else:
+            row["losses"] = stages.train_stage_b(decoder, encoder, data, args.steps, arm_rng, arm_gen, print)
         row["minutes"] = (time.perf_counter() - start) / 60
         pipe.decoder = decoder.eval()
         scored = json_ready(evaluate_decoder(engine, encoder.eval(), n=args.n, seeds=range(args.seeds)))

@@ -198,18 +198,20 @@ def test_decoder_oracle_trains_and_scores_the_asked_shapes(tmp_path):
 
 def test_frozen_encoder_bench_teaches_an_encoder_and_scores_both_arms(tmp_path):
     """The frozen-encoder experiment the model card cites: each arm trains a decoder and is scored from true latents;
-    the frozen arm's encoder is taught first and its own head is scored on palette scenes of both splits."""
+    the taught arms' encoder is taught first and its own head is scored on palette scenes of both splits."""
     out = tmp_path / "frozen.json"
     args = ["--steps", "3", "--encoder-steps", "3", "--scenes", "64", "--n", "2", "--seeds", "1", "--out", out]
     proc = in_process.script(ROOT / "bench" / "frozen_encoder.py", args)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert list(report["arms"]) == ["joint", "frozen"] and report["steps"] == 3
+    assert list(report["arms"]) == ["joint", "frozen", "taught-joint"] and report["steps"] == 3
     for arm in report["arms"].values():
         assert len(arm["losses"]) == 3 and set(arm["splits"]) == {"held-out", "training"}
         assert set(arm["shape_probe"]) == {"held-out", "training"} and arm["minutes"] > 0
-    frozen = report["arms"]["frozen"]
-    assert len(frozen["encoder_losses"]) == 3 and set(frozen["head_shape_right"]) == {"held-out", "training"}
+    for name in ("frozen", "taught-joint"):
+        taught = report["arms"][name]
+        assert len(taught["encoder_losses"]) == 3 and set(taught["head_shape_right"]) == {"held-out", "training"}
+    assert set(report["arms"]["taught-joint"]["head_shape_right_after"]) == {"held-out", "training"}
     assert "frozen encoder's own head names the shape" in proc.stdout
 
 

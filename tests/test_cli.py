@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascade_studio.cli import main
+from cascade_studio.cli import build_parser, main
 
 CLI = str(Path(sys.executable).with_name("cascade-studio"))
 SMALL = ["--width", "256", "--height", "256", "--prior-steps", "4", "--decoder-steps", "3"]
@@ -106,6 +107,18 @@ def test_bad_arguments_table(args, message, tiny_model_dir, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cascade-studio: error: ") and message in err
+
+
+def test_every_command_prints_its_help(capsys):
+    """`--help` formats every option's help (a bare "%" in one once broke `eval-demo --help`)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = sub.choices
+    assert {"generate", "serve", "train-demo", "eval-demo", "train-lora"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage: cascade-studio " + name in capsys.readouterr().out, name
 
 
 def test_train_lora_refuses_a_setting_out_of_range_naming_it(tiny_model_dir, capsys):

@@ -316,7 +316,7 @@ def test_eval_demo_against_an_earlier_report_pairs_the_prompts(tmp_path):
         shape = again["against"]["changes_points"][split]["shape"]
         assert shape == {"change": 0, "interval": [0, 0], "pairs": 3}
     for args, message in (
-        (["--stage", "vqgan", "--seed", "5"], "scored none of these prompts (use its --n, --seed and --seeds)"),
+        (["--stage", "vqgan", "--seed", "5"], "scored prompt seeds [0], none of these (5 to 5); give its --seed"),
         (["--stage", "decoder"], "scored --stage vqgan, this run --stage decoder"),
     ):
         proc = in_process.cli(["eval-demo", *args, "--n", "3", "--against", str(old)])

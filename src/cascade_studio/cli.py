@@ -568,7 +568,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         for k in ("prior_steps", "prior_guidance", "decoder_steps", "decoder_guidance")
         if getattr(args, k) is not None
     }
-    baseline = _eval_report(args.against, args.stage) if args.against else None
+    baseline = _eval_report(args.against, args.stage, seeds) if args.against else None
     files = {}
     if args.lora:
         if args.stage != "all":
@@ -602,8 +602,6 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     print(table(report))
     if baseline is not None:
         changes = paired_changes(json_ready(report), baseline)
-        if not changes:
-            raise UsageError(f"against: {args.against} scored none of these prompts (use its --n, --seed and --seeds)")
         print(change_table(changes, args.against))
         report["against"] = {"report": args.against, "changes_points": changes}
     if args.json:
@@ -613,8 +611,9 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_report(path: str, stage: str) -> dict:
-    """An `eval-demo --json` report of the same stage, to compare against."""
+def _eval_report(path: str, stage: str, seeds: range) -> dict:
+    """An `eval-demo --json` report of the same stage and some of the same prompt seeds, to compare against: checked
+    before the evaluation, which can take many minutes."""
     import json
 
     try:
@@ -625,6 +624,11 @@ def _eval_report(path: str, stage: str) -> dict:
         raise UsageError(f"against: {path} is not an eval-demo --json report (it has no splits)")
     if report.get("stage", "all") != stage:
         raise UsageError(f"against: {path} scored --stage {report.get('stage')}, this run --stage {stage}")
+    if not set(report.get("seeds", [])) & set(seeds):  # a seed's prompts are the same whatever --n
+        raise UsageError(
+            f"against: {path} scored prompt seeds {report.get('seeds')}, none of these ({seeds.start} to "
+            f"{seeds.stop - 1}); give its --seed and --seeds"
+        )
     return report
 
 
@@ -862,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--against",
         metavar="OLD.json",
         help="an earlier --json report on the same prompts (same --n, --seed, --seeds): print how far this model "
-        "scores above or below it, prompt by prompt, each change with its 95% interval",
+        "scores above or below it, prompt by prompt, each change with its 95%% interval",
     )
     e.add_argument(
         "--stage",

@@ -31,6 +31,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,12 @@ def random_colour(rng: random.Random, shape: str, other: np.ndarray | None = Non
             return rgb
 
 
+def cell_of(scene: Scene) -> int:
+    """The index (row-major, 0-8) of the 3x3 latent cell that holds the scene's shapes."""
+    col, row = POSITIONS[scene.position]
+    return row * 3 + col
+
+
 def labelled_batch(rng: random.Random, n: int, any_colour: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """n scenes (any_colour of them recoloured) and, per cell, what the head should read there."""
     images, labels = [], {k: [] for k in (*CLASSES, *REGRESSED, "cell")}
@@ -86,7 +93,7 @@ def labelled_batch(rng: random.Random, n: int, any_colour: float) -> tuple[torch
             ("offset", offset),
             ("colour", colour),
             ("background", background),
-            ("cell", row * 3 + col),
+            ("cell", cell_of(scene)),
         ):
             labels[key].append(value)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -124,27 +131,12 @@ def teach_encoder(steps: int, rng: random.Random, log, any_colour: float = 0.75,
     return encoder.eval().requires_grad_(False), head.eval(), losses
 
 
-def train_on_with_heads(decoder, encoder, head, data, steps: int, rng: random.Random, gen, log, batch: int = 16):
-    """Stage B jointly (as train_stage_b: the decoder and the encoder, v-loss on the palette's scenes), the taught
-    encoder's head loss on recoloured scenes added each step, so the latent keeps saying the shape in any colour."""
+def kept_head(encoder, head: nn.Module, rng: random.Random, batch: int = 16) -> tuple[list, Callable]:
+    """train_stage_b's `extra` for the taught-joint arm: the taught encoder learns on with its decoder, and its
+    head's loss on fresh recoloured scenes joins every step, so its latent keeps saying the shape in any colour."""
     encoder.train().requires_grad_(True)
     head.train()
-    mapper = stages.text_blind(decoder)
-    params = [p for p in decoder.parameters() if p.requires_grad] + list(encoder.parameters())
-    params += list(head.parameters())
-    opt = torch.optim.AdamW(params, weight_decay=0.0)
-    sched = stages.schedule(opt, steps, 1e-3)
-    no_text = torch.zeros(batch, 1, mapper.in_features)
-    labels_rng = random.Random(f"{rng.random()}-labels")
-
-    def step(_: int) -> float:
-        idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
-        effnet, _ = stages.noisy_effnet(encoder(data.small[idx].float() / 255), gen)
-        loss = stages.decoder_loss(decoder, data, idx, effnet, no_text, gen, foreground_weight=10.0)
-        stages.optimise(opt, sched, loss + head_loss(encoder, head, *labelled_batch(labels_rng, batch, 0.75)), params)
-        return loss.item()
-
-    return stages.run_steps("stage B with heads", steps, step, log, every=max(1, steps // 20))
+    return list(head.parameters()), lambda: head_loss(encoder, head, *labelled_batch(rng, batch, 0.75))
 
 
 @torch.no_grad()
@@ -157,7 +149,7 @@ def head_shape_rates(encoder, head, rng: random.Random, n: int = 600) -> dict[st
             [torch.from_numpy(np.asarray(render(s, stages.SIDE, rng), dtype=np.float32) / 255) for s in scenes]
         ).permute(0, 3, 1, 2)
         out = head(encoder(stages.encoder_view(images))).flatten(2)
-        cells = torch.tensor([POSITIONS[s.position][1] * 3 + POSITIONS[s.position][0] for s in scenes])
+        cells = torch.tensor([cell_of(s) for s in scenes])
         guess = out[torch.arange(n), : len(SHAPES), cells].argmax(1)
         rates[split] = float((guess == torch.tensor([SHAPES.index(s.shape) for s in scenes])).float().mean())
     return rates
@@ -191,16 +183,16 @@ def main() -> None:
             encoder, head, row["encoder_losses"] = teach_encoder(args.encoder_steps, random.Random(args.seed), print)
             row["encoder_minutes"] = (time.perf_counter() - start) / 60
             row["head_shape_right"] = head_shape_rates(encoder, head, random.Random(f"{args.seed}-head"))
-            print(f"frozen encoder's own head names the shape: {row['head_shape_right']}")
+            print(f"{arm}: the taught encoder's own head names the shape: {row['head_shape_right']}")
         else:
             encoder = stages.ImageEncoder()
         decoder = StableCascadeUNet(**DEMO_DECODER)
         arm_rng, arm_gen = random.Random(f"{args.seed}-{arm}"), torch.Generator().manual_seed(args.seed + 1)
-        if arm == "taught-joint":
-            row["losses"] = train_on_with_heads(decoder, encoder, head, data, args.steps, arm_rng, arm_gen, print)
+        taught_joint = arm == "taught-joint"
+        extra = kept_head(encoder, head, random.Random(f"{arm_rng.random()}-labels")) if taught_joint else None
+        row["losses"] = stages.train_stage_b(decoder, encoder, data, args.steps, arm_rng, arm_gen, print, extra=extra)
+        if taught_joint:
             row["head_shape_right_after"] = head_shape_rates(encoder.eval(), head.eval(), random.Random("after"))
-        else:
-            row["losses"] = stages.train_stage_b(decoder, encoder, data, args.steps, arm_rng, arm_gen, print)
         row["minutes"] = (time.perf_counter() - start) / 60
         pipe.decoder = decoder.eval()
         scored = json_ready(evaluate_decoder(engine, encoder.eval(), n=args.n, seeds=range(args.seeds)))

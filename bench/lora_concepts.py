@@ -111,7 +111,7 @@ def largest_shape_change(base: dict, with_lora: dict) -> str:
 
 def scores(engine, concept: str, lora: str, weight: float, base: dict, args) -> dict:
     """A trained LoRA's scores at one weight: how often it shows its concept, and eval-demo's changes against the
-    base model's on the same prompts and seeds (`base`: its shape rates, hits and scene pictures, made once), each
+    base model's on the same prompts and seeds (`base`: its shape rates, report and scene pictures, made once), each
     with its 95% interval."""
     with_lora, shapes, report = eval_rates(engine, args.eval_n, args.eval_seeds, lora, weight)
     changes = points(paired_changes(report, base["report"]))

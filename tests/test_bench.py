@@ -212,7 +212,8 @@ def test_frozen_encoder_bench_teaches_an_encoder_and_scores_both_arms(tmp_path):
         taught = report["arms"][name]
         assert len(taught["encoder_losses"]) == 3 and set(taught["head_shape_right"]) == {"held-out", "training"}
     assert set(report["arms"]["taught-joint"]["head_shape_right_after"]) == {"held-out", "training"}
-    assert "frozen encoder's own head names the shape" in proc.stdout
+    assert "frozen: the taught encoder's own head names the shape" in proc.stdout
+    assert "taught-joint: the taught encoder's own head names the shape" in proc.stdout
 
 
 def test_random_colours_never_make_a_held_out_pair():

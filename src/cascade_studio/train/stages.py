@@ -258,12 +258,15 @@ def train_stage_b(
     log: Log,
     batch: int = 16,
     foreground_weight: float = 10.0,
+    extra: tuple[list[nn.Parameter], Callable[[], torch.Tensor]] | None = None,
 ) -> list[float]:
     """Decoder + image encoder, jointly, with v-loss on unit-variance Stage A latents. Shapes cover a few percent of
     the latent, so a plain mean lets the decoder learn the background and little else: positions in and around a
-    shape weigh 1 + foreground_weight (see `decoder_loss`)."""
+    shape weigh 1 + foreground_weight (see `decoder_loss`). `extra`: more parameters, and a loss added to every
+    step's (bench/frozen_encoder.py keeps an encoder's label head learning so); the losses returned are the v-loss's."""
     mapper = text_blind(decoder)
     params = [p for p in decoder.parameters() if p.requires_grad] + list(encoder.parameters())
+    params += extra[0] if extra else []
     opt = torch.optim.AdamW(params, weight_decay=0.0)
     sched = schedule(opt, steps, 1e-3)
     device = device_of(decoder)
@@ -273,7 +276,7 @@ def train_stage_b(
         idx = [rng.randrange(len(data.latents)) for _ in range(batch)]
         effnet, _ = noisy_effnet(encoder(data.small[idx].to(device).float() / 255), gen)
         loss = decoder_loss(decoder, data, idx, effnet, no_text, gen, foreground_weight)
-        optimise(opt, sched, loss, clip=params)
+        optimise(opt, sched, (loss + extra[1]()) if extra else loss, clip=params)
         return loss.item()
 
     return run_steps("stage B", steps, step, log, every=max(1, steps // 20))
